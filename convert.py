@@ -1,0 +1,410 @@
+"""Released checkpoints in: the preset table, config.json -> LlavaConfig, key names -> ours, and loading.
+
+Three layouts exist for the same weights (facts §6), all read here:
+
+    original (liuhaotian / lmms-lab)   flat LLM config + mm_* keys;  model.layers.*, model.mm_projector.{0,2}.*,
+                                       model.image_newline, model.vision_tower.vision_tower.vision_model.*
+    llava-hf (transformers 4.x)        nested text_config / vision_config;  language_model.model.*,
+                                       multi_modal_projector.linear_{1,2}.*, image_newline, vision_tower.vision_model.*
+    transformers >= 4.52 / 5           model.language_model.*, model.multi_modal_projector.*, model.vision_tower.*
+                                       (with or without vision_model.), lm_head.*
+
+`internal_key` maps every one of them onto our module names; `load_pretrained` builds the model on the meta
+device and assigns tensors one at a time from memory-mapped shards, so a 7B model never exists twice in RAM.
+"""
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from anyres import parse_grid_pinpoints
+from model import Llava, LlavaConfig, TextConfig, VisionConfig
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets: every released checkpoint of the family, by short name (facts §1). `repo` is what the short name
+# downloads: the llava-hf conversion, except for Interleave, whose llava-hf conversion drops AnyRes and the
+# newline (facts §2.15) and so is not the model that was trained. `tokenizer` names a repo with a tokenizer.json
+# for originals that ship only SentencePiece files.
+
+
+@dataclass(frozen=True)
+class Preset:
+    repo: str
+    original: str | None
+    hf: str | None
+    template: str
+
+
+def _preset(original, hf, template, use_original=False):
+    return Preset(original if use_original or hf is None else hf, original, hf, template)
+
+
+PRESETS = {
+    "llava-v1.5-7b": _preset("liuhaotian/llava-v1.5-7b", "llava-hf/llava-1.5-7b-hf", "vicuna_v1"),
+    "llava-v1.5-13b": _preset("liuhaotian/llava-v1.5-13b", "llava-hf/llava-1.5-13b-hf", "vicuna_v1"),
+    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1"),
+    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1"),
+    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct"),
+    "llava-v1.6-34b": _preset("liuhaotian/llava-v1.6-34b", "llava-hf/llava-v1.6-34b-hf", "chatml_direct"),
+    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf", "llava_llama_3"),
+    "llava-next-72b": _preset("lmms-lab/llava-next-72b", "llava-hf/llava-next-72b-hf", "qwen_1_5"),
+    "llava-next-110b": _preset("lmms-lab/llava-next-110b", "llava-hf/llava-next-110b-hf", "qwen_1_5"),
+    "llava-next-interleave-qwen-0.5b": _preset("lmms-lab/llava-next-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "qwen_1_5", use_original=True),
+    "llava-next-interleave-qwen-7b": _preset("lmms-lab/llava-next-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "qwen_1_5", use_original=True),
+    "llava-next-interleave-qwen-7b-dpo": _preset("lmms-lab/llava-next-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf", "qwen_1_5", use_original=True),
+    **{
+        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}", f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf", "qwen_1_5")
+        for size, stages in (("0.5b", ("si", "ov")), ("7b", ("si", "ov", "ov-chat")), ("72b", ("si", "ov", "ov-chat")))
+        for stage in stages
+    },
+}
+DEFAULT_MODEL = "llava-onevision-qwen2-0.5b-ov"  # the smallest release: runs on a laptop CPU
+
+# The two vision towers the releases use, as their hub configs describe them (facts §4), so that original-layout
+# checkpoints, which only name their tower, load without fetching its config.
+KNOWN_TOWERS = {
+    "openai/clip-vit-large-patch14-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, layer_norm_eps=1e-5),
+    "google/siglip-so400m-patch14-384": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6),
+}
+
+# transformers writes only the fields that differ from its class defaults, so a llava-hf config.json needs these
+# defaults to be complete (the values of the transformers config classes).
+HF_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=131072),
+    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768),
+    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32, layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16, layer_norm_eps=1e-6),
+}
+# the towers transformers' LLaVA config classes assume when config.json has no vision_config at all
+HF_DEFAULT_TOWER = {
+    "llava": KNOWN_TOWERS["openai/clip-vit-large-patch14-336"],
+    "llava_next": KNOWN_TOWERS["openai/clip-vit-large-patch14-336"],
+    "llava_onevision": {**KNOWN_TOWERS["google/siglip-so400m-patch14-384"], "num_hidden_layers": 26},
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is; the message names the file and what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config.json -> LlavaConfig
+
+
+def text_config(raw: dict, where: str) -> TextConfig:
+    model_type = raw.get("model_type", "llama")
+    family = "qwen2" if "qwen" in model_type else "mistral" if "mistral" in model_type else "llama"
+    c = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None}}
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+        raise CheckpointError(f"{where}: rope scaling {rope} is not supported (no released LLaVA model uses it)")
+    heads = c["num_attention_heads"]
+    return TextConfig(
+        vocab_size=c["vocab_size"],
+        hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"],
+        num_layers=c["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rope_theta=float(rope.get("rope_theta", c["rope_theta"])),
+        rms_norm_eps=c["rms_norm_eps"],
+        qkv_bias=family == "qwen2" or bool(c.get("attention_bias", False)),
+        tie_word_embeddings=bool(c["tie_word_embeddings"]),
+        max_position_embeddings=c["max_position_embeddings"],
+    )
+
+
+def vision_config(raw: dict, select_feature: str, where: str) -> tuple[VisionConfig, int]:
+    """The tower's config and its total layer count; the caller decides how many of them LLaVA runs."""
+    raw = raw.get("vision_config", raw)  # a full CLIPConfig nests it
+    model_type = raw.get("model_type", "clip_vision_model")
+    kind = "siglip" if "siglip" in model_type else "clip" if "clip" in model_type else None
+    if kind is None:
+        raise CheckpointError(f"{where}: vision tower type {model_type!r} is not supported (CLIP or SigLIP)")
+    c = {**HF_DEFAULTS[f"{kind}_vision_model"], **raw}
+    return VisionConfig(kind=kind, image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
+                        intermediate_size=c["intermediate_size"], num_heads=c["num_attention_heads"], num_layers=0,
+                        layer_norm_eps=c["layer_norm_eps"], select_feature=select_feature), c["num_hidden_layers"]
+
+
+def layers_for_feature(feature_layer: int, total: int, where: str) -> int:
+    """hidden_states[k] (index 0 = the embeddings) is the output of layer k, or of layer total + 1 + k if k < 0."""
+    if not isinstance(feature_layer, int):
+        raise CheckpointError(f"{where}: vision_feature_layer {feature_layer!r}: only a single layer is supported")
+    return feature_layer if feature_layer >= 0 else total + 1 + feature_layer
+
+
+def llava_config(raw: dict, where: str, compat: str = "original", tower_config=None) -> LlavaConfig:
+    """Our config from a checkpoint's config.json, in either the llava-hf (nested) or the original (flat) shape.
+
+    `tower_config` is the tower repo's config.json for original-layout checkpoints whose tower is not one of
+    KNOWN_TOWERS; returns vision=None for a plain causal LM (a base LLM for training, or a text-only check)."""
+    model_type = raw.get("model_type", "")
+    if model_type in HF_DEFAULT_TOWER:  # llava-hf layout
+        if raw.get("projector_hidden_act", "gelu") != "gelu" or not raw.get("multimodal_projector_bias", True):
+            raise CheckpointError(f"{where}: only the gelu projector with biases (mlp2x_gelu) is supported")
+        strategy = raw.get("vision_feature_select_strategy", "full" if model_type == "llava_onevision" else "default")
+        tower = raw.get("vision_config") or HF_DEFAULT_TOWER[model_type]
+        vision, total = vision_config(tower, "patch" if strategy == "default" else "full", where)
+        default_layer = -1 if model_type == "llava_onevision" else -2
+        vision.num_layers = layers_for_feature(raw.get("vision_feature_layer", default_layer), total, where)
+        text_raw = raw.get("text_config") or {"model_type": "qwen2" if model_type == "llava_onevision" else "llama"}
+        # the original LLaVA-1.5 pads to a square of the mean colour; transformers' own processor centre-crops
+        aspect = {"llava": "pad", "llava_next": "anyres", "llava_onevision": raw.get("vision_aspect_ratio", "anyres_max_9")}[model_type]
+        pinpoints = raw.get("image_grid_pinpoints") or ([] if model_type == "llava" else HF_DEFAULT_PINPOINTS[model_type])
+        return LlavaConfig(vision=vision, text=text_config(text_raw, where), projector_type="mlp2x_gelu",
+                           image_aspect_ratio=aspect, grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
+                           merge_type="flat" if model_type == "llava" else "spatial_unpad", compat=compat)
+    text = text_config(raw, where)
+    tower_name = raw.get("mm_vision_tower") or raw.get("vision_tower")
+    if not tower_name:
+        return LlavaConfig(vision=None, text=text, compat=compat)  # plain LLM
+    tower = tower_config or KNOWN_TOWERS.get(tower_name)
+    if tower is None:
+        raise CheckpointError(f"{where}: unknown vision tower {tower_name!r} and no config.json for it was found")
+    vision, total = vision_config(tower, "full", where)
+    if vision.kind == "siglip":
+        # the original SigLIP wrapper deletes the last layer and returns its new last hidden state, ignoring
+        # mm_vision_select_layer (facts §4.2)
+        vision.num_layers = total - 1
+    else:
+        vision.num_layers = layers_for_feature(raw.get("mm_vision_select_layer", -2), total, where)
+        vision.select_feature = "patch" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full"
+    merge = raw.get("mm_patch_merge_type", "flat")
+    if merge not in ("flat", "spatial_unpad"):
+        raise CheckpointError(f"{where}: mm_patch_merge_type {merge!r} is not supported (flat or spatial_unpad)")
+    pinpoints = raw.get("image_grid_pinpoints")
+    return LlavaConfig(vision=vision, text=text, projector_type=raw.get("mm_projector_type", "linear"),
+                       image_aspect_ratio=raw.get("image_aspect_ratio", "square"),
+                       grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
+                       merge_type=merge, compat=compat)
+
+
+HF_DEFAULT_PINPOINTS = {
+    "llava_next": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "llava_onevision": "(1x1),...,(6x6)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Key names
+
+
+_PREFIXES = [  # (pattern, replacement), first match wins
+    (r"^model\.vision_tower\.vision_tower\.", "vision_tower."),  # original
+    (r"^(model\.)?vision_tower\.", "vision_tower."),  # llava-hf and transformers >= 4.52
+    (r"^(model\.)?multi_modal_projector\.", "projector."),
+    (r"^(model\.)?image_newline$", "image_newline"),
+    (r"^(language_model\.model|model\.language_model)\.", "language_model."),
+    (r"^(language_model\.)?lm_head\.", "lm_head."),
+    (r"^model\.", "language_model."),  # original LLM weights, and plain causal-LM checkpoints
+]
+
+
+def internal_key(key: str) -> str:
+    """Any released layout's parameter name -> ours (model.py's module names)."""
+    if m := re.match(r"^model\.mm_projector\.(\d+)\.(weight|bias)$", key):
+        # nn.Sequential(Linear, GELU, Linear, ...): index 0 -> linear_1, 2 -> linear_2, ...
+        return f"projector.linear_{int(m.group(1)) // 2 + 1}.{m.group(2)}"
+    key = re.sub(r"^model\.mm_projector\.", "projector.linear.", key)  # "linear" projector
+    for pattern, replacement in _PREFIXES:
+        if re.match(pattern, key):
+            key = re.sub(pattern, replacement, key)
+            break
+    if key.startswith("vision_tower."):
+        # vision_model.embeddings.patch_embedding -> patch_embedding, vision_model.encoder.layers -> layers
+        key = re.sub(r"^vision_tower\.(vision_model\.)?(embeddings\.|encoder\.)?", "vision_tower.", key)
+    return key
+
+
+def is_unused(key: str, cfg: LlavaConfig) -> bool:
+    """Known-harmless extra keys: rotary caches, tower parts LLaVA never reads, and the layers after the one
+    whose output is the image feature (CLIP's 24th)."""
+    if key.endswith(".inv_freq") or key in ("vision_tower.position_ids",):
+        return True
+    if key.startswith(("vision_tower.post_layernorm.", "vision_tower.head.")):
+        return True
+    if (m := re.match(r"vision_tower\.layers\.(\d+)\.", key)) and cfg.vision and int(m.group(1)) >= cfg.vision.num_layers:
+        return True
+    return key == "lm_head.weight" and cfg.text.tie_word_embeddings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The weight shards of a folder: safetensors preferred, torch .bin otherwise (index files honoured)."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index).exists():
+            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            return [folder / f for f in dict.fromkeys(weight_map.values())]
+        if (folder / single).exists():
+            return [folder / single]
+    return []
+
+
+def read_tensors(path: Path):
+    """(key, tensor) pairs of one shard, memory-mapped; .bin files only through torch.load(weights_only=True)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # a pickle with code in it, or a truncated download
+            raise CheckpointError(f"{path}: not a plain tensor checkpoint ({e}); re-download it") from e
+        yield from state.items()
+
+
+def resolve(source: str, revision: str | None = None, what: str = "model") -> Path:
+    """A local folder, a preset short name, or a hub repo id -> a local folder (downloaded through the HF cache)."""
+    if Path(source).expanduser().is_dir():
+        return Path(source).expanduser()
+    repo = PRESETS[source].repo if source in PRESETS else source
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise CheckpointError(f"{what} {source!r} is neither a folder, a short name (see README) nor a hub repo id")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+    try:
+        folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+        if not checkpoint_files(folder):  # an older repo with torch .bin shards only
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=patterns + ["pytorch_model*.bin"]))
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+        raise CheckpointError(
+            f"could not get {what} {repo!r}{f' at revision {revision}' if revision else ''} "
+            f"({'HF_HUB_OFFLINE is set' if offline else type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"On a machine with internet run `huggingface-cli download {repo}` to fill the cache, "
+            f"or pass a local folder holding its config.json and weights.") from e
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+
+
+def load_weights(model: Llava, sources, dtype, device, where: str):
+    """Assign every tensor of `sources` ((key, tensor) pairs) into the meta-device `model`, checking names and
+    shapes. Returns the names still unassigned."""
+    expected = dict(model.named_parameters())
+    pending = {n for n, p in expected.items() if p.is_meta}
+    for raw_key, tensor in sources:
+        key = internal_key(raw_key)
+        if key not in expected:
+            if is_unused(key, model.cfg):
+                continue
+            raise CheckpointError(f"{where}: unexpected key {raw_key!r} (read as {key!r}): this checkpoint does not "
+                                  f"match the architecture its config.json describes")
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(f"{where}: {raw_key!r} has shape {tuple(tensor.shape)}, the config implies "
+                                  f"{tuple(expected[key].shape)}")
+        _assign(model, key, tensor.to(device=device, dtype=dtype))
+        pending.discard(key)
+    return pending
+
+
+def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="cpu", compat="original"):
+    """Build a Llava from a folder, preset short name or hub repo id; returns (model, folder)."""
+    folder = resolve(source, revision)
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
+    raw = json.loads(config_path.read_text())
+    tower_name = raw.get("mm_vision_tower")
+    tower_folder = None
+    if tower_name and tower_name not in KNOWN_TOWERS:
+        tower_folder = resolve(tower_name, what="tower")
+    tower_raw = json.loads((tower_folder / "config.json").read_text()) if tower_folder else None
+    cfg = llava_config(raw, str(config_path), compat, tower_raw)
+    files = checkpoint_files(folder)
+    if not files:
+        raise CheckpointError(f"{folder}: no model.safetensors / pytorch_model.bin (or their index) found")
+
+    with torch.device("meta"):
+        model = Llava(cfg)
+    pending = set()
+    for f in files:
+        pending = load_weights(model, read_tensors(f), dtype, device, str(f))
+    if any(n.startswith("vision_tower.") for n in pending) and tower_name:
+        # LLaVA-1.5 originals keep the frozen CLIP tower out of their shards: read it from the tower's own repo
+        tower_folder = tower_folder or resolve(tower_name, what="tower")
+        tower_files = checkpoint_files(tower_folder)
+        tensors = ((f"vision_tower.{k}", t) for f in tower_files for k, t in read_tensors(f) if k.startswith("vision_model."))
+        pending = load_weights(model, tensors, dtype, device, str(tower_folder))
+    if "lm_head.weight" in pending:  # some tied 0.5B checkpoints omit the head: it is the embedding matrix
+        print(f"note: {folder} has no lm_head.weight; using the tied input embeddings", file=sys.stderr)
+        model.lm_head = None
+        pending.discard("lm_head.weight")
+    if pending:
+        raise CheckpointError(f"{folder}: missing weights {sorted(pending)[:8]}{' ...' if len(pending) > 8 else ''}")
+    return model.eval(), folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer and chat template
+
+
+def load_tokenizer(folder: Path, source: str):
+    """The `tokenizers` tokenizer of a checkpoint. Original LLaVA-1.5/1.6 repos ship only SentencePiece files;
+    their llava-hf twins hold the same vocabulary as tokenizer.json, so a preset falls back to those."""
+    from tokenizers import Tokenizer
+
+    if (folder / "tokenizer.json").exists():
+        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    preset = PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
+    if preset and preset.hf and preset.hf != source:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Tokenizer.from_file(hf_hub_download(preset.hf, "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{folder} has no tokenizer.json and {preset.hf}/tokenizer.json could not be fetched "
+                                  f"({type(e).__name__}); download it with `huggingface-cli download {preset.hf} tokenizer.json`") from e
+    hint = " (it ships only a SentencePiece tokenizer.model)" if (folder / "tokenizer.model").exists() else ""
+    raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
+                          f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
+                          f"tokenizer.json from the matching llava-hf repo into the folder.")
+
+
+def eos_token_ids(folder: Path) -> set[int]:
+    """eos ids named by config.json (or its text_config) and generation_config.json."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).exists():
+            raw = json.loads((folder / name).read_text())
+            for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
+                ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids
+
+
+def default_template(source: str, cfg: LlavaConfig, tokenizer) -> str:
+    """The preset's template, or a guess from the decoder family for other checkpoints."""
+    preset = PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
+    if preset:
+        return preset.template
+    if tokenizer.token_to_id("<|im_start|>") is not None:
+        return "qwen_1_5" if tokenizer.token_to_id("<|endoftext|>") is not None else "chatml_direct"
+    if tokenizer.token_to_id("<|eot_id|>") is not None:
+        return "llava_llama_3"
+    if tokenizer.token_to_id("[INST]") is not None or cfg.text.num_kv_heads != cfg.text.num_heads:
+        return "mistral_instruct"
+    return "vicuna_v1"

@@ -1,0 +1,136 @@
+"""Ask a released LLaVA model about images:  python infer.py IMAGE [IMAGE ...] "PROMPT" [--model NAME]
+
+    prompt text --data.render_prompt--> chat string --data.tokenize--> ids with IMAGE_TOKEN runs (1, T)
+    images --anyres.process_image--> crops;  model prefill (1, T) -> first token;  then one token per step
+    against the KV cache until a stop token or --max-new-tokens.
+
+The answer streams to stdout; everything else goes to stderr. --json prints one JSON object instead.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from anyres import process_image
+from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
+from data import TEMPLATES, render_prompt, stop_token_ids, tokenize
+from model import KVCache
+
+
+def sample(logits, temperature: float, top_p: float, generator) -> int:
+    """Next token from logits (V,): greedy at temperature 0 (no softmax needed), else nucleus sampling."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs > top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model, input_ids: list[int], images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
+             stop_ids=(), seed=0):
+    """Yields new token ids one at a time (the stop token included, if reached)."""
+    device = model.output_embeddings().device
+    ids = torch.tensor([input_ids], device=device)
+    cache = KVCache(model.cfg.text, 1, ids.shape[1] + max_new_tokens, model.output_embeddings().dtype, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = model(ids, images, cache=cache, num_logits=1)[0, -1]  # prefill
+    for _ in range(max_new_tokens):
+        token = sample(logits, temperature, top_p, generator)
+        yield token
+        if token in stop_ids:
+            return
+        logits = model(torch.tensor([[token]], device=device), cache=cache, num_logits=1)[0, -1]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image files, then the prompt (put <image> where an image belongs; "
+                                              "images without a placeholder go before the text)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see README), hub repo id, or local folder")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--compat", choices=["original", "transformers"], default="original",
+                   help="preprocess as the original LLaVA code (default) or as the transformers processor")
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object with ids, counts and timings")
+    args = p.parse_args(argv)
+
+    *image_paths, prompt = args.inputs
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in image_paths:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            sys.exit(f"error: cannot read image {path!r}: {e}")
+
+    timings = {}
+    t0 = time.perf_counter()
+    try:
+        model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat)
+        tokenizer = load_tokenizer(folder, args.model)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    timings["load_s"] = time.perf_counter() - t0
+    if images and model.vision_tower is None:
+        sys.exit(f"error: {args.model} is a text-only model; it cannot take images")
+    template = args.template or default_template(args.model, model.cfg, tokenizer)
+
+    missing = len(images) - prompt.count("<image>")
+    if missing < 0:
+        sys.exit(f"error: the prompt has {prompt.count('<image>')} <image> placeholders but {len(images)} images were given")
+    prompt = "<image>\n" * missing + prompt  # the original puts the image first in the user turn
+    t0 = time.perf_counter()
+    processed = [process_image(im, model.cfg) for im in images]
+    input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed])
+    timings["preprocess_s"] = time.perf_counter() - t0
+    print(f"{args.model}: template {template}, {len(input_ids)} prompt tokens "
+          f"({sum(im.num_tokens for im in processed)} for {len(images)} images)", file=sys.stderr)
+
+    stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos_token_ids(folder))
+    out, shown = [], ""
+    t0 = time.perf_counter()
+    for token in generate(model, input_ids, processed, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, stop_ids=stop, seed=args.seed):
+        if not out:
+            timings["first_token_s"] = time.perf_counter() - t0
+        out.append(token)
+        if not args.json and token not in stop:
+            text = tokenizer.decode([t for t in out if t not in stop])
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    total = time.perf_counter() - t0
+    timings["decode_tok_per_s"] = (len(out) - 1) / (total - timings["first_token_s"]) if len(out) > 1 else None
+    answer = tokenizer.decode([t for t in out if t not in stop]).strip()
+    if args.json:
+        # each image appears once, as IMAGE_TOKEN (-200), like the original code's prompts
+        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed))
+        print(json.dumps({"answer": answer, "prompt_token_ids": compact, "output_token_ids": out,
+                          "image_tokens": [im.num_tokens for im in processed], "timings": timings}))
+    else:
+        sys.stdout.write("\n")
+    print(f"prefill {timings['first_token_s']:.2f} s, {len(out)} tokens"
+          + (f", {timings['decode_tok_per_s']:.1f} tok/s" if timings["decode_tok_per_s"] else ""), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Parity with transformers, the reference: tiny random checkpoints saved by transformers, loaded by our code,
+give the same logits (fp32, max |difference| <= 1e-4), the same greedy tokens, the same pixels and token counts.
+The same weights rewritten into the original LLaVA layout load to the same model."""
+
+import pytest
+import torch
+from conftest import photo
+
+import tiny_checkpoints as tc
+from anyres import process_image
+from convert import load_pretrained
+from infer import generate
+from model import IMAGE_TOKEN, KVCache
+
+TOL = 1e-4
+# wide, tall, square-ish and wider than 3:1 (so the 84x28 canvas is chosen and unpad cuts rows)
+SIZES = [(45, 30), (30, 70), (40, 40), (130, 36)]
+
+
+@pytest.fixture(scope="module")
+def models(tiny):
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            path = tiny(name)
+            ours, _ = load_pretrained(str(path), compat="transformers")
+            cache[name] = (tc.load_reference(path), tc.make_processor(name), ours)
+        return cache[name]
+
+    return get
+
+
+def prompt_ids(name, counts, text=(5, 6, 7, 8, 9)):
+    """[BOS] 5 6 <image>*n0 [<image>*n1] 7 8 9 as (ours, theirs): ours holds IMAGE_TOKEN, theirs the vocab id."""
+    bos = [tc.LLAMA_TOKENS["<s>"]] if "qwen" not in name else []
+    ours = bos + list(text[:2]) + [IMAGE_TOKEN] * sum(counts) + list(text[2:])
+    theirs = [tc.IMAGE_TOKEN_ID[name] if t == IMAGE_TOKEN else t for t in ours]
+    return torch.tensor([ours]), torch.tensor([theirs])
+
+
+def reference_logits(ref, name, ids, pixels=None):
+    kwargs = {}
+    if pixels is not None:
+        kwargs = dict(pixel_values=pixels["pixel_values"])
+        if "image_sizes" in pixels:
+            kwargs["image_sizes"] = pixels["image_sizes"]
+    with torch.no_grad():
+        return ref(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits
+
+
+def check_pixels(name, processed, pixels):
+    """Each image's crops equal the processor's, which pads every image to the batch's largest crop count."""
+    for i, im in enumerate(processed):
+        theirs = pixels["pixel_values"][i]
+        theirs = theirs[: im.pixels.shape[0]] if theirs.dim() == 4 else theirs[None]
+        assert torch.equal(im.pixels, theirs), f"{name}: pixels of image {i} differ"
+
+
+@pytest.mark.parametrize("name", tc.NAMES)
+def test_text_only_logits(models, name):
+    ref, _, ours = models(name)
+    ids = torch.randint(3, 300, (1, 23), generator=torch.Generator().manual_seed(1))
+    theirs = reference_logits(ref, name, ids)
+    with torch.no_grad():
+        mine = ours(ids)
+    assert mine.shape == theirs.shape
+    assert (mine - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", tc.NAMES)
+@pytest.mark.parametrize("size", SIZES)
+def test_single_image_logits_pixels_and_counts(models, name, size):
+    ref, processor, ours = models(name)
+    image = photo(*size, seed=size[0])
+    processed = [process_image(image, ours.cfg)]
+    pixels = dict(processor(images=image, return_tensors="pt"))
+    check_pixels(name, processed, pixels)
+    assert processed[0].num_tokens == tc.image_token_count(ref, pixels)
+    mine_ids, their_ids = prompt_ids(name, [processed[0].num_tokens])
+    theirs = reference_logits(ref, name, their_ids, pixels)
+    with torch.no_grad():
+        mine = ours(mine_ids, processed)
+    assert (mine - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["llava15_llama", "next_mistral", "next_qwen2", "onevision_qwen2"])
+def test_two_image_logits(models, name):
+    ref, processor, ours = models(name)
+    images = [photo(45, 30, seed=1), photo(20, 75, seed=2)]
+    processed = [process_image(im, ours.cfg) for im in images]
+    # a flat list: transformers treats each image as its own sample and tiles both, as the original does by default
+    pixels = dict(processor(images=images, return_tensors="pt"))
+    check_pixels(name, processed, pixels)
+    assert sum(p.num_tokens for p in processed) == tc.image_token_count(ref, pixels)
+    mine_ids, their_ids = prompt_ids(name, [p.num_tokens for p in processed])
+    theirs = reference_logits(ref, name, their_ids, pixels)
+    with torch.no_grad():
+        mine = ours(mine_ids, processed)
+    assert (mine - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["next_llama", "onevision_qwen2"])
+def test_greedy_tokens_match_over_12_steps(models, name):
+    ref, processor, ours = models(name)
+    image = photo(70, 30, seed=3)
+    processed = [process_image(image, ours.cfg)]
+    mine_ids, their_ids = prompt_ids(name, [processed[0].num_tokens])
+    pixels = dict(processor(images=image, return_tensors="pt"))
+    with torch.no_grad():
+        out = ref.generate(input_ids=their_ids, attention_mask=torch.ones_like(their_ids), **pixels,
+                           max_new_tokens=12, min_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    theirs = out[0, their_ids.shape[1]:].tolist()
+    mine = list(generate(ours, mine_ids[0].tolist(), processed, max_new_tokens=12))
+    assert mine == theirs and len(mine) == 12
+
+
+@pytest.mark.parametrize("name", ["next_mistral", "next_qwen2"])
+def test_kv_cache_equals_full_recompute(models, name):
+    _, _, ours = models(name)
+    image = photo(40, 60, seed=4)
+    processed = [process_image(image, ours.cfg)]
+    ids, _ = prompt_ids(name, [processed[0].num_tokens])
+    continuation = [11, 12, 13, 14, 15, 16]
+    full_ids = torch.cat([ids, torch.tensor([continuation])], dim=1)
+    with torch.no_grad():
+        full = ours(full_ids, processed)
+        cache = KVCache(ours.cfg.text, 1, full_ids.shape[1], torch.float32, "cpu")
+        stepwise = [ours(ids, processed, cache=cache)[0, -1]]
+        for token in continuation:
+            stepwise.append(ours(torch.tensor([[token]]), cache=cache)[0, -1])
+    expected = full[0, ids.shape[1] - 1:]
+    assert (torch.stack(stepwise) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name, shard_format, include_tower", [
+    ("llava15_llama", "bin", False),  # LLaVA-1.5 originals: .bin shards without the CLIP tower
+    ("next_mistral", "safetensors", True),
+    ("next_qwen2", "safetensors", True),  # tied embeddings: no lm_head.weight
+    ("onevision_qwen2", "safetensors", True),  # SigLIP: the tower repo has one layer more than LLaVA keeps
+])
+def test_original_layout_gives_the_same_logits(models, tmp_path, tiny, name, shard_format, include_tower):
+    _, _, ours = models(name)
+    folder = tc.to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
+                                   shard_format=shard_format, include_tower=include_tower)
+    theirs_layout, _ = load_pretrained(str(folder), compat="transformers")
+    assert theirs_layout.cfg == ours.cfg
+    image = photo(130, 36, seed=5)
+    processed = [process_image(image, ours.cfg)]
+    ids, _ = prompt_ids(name, [processed[0].num_tokens])
+    with torch.no_grad():
+        assert torch.equal(theirs_layout(ids, processed), ours(ids, processed))

@@ -1,0 +1,795 @@
+"""Tiny random LLaVA-family checkpoints for tests (test-support module, not library code).
+
+What this module holds
+----------------------
+* ``build(name, out_dir, seed=0)`` -- builds a tiny RANDOM transformers checkpoint (fp32) for one of
+  ``NAMES`` and writes it with ``save_pretrained`` together with a pil-backend image processor and a
+  tiny byte-level-BPE ``tokenizer.json`` (+ ``tokenizer_config.json`` / ``special_tokens_map.json``).
+* ``make_model(name, seed)`` / ``randomize_(model, seed)`` -- the same model in memory, without saving.
+* ``load_reference(path)`` -- loads such a folder back with the matching transformers class (the oracle).
+* ``make_processor(name)`` / ``load_processor(path)`` -- the pil-backend image processor.
+* ``make_tokenizer(name)`` / ``load_tokenizer(path)`` -- the tiny tokenizer (``tokenizers`` / transformers).
+* ``load_full_processor(path)`` -- transformers' combined LlavaProcessor / LlavaNextProcessor (not OneVision).
+* ``saved_keys(path)`` -- tensor names stored in a folder (safetensors and .bin shards).
+* ``to_original_layout(hf_dir, out_dir, tower_dir=..., shard_format=..., include_tower=...)`` -- rewrites a
+  tiny llava-hf folder into the ORIGINAL liuhaotian / lmms-lab layout (flat config.json, ``model.*`` keys,
+  sharded .safetensors or .bin + index), and writes the vision-tower "hub repo" into ``tower_dir``.
+* ``image_token_count(model, inputs)`` / ``example_inputs(name, model, processor, image)`` -- helpers that
+  ask the reference model itself how many ``<image>`` tokens an image needs and build matching inputs.
+
+Key names transformers 5.23 writes with ``save_pretrained`` (checked by running this file)
+------------------------------------------------------------------------------------------
+In memory (5.23): ``model.language_model.*``, ``model.vision_tower.{embeddings,encoder,pre_layrnorm,
+post_layernorm}.*`` (NO ``vision_model`` level), ``model.multi_modal_projector.linear_{1,2}.*``,
+``model.image_newline``, ``lm_head.weight``.
+On disk (``model.safetensors``), the conversion mapping is reversed, so the files use the OLD llava-hf
+prefixes for the LLM / projector / newline / head, but the vision tower WITHOUT ``vision_model``:
+  ``language_model.model.{embed_tokens,layers.N,norm}.*``, ``language_model.lm_head.weight`` (untied only),
+  ``multi_modal_projector.linear_{1,2}.{weight,bias}``, ``image_newline`` (NeXT / OneVision),
+  ``vision_tower.{embeddings,encoder.layers.N,pre_layrnorm,post_layernorm}.*``
+  (real Hub llava-hf files instead have ``vision_tower.vision_model.*``; transformers 5.23 loads both).
+Tied Qwen2 checkpoints store no lm_head at all.
+A standalone ``CLIPVisionModel.save_pretrained`` writes ``vision_model.*`` (used for the tower repo).
+
+Token ids (text vocab size is 320 for every model)
+--------------------------------------------------
+llama / mistral: 0 ``<unk>``, 1 ``<s>``, 2 ``</s>``, 3..258 byte alphabet, 259..317 BPE merges,
+318 ``<pad>``, 319 ``<image>``.
+qwen2: 0..255 byte alphabet, 256..314 merges, 315 ``<|endoftext|>``, 316 ``<|im_start|>``,
+317 ``<|im_end|>``, 318 ``<image>``, 319 ``<video>`` (the latter only registered for OneVision;
+unused row in next_qwen2).
+
+Image-processor notes (transformers 5.23, pil backend; classes ``*ImageProcessorPil``, torchvision absent)
+-------------------------------------------------------------------------------------------------------
+* Call as ``processor(images=pil_or_list, return_tensors="pt")``. ``AutoImageProcessor.from_pretrained(path,
+  backend="pil")`` reloads them; the saved ``image_processor_type`` is the plain name (e.g. "CLIPImageProcessor").
+* NeXT / OneVision: ``pixel_values`` is (num_images, max_patches, 3, S, S) = base image first, then the crops
+  (row-major); with several images the shorter ones are zero-padded to the batch's max patch count
+  (``do_pad=True``) and the model slices them back using ``image_sizes``. ``image_sizes`` is int64 (H, W) of the
+  ORIGINAL image. OneVision also returns ``batch_num_images``; a nested list ``[[a, b]]`` = one multi-image
+  sample (each image padded to a square with the mean colour, 1 patch, no anyres).
+* llava15 uses CLIPImageProcessor (resize shortest edge + centre crop, no pad) like llava-hf/llava-1.5-*-hf.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+NAMES = ("llava15_llama", "next_llama", "next_mistral", "next_qwen2", "onevision_qwen2")
+
+VOCAB_SIZE = 320
+CLIP_IMAGE_SIZE = 28  # patch 4 -> 7x7 patches
+SIGLIP_IMAGE_SIZE = 27  # patch 3 -> 9x9 patches
+NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+ONEVISION_PINPOINTS = [[i * 27, j * 27] for i in range(1, 7) for j in range(1, 7)]
+
+# Token ids, per tokenizer family (see module docstring).
+LLAMA_TOKENS = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 318, "<image>": 319}
+QWEN_TOKENS = {"<|endoftext|>": 315, "<|im_start|>": 316, "<|im_end|>": 317, "<image>": 318, "<video>": 319}
+IMAGE_TOKEN_ID = {
+    "llava15_llama": 319,
+    "next_llama": 319,
+    "next_mistral": 319,
+    "next_qwen2": 318,
+    "onevision_qwen2": 318,
+}
+VIDEO_TOKEN_ID = {"onevision_qwen2": 319}
+
+# Family facts used for the original-layout config.json.
+_ORIGINAL = {
+    "llava15_llama": dict(model_type="llava_llama", arch="LlavaLlamaForCausalLM", merge="flat", aspect="pad", max_len=2048),
+    "next_llama": dict(model_type="llava_llama", arch="LlavaLlamaForCausalLM", merge="spatial_unpad", aspect="anyres", max_len=4096),
+    "next_mistral": dict(model_type="llava_mistral", arch="LlavaMistralForCausalLM", merge="spatial_unpad", aspect="anyres", max_len=32768),
+    "next_qwen2": dict(model_type="llava_qwen", arch="LlavaQwenForCausalLM", merge="spatial_unpad", aspect="anyres", max_len=32768),
+    "onevision_qwen2": dict(model_type="llava_qwen", arch="LlavaQwenForCausalLM", merge="spatial_unpad", aspect="anyres_max_9", max_len=32768),
+}
+
+# A fixed little corpus the BPE merges are learned from (deterministic, see _learn_merges).
+_BPE_CORPUS = (
+    "USER: <image>\nWhat is shown in this image? ASSISTANT: The image shows a cat sitting on the table. "
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the human's questions. [INST] Describe the picture. [/INST] "
+    "system\nYou are a helpful assistant.\nuser\nWhat is in the image?\nassistant\nThere is a dog and a tree."
+)
+
+
+def _family(name: str) -> str:
+    if name not in NAMES:
+        raise ValueError(f"unknown tiny checkpoint {name!r}; expected one of {NAMES}")
+    return name.rsplit("_", 1)[1]  # "llama" | "mistral" | "qwen2"
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs
+# ----------------------------------------------------------------------------------------------------
+
+
+def _clip_vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        image_size=CLIP_IMAGE_SIZE, patch_size=4, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=64, projection_dim=16,
+    )
+
+
+def _siglip_vision_config(num_hidden_layers: int = 2):
+    from transformers import SiglipVisionConfig
+
+    return SiglipVisionConfig(
+        image_size=SIGLIP_IMAGE_SIZE, patch_size=3, hidden_size=32, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4, intermediate_size=64, vision_use_head=False,
+    )
+
+
+def _text_config(family: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        vocab_size=VOCAB_SIZE,
+    )
+    if family == "llama":
+        return LlamaConfig(
+            **common, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, max_position_embeddings=4096,
+            bos_token_id=1, eos_token_id=2, pad_token_id=LLAMA_TOKENS["<pad>"],
+        )
+    if family == "mistral":
+        return MistralConfig(
+            **common, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False, sliding_window=None,
+            max_position_embeddings=32768, bos_token_id=1, eos_token_id=2, pad_token_id=LLAMA_TOKENS["<pad>"],
+        )
+    if family == "qwen2":
+        return Qwen2Config(
+            **common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, max_position_embeddings=32768,
+            use_sliding_window=False, bos_token_id=QWEN_TOKENS["<|endoftext|>"], eos_token_id=QWEN_TOKENS["<|im_end|>"],
+            pad_token_id=QWEN_TOKENS["<|endoftext|>"],
+        )
+    raise ValueError(family)
+
+
+def make_config(name: str):
+    """The transformers multimodal config of one tiny checkpoint."""
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig
+
+    text = _text_config(_family(name))
+    tie = text.tie_word_embeddings
+    if name == "llava15_llama":
+        return LlavaConfig(
+            vision_config=_clip_vision_config(), text_config=text, image_token_index=IMAGE_TOKEN_ID[name],
+            vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+            image_seq_length=49, tie_word_embeddings=tie,
+        )
+    if name.startswith("next_"):
+        return LlavaNextConfig(
+            vision_config=_clip_vision_config(), text_config=text, image_token_index=IMAGE_TOKEN_ID[name],
+            vision_feature_layer=-2, vision_feature_select_strategy="default", projector_hidden_act="gelu",
+            image_grid_pinpoints=copy.deepcopy(NEXT_PINPOINTS), image_seq_length=49, tie_word_embeddings=tie,
+        )
+    return LlavaOnevisionConfig(
+        vision_config=_siglip_vision_config(), text_config=text, image_token_index=IMAGE_TOKEN_ID[name],
+        video_token_index=VIDEO_TOKEN_ID[name], vision_feature_layer=-1, vision_feature_select_strategy="full",
+        projector_hidden_act="gelu", image_grid_pinpoints=copy.deepcopy(ONEVISION_PINPOINTS),
+        vision_aspect_ratio="anyres_max_9", tie_word_embeddings=tie,
+    )
+
+
+def _model_class(model_type: str):
+    import transformers
+
+    return {
+        "llava": transformers.LlavaForConditionalGeneration,
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+    }[model_type]
+
+
+# ----------------------------------------------------------------------------------------------------
+# weights
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every parameter from a fixed generator (parameters visited in named_parameters order).
+
+    * biases                          : 0.05 * N(0, 1)
+    * LayerNorm / RMSNorm weights     : 1 + 0.1 * N(0, 1)
+    * image_newline                   : 0.1 * N(0, 1)
+    * CLIP class_embedding            : 0.5 * N(0, 1)
+    * token embeddings (= tied head)  : N(0, 1) / sqrt(hidden)  -> tied logits O(1)
+    * position embeddings             : 0.5 * N(0, 1)
+    * Linear / Conv weights           : N(0, 1) / sqrt(fan_in)  (fan_in = numel / out); this keeps every
+      residual stream, attention score and logit O(1) without saturating softmax/GELU.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for pname, p in model.named_parameters():  # tied lm_head is not listed separately
+        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+        leaf = pname.rsplit(".", 1)[-1]
+        if leaf == "bias":
+            value = 0.05 * noise
+        elif pname.endswith("image_newline"):
+            value = 0.1 * noise
+        elif leaf == "class_embedding":
+            value = 0.5 * noise
+        elif p.dim() == 1:  # every remaining 1-D weight is a LayerNorm / RMSNorm scale
+            value = 1.0 + 0.1 * noise
+        elif "position_embedding" in pname:
+            value = 0.5 * noise
+        elif "embed_tokens" in pname:
+            value = noise / math.sqrt(p.shape[1])
+        else:
+            fan_in = p[0].numel()
+            value = noise / math.sqrt(fan_in)
+        p.copy_(value.to(p.dtype))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+def _learn_merges(alphabet_map: dict[int, str], n_merges: int) -> list[tuple[str, str]]:
+    """Deterministic byte-level BPE learner over _BPE_CORPUS (most frequent pair, ties -> smallest pair)."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    words = Counter(w for w, _ in pre.pre_tokenize_str(_BPE_CORPUS))
+    seqs = {w: list(w) for w in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: Counter = Counter()
+        for w, c in words.items():
+            s = seqs[w]
+            for a, b in zip(s, s[1:]):
+                pairs[(a, b)] += c
+        if not pairs:
+            break
+        best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        merges.append(best)
+        for w in words:
+            s, out, i = seqs[w], [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    # pad with distinct 2-char merges of single bytes if the corpus ran out (it does not for 59/60 merges)
+    alphabet = [alphabet_map[i] for i in sorted(alphabet_map)]
+    have = {a + b for a, b in merges} | set(alphabet)
+    for a in alphabet:
+        for b in alphabet:
+            if len(merges) >= n_merges:
+                return merges
+            if a + b not in have:
+                merges.append((a, b))
+                have.add(a + b)
+    return merges
+
+
+def make_tokenizer(name: str):
+    """A tiny byte-level BPE `tokenizers.Tokenizer` whose special-token ids match the model config."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    family = "llama" if _family(name) in ("llama", "mistral") else "qwen2"
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 printable stand-ins for bytes
+    specials = LLAMA_TOKENS if family == "llama" else {k: v for k, v in QWEN_TOKENS.items()}
+    if name != "onevision_qwen2":
+        specials = {k: v for k, v in specials.items() if k != "<video>"}
+    first_free = 3 if family == "llama" else 0
+    vocab: dict[str, int] = {}
+    if family == "llama":
+        vocab.update({"<unk>": 0, "<s>": 1, "</s>": 2})
+    for i, ch in enumerate(alphabet):
+        vocab[ch] = first_free + i
+    n_bpe = min(v for k, v in specials.items() if k not in ("<unk>", "<s>", "</s>"))  # first added id
+    merges = _learn_merges({i: ch for i, ch in enumerate(alphabet)}, n_bpe - len(vocab))
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    assert len(vocab) == n_bpe, (len(vocab), n_bpe)
+    # fill any gap up to the added ids with reserved tokens so ids stay dense
+    for tok, idx in sorted(specials.items(), key=lambda kv: kv[1]):
+        while len(vocab) < idx:
+            vocab[f"<|reserved_{len(vocab)}|>"] = len(vocab)
+        vocab.setdefault(tok, idx)
+    bpe = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>" if family == "llama" else None)
+    tok = Tokenizer(bpe)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(specials, key=specials.get)])
+    if family == "llama":
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    for t, idx in specials.items():
+        assert tok.token_to_id(t) == idx, (t, tok.token_to_id(t), idx)
+    return tok
+
+
+def _write_tokenizer(name: str, out_dir: Path, model_max_length: int) -> None:
+    tok = make_tokenizer(name)
+    tok.save(str(out_dir / "tokenizer.json"))
+    if _family(name) in ("llama", "mistral"):
+        special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+        extra = {"image_token": "<image>"}
+        add_bos = True
+    else:
+        special = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+        extra = {"image_token": "<image>"}
+        if name == "onevision_qwen2":
+            extra["video_token"] = "<video>"
+        add_bos = False
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": model_max_length,
+        "padding_side": "right",
+        "add_bos_token": add_bos,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **special,
+        "extra_special_tokens": extra,
+    }
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def load_tokenizer(path: Path):
+    """transformers fast tokenizer over a folder written by build()/to_original_layout()."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# image processors
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_processor(name: str):
+    """The pil-backend image processor matching the tiny checkpoint (llava-hf defaults, tiny sizes)."""
+    from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil, LlavaOnevisionImageProcessorPil
+
+    _family(name)
+    c = CLIP_IMAGE_SIZE
+    if name == "llava15_llama":  # llava-hf/llava-1.5-*-hf ship a plain CLIPImageProcessor (centre crop, no pad)
+        return CLIPImageProcessorPil(size={"shortest_edge": c}, crop_size={"height": c, "width": c})
+    if name.startswith("next_"):
+        return LlavaNextImageProcessorPil(
+            size={"shortest_edge": c}, crop_size={"height": c, "width": c},
+            image_grid_pinpoints=copy.deepcopy(NEXT_PINPOINTS),
+        )
+    s = SIGLIP_IMAGE_SIZE  # llava-hf OneVision: SigLIP normalisation (0.5 / 0.5), squash to size, no crop
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": s, "width": s}, image_grid_pinpoints=copy.deepcopy(ONEVISION_PINPOINTS),
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+
+
+def load_processor(path: Path):
+    """Reload the image processor saved next to a checkpoint, forcing the pil backend."""
+    from transformers import AutoImageProcessor
+
+    return AutoImageProcessor.from_pretrained(str(path), backend="pil")
+
+
+def load_full_processor(path: Path):
+    """transformers' combined text+image processor (LlavaProcessor / LlavaNextProcessor) for a build() folder.
+
+    It expands each "<image>" in the text to the right number of placeholder tokens. Needs
+    num_additional_image_tokens=1 (as in the llava-hf processor_config.json files): with the default 0 and
+    strategy "default" it under-counts by one. Not available for OneVision (LlavaOnevisionProcessor insists on a
+    video processor, which needs torchvision); use example_inputs() there.
+    """
+    from transformers import AutoConfig, LlavaNextProcessor, LlavaProcessor
+
+    cfg = AutoConfig.from_pretrained(str(path))
+    cls = {"llava": LlavaProcessor, "llava_next": LlavaNextProcessor}.get(cfg.model_type)
+    if cls is None:
+        raise NotImplementedError(f"no combined processor for model_type {cfg.model_type!r} here")
+    return cls(
+        image_processor=load_processor(path), tokenizer=load_tokenizer(path), patch_size=cfg.vision_config.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# build / load
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_model(name: str, seed: int = 0):
+    """Construct the tiny transformers model in memory (fp32, eval, randomized deterministically)."""
+    config = make_config(name)
+    torch.manual_seed(seed)  # constructor init is overwritten anyway; keeps it reproducible regardless
+    model = _model_class(config.model_type)(config).to(torch.float32)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def build(name: str, out_dir: Path, seed: int = 0) -> Path:
+    """Build tiny random checkpoint `name` into `out_dir` (created); returns `out_dir`.
+
+    Writes config.json, generation_config.json, model.safetensors (save_pretrained), preprocessor_config.json
+    (pil-backend image processor), tokenizer.json, tokenizer_config.json, special_tokens_map.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = make_model(name, seed)
+    model.save_pretrained(str(out_dir))
+    make_processor(name).save_pretrained(str(out_dir))
+    _write_tokenizer(name, out_dir, _ORIGINAL[name]["max_len"])
+    return out_dir
+
+
+def load_reference(path: Path, attn_implementation: str = "eager"):
+    """Load a folder written by build() with the matching transformers class (fp32, eval, eager attention)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path))
+    cls = _model_class(config.model_type)
+    model = cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def saved_keys(path: Path) -> list[str]:
+    """Tensor names in a folder's safetensors / bin files (all shards)."""
+    keys: list[str] = []
+    path = Path(path)
+    for f in sorted(path.glob("*.safetensors")):
+        from safetensors import safe_open
+
+        with safe_open(str(f), "pt") as fh:
+            keys.extend(fh.keys())
+    for f in sorted(path.glob("*.bin")):
+        keys.extend(torch.load(str(f), map_location="cpu", weights_only=True).keys())
+    return sorted(keys)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+# ----------------------------------------------------------------------------------------------------
+# inputs
+# ----------------------------------------------------------------------------------------------------
+
+
+def image_token_count(model, inputs: dict) -> int:
+    """How many <image> placeholder tokens the reference model wants for `inputs` (processor output).
+
+    Asks the model itself: runs its get_image_features and counts the rows it would scatter.
+    """
+    cfg = model.config
+    kwargs = dict(
+        pixel_values=inputs["pixel_values"].to(torch.float32),
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+    )
+    if cfg.model_type != "llava":
+        kwargs["image_sizes"] = inputs["image_sizes"]
+    if cfg.model_type == "llava_onevision":
+        kwargs["vision_aspect_ratio"] = cfg.vision_aspect_ratio
+        kwargs["batch_num_images"] = inputs.get("batch_num_images")
+    with torch.no_grad():
+        out = model.model.get_image_features(**kwargs)
+    feats = out.pooler_output if hasattr(out, "pooler_output") else out
+    if isinstance(feats, (list, tuple)):
+        return sum(f.shape[0] for f in feats)
+    return feats.shape[0] * feats.shape[1] if feats.dim() == 3 else feats.shape[0]
+
+
+def example_inputs(name: str, model, processor, image, prompt_ids_before=(5, 6), prompt_ids_after=(7, 8, 9)) -> dict:
+    """Processor output for one PIL `image` plus input_ids/attention_mask with the right <image> count.
+
+    Sequence: [BOS for llama-family] + prompt_ids_before + <image> * n + prompt_ids_after (batch of 1).
+    """
+    inputs = dict(processor(images=image, return_tensors="pt"))
+    n = image_token_count(model, inputs)
+    bos = [LLAMA_TOKENS["<s>"]] if _family(name) in ("llama", "mistral") else []
+    ids = bos + list(prompt_ids_before) + [IMAGE_TOKEN_ID[name]] * n + list(prompt_ids_after)
+    inputs["input_ids"] = torch.tensor([ids], dtype=torch.long)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["num_image_tokens"] = n
+    return inputs
+
+
+# ----------------------------------------------------------------------------------------------------
+# original (liuhaotian / lmms-lab) layout
+# ----------------------------------------------------------------------------------------------------
+
+
+def _original_key(hf_key: str) -> str:
+    """Map one llava-hf / transformers-5 key to the original layout (KeyError for anything unknown).
+
+    Vision keys are returned relative to the tower ('vision_model.…'); the caller prefixes them.
+    """
+    k = hf_key
+    for p in ("model.language_model.", "language_model.model."):
+        if k.startswith(p):
+            return "model." + k[len(p):]
+    if k in ("lm_head.weight", "language_model.lm_head.weight"):
+        return "lm_head.weight"
+    for p in ("model.multi_modal_projector.", "multi_modal_projector."):
+        if k.startswith(p):
+            rest = k[len(p):].replace("linear_1.", "0.").replace("linear_2.", "2.")
+            return "model.mm_projector." + rest
+    if k in ("image_newline", "model.image_newline"):
+        return "model.image_newline"
+    for p in ("model.vision_tower.vision_model.", "vision_tower.vision_model.", "model.vision_tower.", "vision_tower."):
+        if k.startswith(p):
+            return "vision_model." + k[len(p):]
+    raise KeyError(f"unexpected llava-hf key {hf_key!r}")
+
+
+def _split_contiguous(keys: list[str], sizes: dict[str, int], num_shards: int) -> list[list[str]]:
+    """Split ordered keys into `num_shards` non-empty contiguous chunks of roughly equal byte size."""
+    num_shards = max(1, min(num_shards, len(keys)))
+    total = sum(sizes[k] for k in keys)
+    shards: list[list[str]] = [[]]
+    acc = 0
+    for i, k in enumerate(keys):
+        remaining_keys = len(keys) - i
+        remaining_shards = num_shards - len(shards)
+        if shards[-1] and remaining_shards > 0 and (acc >= total * len(shards) / num_shards or remaining_keys <= remaining_shards):
+            shards.append([])
+        shards[-1].append(k)
+        acc += sizes[k]
+    return shards
+
+
+def _write_shards(sd: dict[str, torch.Tensor], out_dir: Path, shard_format: str, num_shards: int) -> None:
+    keys = list(sd)
+    sizes = {k: sd[k].numel() * sd[k].element_size() for k in keys}
+    chunks = _split_contiguous(keys, sizes, num_shards)
+    n = len(chunks)
+    weight_map: dict[str, str] = {}
+    for i, chunk in enumerate(chunks, start=1):
+        part = {k: sd[k].contiguous().clone() for k in chunk}
+        if shard_format == "safetensors":
+            from safetensors.torch import save_file
+
+            fname = f"model-{i:05d}-of-{n:05d}.safetensors"
+            save_file(part, str(out_dir / fname), metadata={"format": "pt"})
+        elif shard_format == "bin":
+            fname = f"pytorch_model-{i:05d}-of-{n:05d}.bin"
+            torch.save(part, str(out_dir / fname))
+        else:
+            raise ValueError(f"shard_format must be 'safetensors' or 'bin', got {shard_format!r}")
+        weight_map.update({k: fname for k in chunk})
+    index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+    index_name = "model.safetensors.index.json" if shard_format == "safetensors" else "pytorch_model.bin.index.json"
+    (out_dir / index_name).write_text(json.dumps(index, indent=2) + "\n")
+
+
+# transformers-5 / generic PretrainedConfig fields that the released original config.json files do not carry
+_NOT_IN_ORIGINAL_CONFIG = (
+    "layer_types", "dtype", "model_type", "architectures", "transformers_version", "_name_or_path", "id2label",
+    "label2id", "chunk_size_feed_forward", "output_attentions", "output_hidden_states", "problem_type",
+    "return_dict", "is_encoder_decoder",
+)
+
+
+def _original_config(name: str, hf_config, tower_dir: Path) -> dict:
+    """One flat config.json in the original style: text-model fields + mm_* fields."""
+    fam = _ORIGINAL[name]
+    text = hf_config.text_config.to_dict()
+    rope = text.pop("rope_parameters", None) or {}
+    text["rope_theta"] = float(rope.get("rope_theta", getattr(hf_config.text_config, "rope_theta", 10000.0)))
+    text["rope_scaling"] = None
+    for k in _NOT_IN_ORIGINAL_CONFIG:
+        text.pop(k, None)
+    cfg = dict(text)
+    cfg.update(
+        architectures=[fam["arch"]],
+        model_type=fam["model_type"],
+        torch_dtype="float32",
+        use_cache=True,
+        mm_vision_tower=str(Path(tower_dir).resolve()),
+        mm_hidden_size=hf_config.vision_config.hidden_size,
+        mm_projector_type="mlp2x_gelu",
+        mm_vision_select_layer=-2,
+        mm_vision_select_feature="patch",
+        mm_patch_merge_type=fam["merge"],
+        image_aspect_ratio=fam["aspect"],
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        use_mm_proj=True,
+        tokenizer_model_max_length=fam["max_len"],
+        tokenizer_padding_side="right",
+    )
+    if name != "llava15_llama":
+        cfg["image_grid_pinpoints"] = [list(p) for p in hf_config.image_grid_pinpoints]
+    if name == "onevision_qwen2":
+        cfg.update(mm_spatial_pool_mode="bilinear", mm_newline_position="one_token")
+    return dict(sorted(cfg.items()))
+
+
+def _write_tower_repo(hf_config, tower_sd: dict[str, torch.Tensor], tower_dir: Path) -> None:
+    """What the original code fetches from `mm_vision_tower`: config (+ weights for CLIP) + preprocessor."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, SiglipImageProcessorPil
+
+    tower_dir.mkdir(parents=True, exist_ok=True)
+    vc = hf_config.vision_config
+    if vc.model_type == "clip_vision_model":
+        full = CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+                             vocab_size=99, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
+                             pad_token_id=1),
+            vision_config=vc.to_dict(), projection_dim=vc.projection_dim,
+        ).to_dict()
+        full["architectures"] = ["CLIPModel"]
+        (tower_dir / "config.json").write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous().clone() for k, v in tower_sd.items()}, str(tower_dir / "model.safetensors"),
+                  metadata={"format": "pt"})
+        c = vc.image_size
+        proc = CLIPImageProcessorPil(size={"shortest_edge": c}, crop_size={"height": c, "width": c})
+    else:  # SigLIP: the hub repo has one more layer than LLaVA keeps; no weights written (they live in the shards)
+        d = vc.to_dict()
+        d["num_hidden_layers"] = vc.num_hidden_layers + 1
+        d["vision_use_head"] = True
+        d["model_type"] = "siglip_vision_model"
+        d["architectures"] = ["SiglipVisionModel"]
+        (tower_dir / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+        s = vc.image_size
+        proc = SiglipImageProcessorPil(size={"height": s, "width": s})
+    proc.save_pretrained(str(tower_dir))
+
+
+def _name_from_config(hf_config) -> str:
+    """Which of NAMES a (tiny) llava-hf config is."""
+    if hf_config.model_type == "llava":
+        return "llava15_llama"
+    if hf_config.model_type == "llava_onevision":
+        return "onevision_qwen2"
+    return "next_" + {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}[hf_config.text_config.model_type]
+
+
+def to_original_layout(
+    hf_dir: Path,
+    out_dir: Path,
+    *,
+    tower_dir: Path,
+    shard_format: str,
+    include_tower: bool,
+    num_shards: int = 2,
+) -> Path:
+    """Rewrite a tiny llava-hf folder (from build()) into the original liuhaotian / lmms-lab layout.
+
+    out_dir gets: config.json (flat), shards + index, tokenizer files. tower_dir gets the vision-tower
+    "hub repo" (config.json, preprocessor_config.json, and for CLIP model.safetensors with vision_model.* keys).
+    Original key order: LLM (embed, layers, norm), image_newline, projector, vision tower, lm_head.
+    """
+    from transformers import AutoConfig
+
+    hf_dir, out_dir, tower_dir = Path(hf_dir), Path(out_dir), Path(tower_dir)
+    hf_config = AutoConfig.from_pretrained(str(hf_dir))
+    name = _name_from_config(hf_config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    sd = _read_state_dict(hf_dir)
+    llm, newline, proj, tower, head = {}, {}, {}, {}, {}
+    for k, v in sd.items():
+        ok = _original_key(k)
+        if ok.startswith("vision_model."):
+            tower[ok] = v
+        elif ok == "lm_head.weight":
+            head[ok] = v
+        elif ok == "model.image_newline":
+            newline[ok] = v
+        elif ok.startswith("model.mm_projector."):
+            proj[ok] = v
+        else:
+            llm[ok] = v
+    if hf_config.text_config.tie_word_embeddings:
+        head = {}  # tied Qwen: the original checkpoints store no lm_head
+    elif not head:
+        raise KeyError("untied checkpoint without lm_head")
+
+    def _layer_order(k: str):
+        parts = k.split(".")
+        return [int(p) if p.isdigit() else p for p in parts]
+
+    out_sd: dict[str, torch.Tensor] = {}
+    for group in (llm, newline, proj):
+        for k in sorted(group, key=_layer_order):
+            out_sd[k] = group[k]
+    if include_tower:
+        for k in sorted(tower, key=_layer_order):
+            out_sd["model.vision_tower.vision_tower." + k] = tower[k]
+    out_sd.update(head)
+
+    for old in list(out_dir.glob("*.safetensors")) + list(out_dir.glob("*.bin")) + list(out_dir.glob("*.index.json")):
+        old.unlink()
+    _write_shards(out_sd, out_dir, shard_format, num_shards)
+    cfg = _original_config(name, hf_config, tower_dir)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (hf_dir / f).exists():
+            shutil.copyfile(hf_dir / f, out_dir / f)
+    _write_tower_repo(hf_config, tower, tower_dir)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------------------
+# self-check
+# ----------------------------------------------------------------------------------------------------
+
+
+def _self_check() -> None:
+    import tempfile
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    torch.set_num_threads(2)
+    t0 = time.time()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name in NAMES:
+            path = build(name, tmp / name)
+            keys = saved_keys(path)
+            prefixes = sorted({".".join(k.split(".")[:2]) for k in keys})
+            model = load_reference(path)
+            # determinism: same seed -> same weights
+            again = make_model(name, 0).state_dict()
+            assert all(torch.equal(v, again[k]) for k, v in model.state_dict().items()), name
+            processor = load_processor(path)
+            # OneVision: 170x120 -> 5x6 crop grid -> 45x54 features > 9 crops' worth -> anyres_max_9 downsizing
+            w, h = (45, 30) if name != "onevision_qwen2" else (170, 120)
+            image = Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
+            inputs = example_inputs(name, model, processor, image)
+            n = inputs.pop("num_image_tokens")
+            if name != "onevision_qwen2":  # transformers' own processor must agree with the model's count
+                full = load_full_processor(path)(images=image, text="<image>", return_tensors="pt")
+                assert (full["input_ids"] == IMAGE_TOKEN_ID[name]).sum().item() == n, name
+                assert torch.equal(full["pixel_values"], inputs["pixel_values"]), name
+            with torch.no_grad():
+                logits = model(**inputs).logits
+            assert torch.isfinite(logits).all()
+            tok = load_tokenizer(path)
+            text = "<image>\nhi" if name != "onevision_qwen2" else "<|im_start|>user <image><video>"
+            ids = tok(text)["input_ids"]
+            # original layout round trip
+            orig = to_original_layout(
+                path, tmp / f"{name}_orig", tower_dir=tmp / f"{name}_tower",
+                shard_format="bin" if name == "llava15_llama" else "safetensors",
+                include_tower=name != "llava15_llama",
+            )
+            okeys = saved_keys(orig)
+            oprefixes = sorted({".".join(k.split(".")[:3]) for k in okeys})
+            print(f"== {name}: pixel_values {tuple(inputs['pixel_values'].shape)}, "
+                  f"image_sizes {inputs.get('image_sizes', torch.tensor([])).tolist()}, image tokens {n}, "
+                  f"logits {tuple(logits.shape)} std {logits.std():.3f}")
+            print(f"   saved prefixes: {prefixes}  ({len(keys)} tensors)")
+            print(f"   tokenizer {text!r} -> {ids}")
+            print(f"   original files: {sorted(p.name for p in orig.iterdir())}")
+            print(f"   original prefixes: {oprefixes}  ({len(okeys)} tensors); tower files: "
+                  f"{sorted(p.name for p in (tmp / f'{name}_tower').iterdir())}")
+    print(f"self-check OK in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    _self_check()
