@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from anyres import parse_grid_pinpoints
+from anyres import anyres_max_crops, parse_grid_pinpoints
 from model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -99,8 +99,9 @@ class CheckpointError(ValueError):
 
 
 def text_config(raw: dict, where: str) -> TextConfig:
-    model_type = raw.get("model_type", "llama")
-    family = "qwen2" if "qwen" in model_type else "mistral" if "mistral" in model_type else "llama"
+    # the family shows in model_type ("qwen2", "llava_qwen") or, where lmms-lab edited that to "llava", in architectures
+    names = (raw.get("model_type", "") + " ".join(raw.get("architectures") or [])).lower()
+    family = "qwen2" if "qwen" in names else "mistral" if "mistral" in names else "llama"
     c = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None}}
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
@@ -148,7 +149,8 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
     `tower_config` is the tower repo's config.json for original-layout checkpoints whose tower is not one of
     KNOWN_TOWERS; returns vision=None for a plain causal LM (a base LLM for training, or a text-only check)."""
     model_type = raw.get("model_type", "")
-    if model_type in HF_DEFAULT_TOWER:  # llava-hf layout
+    if model_type in HF_DEFAULT_TOWER and "mm_vision_tower" not in raw:  # llava-hf layout (lmms-lab edited some
+        # original configs to say "llava" too, facts §1.1)
         if raw.get("projector_hidden_act", "gelu") != "gelu" or not raw.get("multimodal_projector_bias", True):
             raise CheckpointError(f"{where}: only the gelu projector with biases (mlp2x_gelu) is supported")
         strategy = raw.get("vision_feature_select_strategy", "full" if model_type == "llava_onevision" else "default")
@@ -360,6 +362,90 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checkpoints out: what training writes, in the llava-hf layout (transformers 4.x names), so that infer.py, the next
+# stage and other tools read it like any release.
+
+
+def hf_key(key: str) -> str:
+    """Our parameter name -> its llava-hf name (the inverse of internal_key for the layout written here)."""
+    if key.startswith("language_model."):
+        return "language_model.model." + key[len("language_model."):]
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    if key.startswith("projector."):
+        return "multi_modal_projector." + key[len("projector."):]
+    if key.startswith("vision_tower."):
+        rest = key[len("vision_tower."):]
+        if rest.startswith(("class_embedding", "patch_embedding.", "position_embedding.")):
+            return "vision_tower.vision_model.embeddings." + rest
+        if rest.startswith("layers."):
+            return "vision_tower.vision_model.encoder." + rest
+        return "vision_tower.vision_model." + rest
+    return key  # image_newline
+
+
+def hf_config(cfg: LlavaConfig) -> dict:
+    """config.json in the llava-hf shape (every field written, none left to class defaults)."""
+    t = cfg.text
+    text = dict(model_type="qwen2" if t.qkv_bias else "llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
+                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
+                num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rope_theta=t.rope_theta,
+                rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
+                max_position_embeddings=t.max_position_embeddings, attention_bias=t.qkv_bias)
+    if cfg.vision is None:
+        return {**text, "architectures": ["Qwen2ForCausalLM" if t.qkv_bias else "LlamaForCausalLM"]}
+    v = cfg.vision
+    if cfg.projector_type != "mlp2x_gelu" or (cfg.merge_type == "flat") == cfg.image_aspect_ratio.startswith("anyres"):
+        raise ValueError(f"the llava-hf layout cannot express projector {cfg.projector_type!r} with "
+                         f"{cfg.image_aspect_ratio!r} / {cfg.merge_type!r}")
+    model_type = "llava" if cfg.merge_type == "flat" else "llava_onevision" if anyres_max_crops(cfg) else "llava_next"
+    vision = dict(model_type=f"{v.kind}_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                  num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+                  patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
+    out = dict(model_type=model_type, architectures=[ARCHITECTURES[model_type]], text_config=text, vision_config=vision,
+               vision_feature_layer=-1, vision_feature_select_strategy="default" if v.select_feature == "patch" else "full",
+               projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings)
+    if model_type != "llava":
+        out["image_grid_pinpoints"] = cfg.grid_pinpoints
+    if model_type == "llava_onevision":
+        out["vision_aspect_ratio"] = cfg.image_aspect_ratio
+    return out
+
+
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
+
+
+def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30):
+    """Write config.json, safetensors shards (+ index when there are several) and tokenizer.json to `folder`.
+    `state_dict` (ours, full) defaults to the model's; training passes the one gathered from all ranks."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = state_dict if state_dict is not None else model.state_dict()
+    to_hf = hf_key if model.cfg.vision is not None else (lambda k: "model." + k[len("language_model."):] if k.startswith("language_model.") else k)
+    tensors = {to_hf(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
+    shards, current, size = [], {}, 0
+    for key, tensor in tensors.items():
+        if current and size + tensor.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[key], size = tensor, size + tensor.nbytes
+    shards.append(current)
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=1))
+    (folder / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    if tokenizer is not None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tokenizer and chat template
 
 
@@ -396,8 +482,9 @@ def eos_token_ids(folder: Path) -> set[int]:
     return ids
 
 
-def default_template(source: str, cfg: LlavaConfig, tokenizer) -> str:
-    """The preset's template, or a guess from the decoder family for other checkpoints."""
+def default_template(source: str, tokenizer) -> str:
+    """The preset's template, or a guess from the tokenizer's special tokens for other checkpoints (--template
+    overrides it)."""
     preset = PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
     if preset:
         return preset.template
@@ -405,6 +492,6 @@ def default_template(source: str, cfg: LlavaConfig, tokenizer) -> str:
         return "qwen_1_5" if tokenizer.token_to_id("<|endoftext|>") is not None else "chatml_direct"
     if tokenizer.token_to_id("<|eot_id|>") is not None:
         return "llava_llama_3"
-    if tokenizer.token_to_id("[INST]") is not None or cfg.text.num_kv_heads != cfg.text.num_heads:
+    if tokenizer.token_to_id("[INST]") is not None:
         return "mistral_instruct"
     return "vicuna_v1"

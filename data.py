@@ -9,7 +9,11 @@ inference and training, so the two never format a conversation differently.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
+
+from anyres import process_image
 from model import IMAGE_TOKEN
 
 
@@ -54,20 +58,34 @@ TEMPLATES = {
 TEMPLATES["qwen_2"] = TEMPLATES["qwen_1_5"]
 
 
-def render_prompt(template: str, messages, add_generation_prompt: bool = True) -> str:
-    """messages: [("user" | "assistant", text), ...] starting with a user turn -> the prompt string."""
+def render_conversation(template: str, messages, add_generation_prompt: bool = False):
+    """messages [("user" | "assistant", text), ...], starting with a user turn -> (text, targets).
+
+    `targets` are the character spans a model learns from: each answer and the end-of-turn token that closes it
+    (`</s>`, `<|im_end|>`, ...). The header before an answer and the newline after its end token are not targets.
+    """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
     t = TEMPLATES[template]
-    out = [t.system]
+    out, targets = t.system, []
     for role, text in messages:
         text = text.strip() if t.strip else text
-        if template == "plain" and role == "user":
-            text = "<image>" * text.count("<image>")  # plain keeps only the image
-        out.append((t.user if role == "user" else t.assistant).format(text))
+        if role == "user":
+            out += t.user.format("<image>" * text.count("<image>") if template == "plain" else text)  # plain: image only
+            continue
+        head, tail = t.assistant.split("{}")
+        stop_end = min((tail.find(s) + len(s) for s in t.stop if s in tail), default=0)
+        start = len(out) + len(head)
+        targets.append((start, start + len(text) + stop_end))
+        out += head + text + tail
     if add_generation_prompt:
-        out.append(t.generation)
-    return "".join(out)
+        out += t.generation
+    return out, targets
+
+
+def render_prompt(template: str, messages, add_generation_prompt: bool = True) -> str:
+    """The prompt string for inference: the conversation so far, then the header the model answers after."""
+    return render_conversation(template, messages, add_generation_prompt)[0]
 
 
 def stop_token_ids(tokenizer, template: str, extra=()) -> set[int]:
@@ -76,8 +94,9 @@ def stop_token_ids(tokenizer, template: str, extra=()) -> set[int]:
     return ids | set(extra)
 
 
-def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
-    """Token ids of `text` with each `<image>` replaced by `image_tokens[i]` copies of IMAGE_TOKEN.
+def encode(tokenizer, text: str, image_tokens=()):
+    """(ids, ends): token ids of `text` with each `<image>` replaced by `image_tokens[i]` copies of IMAGE_TOKEN, and
+    each token's end offset in `text` (None for image positions and the tokenizer's own BOS).
 
     Like the original `tokenizer_image_token`, each piece between placeholders is tokenised on its own and only the
     first keeps the tokenizer's BOS. A BOS the text already spells out (Llama-3's template) is not doubled.
@@ -85,9 +104,220 @@ def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
     pieces = text.split("<image>")
     if len(pieces) - 1 != len(image_tokens):
         raise ValueError(f"the prompt has {len(pieces) - 1} <image> placeholders but {len(image_tokens)} images were given")
-    ids = tokenizer.encode(pieces[0], add_special_tokens=True).ids
+    ids, ends, offset = [], [], 0
+    for i, piece in enumerate(pieces):
+        if i:
+            ids += [IMAGE_TOKEN] * image_tokens[i - 1]
+            ends += [None] * image_tokens[i - 1]
+            offset += len("<image>")
+        enc = tokenizer.encode(piece, add_special_tokens=i == 0)
+        ids += enc.ids
+        ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
+        offset += len(piece)
     if len(ids) >= 2 and ids[0] == ids[1] and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>"):
-        ids = ids[1:]
-    for count, piece in zip(image_tokens, pieces[1:]):
-        ids += [IMAGE_TOKEN] * count + tokenizer.encode(piece, add_special_tokens=False).ids
-    return ids
+        ids, ends = ids[1:], ends[1:]
+    return ids, ends
+
+
+def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
+    """Token ids of a prompt, images expanded to their token counts (see `encode`)."""
+    return encode(tokenizer, text, image_tokens)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training samples: labels, the official LLaVA JSON format, bad-data accounting, batching
+
+IGNORE_INDEX = -100  # label of every position the loss skips
+
+
+def tokenize_conversation(tokenizer, template: str, messages, image_tokens=()):
+    """(ids, labels) of a whole conversation: labels copy the ids of the answer spans (render_conversation) and
+    are IGNORE_INDEX elsewhere, images included. The ids are exactly what inference would see for the same turns.
+
+    Raises SampleError("tokenization mismatch") if an answer's labelled tokens do not spell that answer, the
+    original's silent zero-loss failure (facts §7.5) made loud."""
+    text, targets = render_conversation(template, messages)
+    ids, ends = encode(tokenizer, text, image_tokens)
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in targets:
+        inside = [i for i, e in enumerate(ends) if e is not None and start < e <= end]
+        for i in inside:
+            labels[i] = ids[i]
+        if tokenizer.decode([ids[i] for i in inside], skip_special_tokens=False).strip() != text[start:end].strip():
+            raise SampleError("tokenization mismatch", f"answer {text[start:end]!r} is not spelled by its labelled tokens")
+    return ids, labels
+
+
+class SampleError(Exception):
+    """A training sample that cannot be used as it is; `kind` is the counter it is reported under."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def load_records(path) -> list[dict]:
+    """A LLaVA JSON list, a JSONL file, or a mixture spec {"datasets": [{"json_path", "sampling_strategy"}]} whose
+    strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%")."""
+    import json
+    import random
+    from pathlib import Path
+
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    if isinstance(data, list):
+        return data
+    if not isinstance(data, dict) or "datasets" not in data:
+        raise ValueError(f"{path}: expected a JSON list of samples or a mixture {{\"datasets\": [...]}}")
+    records = []
+    for entry in data["datasets"]:
+        part = load_records(path.parent / entry["json_path"])
+        strategy, _, amount = entry.get("sampling_strategy", "all").partition(":")
+        n = len(part) if strategy == "all" else (len(part) * int(amount[:-1]) // 100 if amount.endswith("%") else int(amount))
+        if strategy in ("all", "first"):
+            part = part[:n]
+        elif strategy == "end":
+            part = part[len(part) - n:]
+        elif strategy == "random":
+            part = random.Random(0).sample(part, n)
+        else:
+            raise ValueError(f"{path}: unknown sampling_strategy {entry['sampling_strategy']!r}")
+        records += part
+    return records
+
+
+def conversation_of(record) -> list[tuple[str, str]]:
+    """The record's turns as [("user" | "assistant", text)], from either {"from", "value"} or {"role", "content"}."""
+    turns = record.get("conversations") or record.get("messages") or []
+    if not turns:
+        raise SampleError("empty conversation")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+    messages = []
+    for turn in turns:
+        role = roles.get(turn.get("from", turn.get("role")))
+        text = turn.get("value", turn.get("content"))
+        if role is None or not isinstance(text, str):
+            raise SampleError("malformed turn", f"{turn!r}")
+        messages.append((role, text))
+    if messages[0][0] != "user":
+        raise SampleError("first turn not human", "a conversation must start with the human's turn")
+    if any(a[0] == b[0] for a, b in zip(messages, messages[1:])):
+        raise SampleError("turns not alternating")
+    if messages[-1][0] != "assistant":
+        messages = messages[:-1]  # a trailing question has no answer to learn from
+    return messages
+
+
+def image_files_of(record) -> list[str]:
+    image = record.get("image")
+    return [] if image is None else [image] if isinstance(image, str) else list(image)
+
+
+def place_single_image_first(messages):
+    """A lone <image> goes to the start of the first user turn as "<image>\n" + text, as the released models
+    were trained (facts §7.2); several images stay where the text puts them."""
+    if sum(text.count("<image>") for _, text in messages) != 1 or messages[0][1].startswith("<image>"):
+        return messages
+    moved = [(role, text.replace("<image>", "").strip() if "<image>" in text else text) for role, text in messages]
+    moved[0] = (moved[0][0], "<image>\n" + moved[0][1])
+    return moved
+
+
+def load_image(path):
+    """An RGB PIL image, or SampleError("missing image" | "unreadable image")."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")  # decodes now, so a truncated file fails here and not in a worker later
+    except FileNotFoundError:
+        raise SampleError("missing image", str(path)) from None
+    except (UnidentifiedImageError, OSError) as e:
+        raise SampleError("unreadable image", f"{path}: {e}") from None
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Official LLaVA records -> tokenised samples, read lazily (images are decoded when a sample is drawn).
+
+    A sample is {"id", "input_ids", "labels", "images", "note"}; one that cannot be used is {"id", "error",
+    "detail"} and is counted and reported by the trainer instead of being trained on."""
+
+    def __init__(self, records, image_folder, tokenizer, template: str, model_cfg, max_len: int):
+        self.records, self.image_folder = records, Path(image_folder or ".")
+        self.tokenizer, self.template, self.model_cfg, self.max_len = tokenizer, template, model_cfg, max_len
+
+    def __len__(self):
+        return len(self.records)
+
+    def modality_lengths(self) -> list[int]:
+        """A cheap length estimate per record (words), negative for text-only ones: what the grouped sampler needs."""
+        lengths = []
+        for r in self.records:
+            words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in r.get("conversations") or [])
+            lengths.append(words if image_files_of(r) else -max(words, 1))
+        return lengths
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        sample_id = record.get("id", index)
+        try:
+            messages = place_single_image_first(conversation_of(record))
+            files = image_files_of(record)
+            placeholders = sum(text.count("<image>") for _, text in messages)
+            if placeholders != len(files):
+                raise SampleError("image count mismatch", f"{placeholders} <image> placeholders, {len(files)} images")
+            if files and self.model_cfg.vision is None:
+                raise SampleError("image for a text-only model")
+            images = [process_image(load_image(self.image_folder / f), self.model_cfg) for f in files]
+            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images])
+            note = None
+            if len(ids) > self.max_len:
+                if IMAGE_TOKEN in ids[self.max_len - 1:]:
+                    raise SampleError("truncated through an image", f"{len(ids)} tokens > max length {self.max_len}")
+                ids, labels, note = ids[: self.max_len], labels[: self.max_len], "truncated to max length"
+            if all(label == IGNORE_INDEX for label in labels):
+                raise SampleError("no answer tokens", "nothing left to learn (after truncation?)")
+        except SampleError as e:
+            return {"id": sample_id, "error": e.kind, "detail": str(e)}
+        return {"id": sample_id, "input_ids": ids, "labels": labels, "images": images, "note": note}
+
+
+def collate(samples, pad_id: int) -> dict:
+    """Right-padded batch: input_ids / labels / padding_mask (B, T), the images in prompt order, and the samples
+    that could not be used (`bad`: [(id, kind, detail)]) or were truncated (`notes`)."""
+    good = [s for s in samples if "error" not in s]
+    batch = {"bad": [(s["id"], s["error"], s["detail"]) for s in samples if "error" in s],
+             "notes": [(s["id"], s["note"]) for s in good if s["note"]], "size": len(good)}
+    T = max((len(s["input_ids"]) for s in good), default=1)
+    ids = torch.full((max(len(good), 1), T), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(good):
+        n = len(s["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+    batch.update(input_ids=ids, labels=labels, padding_mask=mask, images=[im for s in good for im in s["images"]])
+    return batch
+
+
+def global_batches(lengths, global_batch_size: int, seed: int, epoch: int, group_by_modality: bool) -> list[list[int]]:
+    """The order of one epoch as a list of global batches (lists of record indices), a pure function of
+    (seed, epoch) so that every rank agrees and a resumed run continues exactly. With `group_by_modality` (the
+    original's group_by_modality_length) a batch holds only image or only text samples, except one mixed batch of
+    leftovers, and is sorted by length so that its micro-batches pad little. The last partial batch is dropped."""
+    g = torch.Generator().manual_seed(seed * 1000 + epoch)
+    n = len(lengths)
+    if not group_by_modality:
+        order = torch.randperm(n, generator=g).tolist()
+        return [order[i: i + global_batch_size] for i in range(0, n - global_batch_size + 1, global_batch_size)]
+    batches, leftovers = [], []
+    for group in ([i for i in range(n) if lengths[i] > 0], [i for i in range(n) if lengths[i] <= 0]):
+        order = [group[j] for j in torch.randperm(len(group), generator=g).tolist()]
+        full = len(order) - len(order) % global_batch_size
+        batches += [order[i: i + global_batch_size] for i in range(0, full, global_batch_size)]
+        leftovers += order[full:]
+    batches += [leftovers[i: i + global_batch_size] for i in range(0, len(leftovers) - global_batch_size + 1, global_batch_size)]
+    batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
+    return [sorted(b, key=lambda i: -abs(lengths[i])) for b in batches]

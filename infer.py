@@ -91,7 +91,7 @@ def main(argv=None):
     timings["load_s"] = time.perf_counter() - t0
     if images and model.vision_tower is None:
         sys.exit(f"error: {args.model} is a text-only model; it cannot take images")
-    template = args.template or default_template(args.model, model.cfg, tokenizer)
+    template = args.template or default_template(args.model, tokenizer)
 
     missing = len(images) - prompt.count("<image>")
     if missing < 0:

@@ -288,13 +288,17 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
 
     def forward(self, x, position_ids, padding_mask=None, cache=None):  # x (B, T, D) embeddings
         past = cache.length if cache is not None else 0
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         mask = attention_mask(padding_mask, x.shape[1], past, x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += x.shape[1]
         return self.norm(x)
@@ -338,6 +342,12 @@ class Llava(nn.Module):
             x = x.masked_scatter(is_image[..., None], features)
         elif is_image.any():
             raise ValueError("the prompt holds image placeholders but no images were given")
+        elif self.vision_tower is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
+            # a text-only batch in training still runs one blank crop through tower and projector, weighted 0, as
+            # the original does: every rank's autograd graph then holds the same parameters, as DDP/FSDP expect
+            C = self.cfg.vision.image_size
+            blank = torch.zeros(1, 3, C, C, device=x.device, dtype=x.dtype)
+            x = x + 0 * self.projector(self.vision_tower(blank)).sum().to(x.dtype)
         return x
 
     def forward(self, input_ids, images=None, *, position_ids=None, padding_mask=None, cache=None, num_logits=None):
@@ -355,3 +365,29 @@ class Llava(nn.Module):
         if num_logits is not None:
             h = h[:, -num_logits:]
         return F.linear(h, self.output_embeddings())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fresh weights: for a model trained from scratch (the toy) and for the parts stage 1 adds to pretrained ones
+
+
+def init_fresh(model: nn.Module, device="cpu", dtype=torch.float32, std: float = 0.02):
+    """Give every parameter still on the meta device real memory and an initial value: normal(0, std) matrices
+    and embeddings, zero biases, unit norms, and `image_newline` ~ randn / sqrt(D) as in the original."""
+    for module in model.modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not any(p.is_meta for p in params.values()):
+            continue
+        module.to_empty(device=device, recurse=False)
+        module.to(dtype)
+        for name, p in module.named_parameters(recurse=False):
+            with torch.no_grad():
+                if isinstance(module, (nn.LayerNorm, RMSNorm)):
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif name == "bias":
+                    p.zero_()
+                elif name == "image_newline":
+                    p.copy_(torch.randn(p.shape) / math.sqrt(p.shape[0]))
+                else:
+                    p.normal_(0.0, std)
+    return model

@@ -28,8 +28,8 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="session")
 def original_llava(tmp_path_factory):
     """The original LLaVA code (haotian-liu/LLaVA as released on PyPI as llava-torch 1.2.2.post1, the LLaVA-1.6
-    inference code): its mm_utils module and the unpad_image function of llava_arch, loaded without the rest of
-    the package (which needs an old transformers)."""
+    inference code): its mm_utils and conversation modules and the unpad_image function of llava_arch, loaded
+    without the rest of the package (which needs an old transformers)."""
     dest = tmp_path_factory.mktemp("llava_torch")
     done = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "llava-torch==1.2.2.post1",
                            "-d", str(dest)], capture_output=True, text=True)
@@ -37,11 +37,12 @@ def original_llava(tmp_path_factory):
     if done.returncode != 0 or not wheels:
         pytest.skip(f"llava-torch could not be downloaded from PyPI: {done.stderr.strip()[-200:]}")
     with zipfile.ZipFile(wheels[0]) as z:
-        z.extractall(dest, [n for n in z.namelist() if n in ("llava/mm_utils.py", "llava/constants.py", "llava/model/llava_arch.py")])
+        wanted = ("llava/mm_utils.py", "llava/constants.py", "llava/conversation.py", "llava/model/llava_arch.py")
+        z.extractall(dest, [n for n in z.namelist() if n in wanted])
     package = types.ModuleType("llava")
     package.__path__ = [str(dest / "llava")]
     sys.modules.setdefault("llava", package)
-    for name in ("constants", "mm_utils"):
+    for name in ("constants", "mm_utils", "conversation"):
         spec = importlib.util.spec_from_file_location(f"llava.{name}", dest / "llava" / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[f"llava.{name}"] = module
@@ -51,7 +52,8 @@ def original_llava(tmp_path_factory):
     unpad = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "unpad_image")
     namespace = {}
     exec(compile(ast.Module([unpad], []), "llava_arch.py", "exec"), namespace)
-    return types.SimpleNamespace(mm_utils=sys.modules["llava.mm_utils"], unpad_image=namespace["unpad_image"])
+    return types.SimpleNamespace(mm_utils=sys.modules["llava.mm_utils"], conversation=sys.modules["llava.conversation"],
+                                 unpad_image=namespace["unpad_image"])
 
 
 @pytest.fixture(scope="session")

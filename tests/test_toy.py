@@ -1,0 +1,191 @@
+"""The toy shapes world: same seed -> same bytes, LLaVA's JSON format, answers and captions that follow from the
+scene, per-cell labels that match the pixels, and a tokenizer that gives back exactly what it was given."""
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer
+
+import toy
+from anyres import candidate_resolutions, select_best_resolution
+from data import render_prompt, tokenize
+from model import IMAGE_TOKEN
+
+CFG = toy.ToyConfig()
+N_TRAIN, N_EVAL = 60, 30
+
+
+def tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    toy.write_dataset(root, CFG, N_TRAIN, N_EVAL, seed=3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scenes(out):
+    return json.loads((out / "scenes.json").read_text())
+
+
+def load(out, name):
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_same_seed_gives_the_same_bytes_and_another_seed_other_data(out, tmp_path):
+    files = tree(out)
+    assert len([f for f in files if f.startswith("images/")]) == N_TRAIN + N_EVAL
+    toy.write_dataset(tmp_path / "again", CFG, N_TRAIN, N_EVAL, seed=3, progress=False)
+    assert tree(tmp_path / "again") == files
+    toy.write_dataset(tmp_path / "other", CFG, 8, 5, seed=4, progress=False)
+    assert load(tmp_path / "other", "pretrain") != load(out, "pretrain")[:8]
+
+
+def test_records_follow_the_llava_format(out, scenes):
+    for name in ("pretrain", "recap", "instruct", "eval"):
+        records = load(out, name)
+        assert len({r["id"] for r in records}) == len(records)
+        for r in records:
+            turns = r["conversations"]
+            assert len(turns) >= 2 and len(turns) % 2 == 0
+            assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+            assert all(isinstance(t["value"], str) and t["value"] for t in turns)
+            if "image" in r:
+                assert turns[0]["value"].startswith("<image>\n") and turns[0]["value"].count("<image>") == 1
+                assert all("<image>" not in t["value"] for t in turns[1:])
+                with Image.open(out / r["image"]) as image:
+                    assert image.mode == "RGB" and list(image.size) == scenes[r["image"]]["size"]
+            else:
+                assert name == "instruct" and all("<image>" not in t["value"] for t in turns)
+    instruct = load(out, "instruct")
+    n_text = sum("image" not in r for r in instruct)
+    assert n_text == round(N_TRAIN * CFG.p_text_only / (1 - CFG.p_text_only)) > 0
+    assert max(len(r["conversations"]) for r in instruct) == 2 * CFG.max_turns
+    assert {r["image"] for r in load(out, "pretrain")} == {r["image"] for r in load(out, "recap")}
+    train = {r["image"] for r in instruct if "image" in r}
+    assert len(train) == N_TRAIN and not train & {r["image"] for r in load(out, "eval")}
+
+
+def test_image_sizes_are_anyres_canvases_so_nothing_is_padded(scenes):
+    canvases = candidate_resolutions([[48, 96], [96, 48], [96, 96]], "original")
+    sizes = {tuple(s["size"]) for s in scenes.values()}
+    assert sizes == set(CFG.sizes)
+    assert all(select_best_resolution(size, canvases) == size for size in sizes)
+
+
+def third(col, scene):  # which third of the width holds the cell's centre
+    return ["left", "middle", "right"][int(3 * (col + 0.5) * CFG.cell / scene["size"][0])]
+
+
+def expected(question: str, scene: dict):
+    """The answer re-derived from the scene, independently of toy's question generators."""
+    objects, q = scene["objects"], question.removeprefix("<image>\n")
+    if m := re.fullmatch(r"What color is the (\w+)\?|Which color does the (\w+) have\?", q):
+        (o,) = [o for o in objects if o["shape"] == (m[1] or m[2])]  # exactly one such object
+        return o["color"]
+    if m := re.fullmatch(r"What shape is (\w+)\?|What is the shape of the (\w+) object\?", q):
+        (o,) = [o for o in objects if o["color"] == (m[1] or m[2])]
+        return o["shape"]
+    if re.fullmatch(r"How many shapes are (there|in the image)\?", q):
+        return ["one", "two", "three"][len(objects) - 1]
+    if m := re.fullmatch(r"(?:Is|Where is) the (\w+) (\w+)(?: on the left, in the middle or on the right\?|: left, middle "
+                         r"or right\?)", q):
+        (o,) = [o for o in objects if (o["color"], o["shape"]) == (m[1], m[2])]
+        return third(o["col"], scene)
+    if q in ("What letter is written?", "Which letter is shown?"):
+        return scene["letter"]["char"]
+    raise AssertionError(f"unexpected question {q!r}")
+
+
+def test_answers_follow_from_the_scene(out, scenes):
+    trivia = dict(toy.TRIVIA)
+    for r in load(out, "instruct") + load(out, "eval"):
+        turns = r["conversations"]
+        for human, gpt in zip(turns[::2], turns[1::2]):
+            want = expected(human["value"], scenes[r["image"]]) if "image" in r else trivia[human["value"]]
+            assert gpt["value"] == want, (human["value"], r)
+        assert len({h["value"] for h in turns[::2]}) == len(turns) // 2  # no question twice
+
+
+def test_captions_follow_from_the_scene(out, scenes):
+    numbers = {"one": 1, "two": 2, "three": 3}
+    for r in load(out, "pretrain"):
+        scene, caption = scenes[r["image"]], r["conversations"][1]["value"]
+        named = re.findall(r"a (\w+) (\w+)", caption)
+        assert caption.endswith(".") and named == [(o["color"], o["shape"]) for o in scene["objects"]]
+    for r in load(out, "recap"):
+        scene, caption = scenes[r["image"]], r["conversations"][1]["value"]
+        assert numbers[re.match(r"There (?:is|are) (\w+) shapes?\.", caption)[1]] == len(scene["objects"])
+        said = re.findall(r"The (\w+) (\w+) is (?:on the |in the )(\w+)\.", caption)
+        assert said == [(o["color"], o["shape"], third(o["col"], scene)) for o in scene["objects"]]
+        letter = re.search(r"The letter (\w) is written (?:on the |in the )(\w+)\.", caption)
+        L = scene["letter"]
+        assert (letter.groups() if letter else None) == ((L["char"], third(L["col"], scene)) if L else None)
+        assert (L is None) == caption.endswith("There is no letter.")
+
+
+def test_eval_answers_are_answer_words_in_equal_shares(out):
+    records, words = load(out, "eval"), toy.answer_words(CFG)
+    assert set(words) == set(toy.QUESTION_TYPES) == set(toy.chance(CFG))
+    for r in records:
+        assert len(r["conversations"]) == 2 and r["conversations"][1]["value"] == r["answer"] in words[r["type"]]
+    per_type = Counter(r["type"] for r in records)
+    assert set(per_type.values()) == {N_EVAL // len(words)}
+    for kind in words:  # answers taken in turn: no constant answer beats chance by more than one question
+        counts = Counter(r["answer"] for r in records if r["type"] == kind)
+        assert max(counts.values()) - min(counts.get(w, 0) for w in words[kind]) <= 1
+
+
+def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
+    assert 400 <= tok.get_vocab_size() <= 600
+    record = next(r for r in load(out, "instruct") if "image" in r and len(r["conversations"]) >= 4)
+    text = render_prompt("qwen_1_5", toy.to_messages(record["conversations"]), add_generation_prompt=False)
+    ids = tokenize(tok, text, [7])
+    assert ids.count(IMAGE_TOKEN) == 7 and tok.encode(text).ids.count(1) == len(record["conversations"]) + 1
+    assert tok.decode([i for i in ids if i != IMAGE_TOKEN], skip_special_tokens=False) == text.replace("<image>", "")
+    for odd in ("  two spaces,\ttab\n\nand newlines\n", "unseen: Zebra 42 ünïcødé ✓", ""):
+        assert tok.decode(tok.encode(odd).ids, skip_special_tokens=False) == odd
+    for words in toy.answer_words(CFG).values():  # each answer is one token after "assistant\n"
+        assert all(len(tok.encode(w).ids) == 1 for w in words)
+
+
+def test_stage0_labels_match_the_pixels(out, scenes):
+    z = np.load(out / "stage0.npz")
+    assert list(z["color_names"]) == ["none", *CFG.colors] and list(z["letter_names"]) == ["none", *CFG.letters]
+    assert z["color"].shape == (N_TRAIN, 6, 6) and z["color"].dtype == np.int8
+    c = CFG.cell
+    for n, path in enumerate(z["image"]):
+        pixels = np.asarray(Image.open(out / path)).astype(int)
+        w, h = z["size"][n]
+        assert [w, h] == scenes[path]["size"]
+        for row in range(6):
+            for col in range(6):
+                color, shape, letter = (int(z[k][n, row, col]) for k in ("color", "shape", "letter"))
+                if row >= h // c or col >= w // c:
+                    assert color == shape == letter == toy.IGNORE
+                    continue
+                block = pixels[row * c:(row + 1) * c, col * c:(col + 1) * c]
+                if color:
+                    assert shape and not letter
+                    rgb = np.array(CFG.colors[z["color_names"][color]])
+                    assert (block[c // 2, c // 2] == rgb).all()  # the centre has the object's colour
+                    # which of (top-left corner, near the bottom-left corner, middle of the left side) it covers
+                    m = CFG.margin
+                    covers = tuple(bool((block[y, x] == rgb).all()) for y, x in [(m, m), (c - 3, m + 1), (c // 2, m)])
+                    assert covers == {"square": (1, 1, 1), "triangle": (0, 1, 0), "circle": (0, 0, 1)}[
+                        z["shape_names"][shape]]
+                elif letter:
+                    assert not shape and (block == 255).all(-1).sum() >= 20  # white strokes
+                else:
+                    assert not shape and (block == block[0, 0]).all() and block[0, 0].max() <= CFG.max_background
+    assert (np.load(out / "stage0_eval.npz")["shape"] > 0).any(axis=(1, 2)).all()

@@ -1,0 +1,475 @@
+"""The toy "shapes world": synthetic images, captions and VQA for the LLaVA life cycle in miniature.
+
+A scene is a small black (or very dark grey) image whose size is one of the AnyRes canvases of the toy model,
+96x48, 48x96 or 96x96 (w x h), so it is cut into 48x48 crops with no padding. The image is a grid of 16x16 cells,
+one cell per ViT patch. 1-3 objects sit in distinct cells, each a saturated red/green/blue/yellow circle, square or
+triangle filling most of its cell, no two with the same (colour, shape); half of the scenes also carry one white
+capital letter (A C E H K T, a hand-made 5x7 bitmap font drawn at 2x) in an empty cell.
+
+    render_scene(rng, cfg)         -> (PIL image, scene dict: size, background, objects [{color, shape, col, row}], letter)
+    ask_color / ask_shape / ask_count / ask_position / ask_letter (rng, scene)
+                                   -> (question, one-word answer), or None when the scene cannot answer it unambiguously
+    short_caption / detailed_caption (scene)
+    write_dataset(out_dir, cfg, n_train, n_eval, seed)  -> {name: path} of the files below
+
+Files under out_dir (byte-identical for the same arguments):
+
+    images/train_000000.png ...   n_train scenes, shared by all training stages
+    images/eval_000000.png ...    n_eval NEW scenes for the held-out evaluation
+    pretrain.json   stage 1 (projector only): "<image>\\nDescribe the image briefly." -> "a red circle and a blue square."
+    recap.json      stage 1.5 (full model): "<image>\\nDescribe the image in detail." -> count, every object's position, letter
+    instruct.json   stage 2 (full model): 1-3 VQA turns per image (types distinct within a conversation, `<image>\\n` in
+                    the first human turn only) plus ~5% text-only trivia conversations with no "image" key
+    eval.json       one question per eval scene, the five types in turn and within a type its answers in turn (equal
+                    shares: a constant answer scores chance); each record also holds "answer" (the expected
+                    one-word answer) and "type" (a key of QUESTION_TYPES)
+    stage0.npz      per-cell labels of the training images for supervised pre-training of the vision tower (the
+    stage0_eval.npz stand-in for a pretrained CLIP), and the same for the eval images:
+                        image (N,) str, size (N, 2) int16 as (w, h), and color / shape / letter (N, 6, 6) int8 indexed
+                        [row, col] over 16x16 cells: 0 = none, k = class k-1 of cfg.colors / cfg.shapes / cfg.letters,
+                        IGNORE (-100, torch's default ignore_index) for cells outside the image
+    scenes.json     {image path: scene dict} for every image, for tests and debugging
+    tokenizer.json  byte-level BPE (~500 tokens) trained on every string the qwen_1_5 template and the data produce;
+                    <|endoftext|>, <|im_start|>, <|im_end|> are ids 0, 1, 2; no BOS is added
+
+The JSON files are LLaVA's own format: a list of {"id", "image" (relative to out_dir), "conversations":
+[{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}, written one record a line.
+Every answer is fixed by the image and the answers of each question type are uniformly distributed, so a model that
+cannot see the image scores chance (CHANCE) on eval.json.
+
+    python toy.py OUT_DIR [--n-train 200] [--n-eval 50] [--seed 0]   writes a small set, prints samples, draws a
+                                                                    contact sheet OUT_DIR/contact_sheet.png
+"""
+
+import argparse
+import io
+import json
+import random
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+IGNORE = -100  # label of a cell outside the image (torch.nn.functional.cross_entropy's default ignore_index)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 of tokenizer.json
+NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
+POSITIONS = ["left", "middle", "right"]  # thirds of the image width
+WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
+
+
+@dataclass
+class ToyConfig:
+    cell: int = 16  # px per cell = the ViT patch
+    sizes: tuple = ((96, 48), (48, 96), (96, 96))  # (w, h), exactly the AnyRes canvases [[48,96],[96,48],[96,96]]
+    colors: dict = field(default_factory=lambda: {
+        "red": (255, 0, 0), "green": (0, 220, 0), "blue": (30, 90, 255), "yellow": (255, 230, 0)})
+    shapes: tuple = ("circle", "square", "triangle")
+    letters: tuple = ("A", "C", "E", "H", "K", "T")
+    min_objects: int = 1
+    max_objects: int = 3
+    p_letter: float = 0.5  # share of scenes with a letter
+    margin: int = 1  # px between an object and its cell's border
+    max_background: int = 24  # the background is grey level 0..max_background
+    max_turns: int = 3  # VQA turns per instruct conversation: 1..max_turns
+    p_text_only: float = 0.05  # share of instruct records that are text-only trivia
+    tokenizer_vocab: int = 512
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing
+
+# 5x7 glyphs, drawn at 2x (10x14 px) in the middle of a 16x16 cell
+FONT = {
+    "A": [".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"],
+    "C": [".####", "#....", "#....", "#....", "#....", "#....", ".####"],
+    "E": ["#####", "#....", "#....", "####.", "#....", "#....", "#####"],
+    "H": ["#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"],
+    "K": ["#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"],
+    "T": ["#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."],
+}
+
+
+def draw_letter(draw: ImageDraw.ImageDraw, char: str, x: int, y: int, cell: int):
+    """White `char` at 2 px per font pixel, centred in the cell whose top-left corner is (x, y)."""
+    rows = FONT[char]
+    x0, y0 = x + (cell - 2 * len(rows[0])) // 2, y + (cell - 2 * len(rows)) // 2
+    for r, line in enumerate(rows):
+        for c, on in enumerate(line):
+            if on == "#":
+                draw.rectangle([x0 + 2 * c, y0 + 2 * r, x0 + 2 * c + 1, y0 + 2 * r + 1], fill=(255, 255, 255))
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, rgb, x: int, y: int, cfg: ToyConfig):
+    x0, y0 = x + cfg.margin, y + cfg.margin
+    x1, y1 = x + cfg.cell - 1 - cfg.margin, y + cfg.cell - 1 - cfg.margin  # inclusive
+    if shape == "circle":
+        draw.ellipse([x0, y0, x1, y1], fill=rgb)
+    elif shape == "square":
+        draw.rectangle([x0, y0, x1, y1], fill=rgb)
+    else:  # triangle, apex up
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
+
+
+def render_scene(rng: random.Random, cfg: ToyConfig):
+    """A random scene and its image: (PIL image, scene)."""
+    scene = sample_scene(rng, cfg)
+    return draw_scene(scene, cfg), scene
+
+
+def sample_scene(rng: random.Random, cfg: ToyConfig) -> dict:
+    """{"size": [w, h], "background": grey level, "objects": [{"color", "shape", "col", "row"}, ...] in reading
+    order, "letter": None or {"char", "col", "row"}}; col and row count 16x16 cells from the top left."""
+    w, h = rng.choice(cfg.sizes)
+    cols, rows = w // cfg.cell, h // cfg.cell
+    n = rng.randint(cfg.min_objects, cfg.max_objects)
+    has_letter = rng.random() < cfg.p_letter
+    cells = rng.sample(range(cols * rows), n + has_letter)
+    pairs = rng.sample([(c, s) for c in cfg.colors for s in cfg.shapes], n)
+    objects = sorted(({"color": c, "shape": s, "col": k % cols, "row": k // cols} for (c, s), k in zip(pairs, cells)),
+                     key=lambda o: (o["row"], o["col"]))
+    letter = {"char": rng.choice(cfg.letters), "col": cells[-1] % cols, "row": cells[-1] // cols} if has_letter else None
+    return {"size": [w, h], "background": rng.randint(0, cfg.max_background), "objects": objects, "letter": letter}
+
+
+def draw_scene(scene: dict, cfg: ToyConfig) -> Image.Image:
+    image = Image.new("RGB", tuple(scene["size"]), (scene["background"],) * 3)
+    draw = ImageDraw.Draw(image)
+    for o in scene["objects"]:
+        draw_shape(draw, o["shape"], cfg.colors[o["color"]], o["col"] * cfg.cell, o["row"] * cfg.cell, cfg)
+    if scene["letter"]:
+        L = scene["letter"]
+        draw_letter(draw, L["char"], L["col"] * cfg.cell, L["row"] * cfg.cell, cfg.cell)
+    return image
+
+
+def position(col: int, scene: dict, cfg: ToyConfig) -> str:
+    """Which third of the image width a cell lies in (widths are multiples of 3 cells, so every cell is in one)."""
+    return POSITIONS[col * cfg.cell * 3 // scene["size"][0]]
+
+
+def cell_labels(scene: dict, cfg: ToyConfig, grid: int = 6):
+    """(color, shape, letter) label maps (grid, grid) int8 for stage 0; see the module docstring."""
+    w, h = scene["size"]
+    maps = [np.full((grid, grid), IGNORE, np.int8) for _ in range(3)]
+    for m in maps:
+        m[: h // cfg.cell, : w // cfg.cell] = 0
+    color, shape, letter = maps
+    names = list(cfg.colors)
+    for o in scene["objects"]:
+        color[o["row"], o["col"]] = names.index(o["color"]) + 1
+        shape[o["row"], o["col"]] = cfg.shapes.index(o["shape"]) + 1
+    if scene["letter"]:
+        L = scene["letter"]
+        letter[L["row"], L["col"]] = cfg.letters.index(L["char"]) + 1
+    return color, shape, letter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Questions (one-word answers) and captions
+
+
+def unique(objects, key):
+    """Values of `key` that exactly one object has."""
+    values = [o[key] for o in objects]
+    return sorted(v for v in set(values) if values.count(v) == 1)
+
+
+def ask_color(rng, scene, cfg):
+    shapes = unique(scene["objects"], "shape")
+    if not shapes:
+        return None
+    s = rng.choice(shapes)
+    q = rng.choice(["What color is the {}?", "Which color does the {} have?"]).format(s)
+    return q, next(o["color"] for o in scene["objects"] if o["shape"] == s)
+
+
+def ask_shape(rng, scene, cfg):
+    colors = unique(scene["objects"], "color")
+    if not colors:
+        return None
+    c = rng.choice(colors)
+    q = rng.choice(["What shape is {}?", "What is the shape of the {} object?"]).format(c)
+    return q, next(o["shape"] for o in scene["objects"] if o["color"] == c)
+
+
+def ask_count(rng, scene, cfg):
+    q = rng.choice(["How many shapes are there?", "How many shapes are in the image?"])
+    return q, NUMBERS[len(scene["objects"])]
+
+
+def ask_position(rng, scene, cfg):
+    o = rng.choice(scene["objects"])
+    q = rng.choice(["Is the {} {} on the left, in the middle or on the right?",
+                    "Where is the {} {}: left, middle or right?"]).format(o["color"], o["shape"])
+    return q, position(o["col"], scene, cfg)
+
+
+def ask_letter(rng, scene, cfg):
+    if not scene["letter"]:
+        return None
+    return rng.choice(["What letter is written?", "Which letter is shown?"]), scene["letter"]["char"]
+
+
+QUESTION_TYPES = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
+                  "letter": ask_letter}
+
+
+def answer_words(cfg: ToyConfig) -> dict:
+    """The possible answers of each question type."""
+    return {"color": list(cfg.colors), "shape": list(cfg.shapes), "count": NUMBERS[cfg.min_objects: cfg.max_objects + 1],
+            "position": POSITIONS, "letter": list(cfg.letters)}
+
+
+def chance(cfg: ToyConfig) -> dict:
+    """Accuracy of a model that does not see the image: answers are uniform per type, so 1 / #answers."""
+    return {t: 1 / len(words) for t, words in answer_words(cfg).items()}
+
+
+def a_list(phrases) -> str:
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def short_caption(scene: dict) -> str:
+    """'a red circle and a blue square.' (objects in reading order)"""
+    return a_list([f"a {o['color']} {o['shape']}" for o in scene["objects"]]) + "."
+
+
+def detailed_caption(scene: dict, cfg: ToyConfig) -> str:
+    """Count, every object with its horizontal third, the letter (or its absence)."""
+    n = len(scene["objects"])
+    out = [f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''}."]
+    out += [f"The {o['color']} {o['shape']} is {WHERE[position(o['col'], scene, cfg)]}." for o in scene["objects"]]
+    L = scene["letter"]
+    out.append(f"The letter {L['char']} is written {WHERE[position(L['col'], scene, cfg)]}." if L else "There is no letter.")
+    return " ".join(out)
+
+
+PRETRAIN_PROMPTS = ["Describe the image briefly.", "Give a short description of the image.", "What is in the picture?",
+                    "Summarize the image in a few words."]
+RECAP_PROMPTS = ["Describe the image in detail.", "Give a detailed description of the image.",
+                 "What do you see in the picture? Describe everything."]
+TRIVIA = [
+    ("What color do you get by mixing blue and yellow?", "green"),
+    ("What color do you get by mixing red and yellow?", "orange"),
+    ("What color do you get by mixing red and blue?", "purple"),
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("Which shape has no corners?", "circle"),
+    ("What color is the sky on a clear day?", "blue"),
+    ("What color is grass?", "green"),
+    ("What color is a banana?", "yellow"),
+    ("What color is a ripe tomato?", "red"),
+    ("What letter comes after A?", "B"),
+    ("What letter comes before D?", "C"),
+    ("What is one plus one?", "two"),
+    ("What is two plus one?", "three"),
+    ("What number comes after three?", "four"),
+]
+
+
+def conversation(turns, image: bool = True) -> list:
+    """[(question, answer), ...] -> LLaVA "conversations", `<image>\\n` leading the first human turn."""
+    out = []
+    for i, (q, a) in enumerate(turns):
+        out += [{"from": "human", "value": ("<image>\n" if image and i == 0 else "") + q}, {"from": "gpt", "value": a}]
+    return out
+
+
+def to_messages(conversations) -> list:
+    """LLaVA "conversations" -> data.render_prompt messages [("user" | "assistant", text), ...]."""
+    return [("user" if t["from"] == "human" else "assistant", t["value"]) for t in conversations]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One sample: the image and every record made from it (a function of (seed, split, index) alone)
+
+
+def train_sample(seed: int, i: int, cfg: ToyConfig):
+    rng = random.Random(f"toy:{seed}:train:{i}")
+    image, scene = render_scene(rng, cfg)
+    path, sid = f"images/train_{i:06d}.png", f"train_{i:06d}"
+    types = [t for t, ask in QUESTION_TYPES.items() if ask(random.Random(0), scene, cfg) is not None]
+    picked = rng.sample(types, rng.randint(1, min(cfg.max_turns, len(types))))
+    records = {
+        "pretrain": {"id": sid, "image": path,
+                     "conversations": conversation([(rng.choice(PRETRAIN_PROMPTS), short_caption(scene))])},
+        "recap": {"id": sid, "image": path,
+                  "conversations": conversation([(rng.choice(RECAP_PROMPTS), detailed_caption(scene, cfg))])},
+        "instruct": {"id": sid, "image": path,
+                     "conversations": conversation([QUESTION_TYPES[t](rng, scene, cfg) for t in picked])},
+    }
+    return path, image, scene, records
+
+
+def eval_sample(seed: int, i: int, cfg: ToyConfig):
+    """Question type i % 5, its answers taken in turn (so every answer is equally common), on a fresh scene drawn
+    until it asks that question with that answer."""
+    rng = random.Random(f"toy:{seed}:eval:{i}")
+    kind = list(QUESTION_TYPES)[i % len(QUESTION_TYPES)]
+    words = answer_words(cfg)[kind]
+    target = words[i // len(QUESTION_TYPES) % len(words)]
+    while True:
+        scene = sample_scene(rng, cfg)
+        qa = QUESTION_TYPES[kind](rng, scene, cfg)
+        if qa is not None and qa[1] == target:
+            break
+    image = draw_scene(scene, cfg)
+    path = f"images/eval_{i:06d}.png"
+    record = {"id": f"eval_{i:06d}", "image": path, "conversations": conversation([qa]), "answer": qa[1], "type": kind}
+    return path, image, scene, record
+
+
+def text_sample(seed: int, i: int) -> dict:
+    rng = random.Random(f"toy:{seed}:text:{i}")
+    return {"id": f"text_{i:06d}", "conversations": conversation(rng.sample(TRIVIA, rng.randint(1, 2)), image=False)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_json(path: Path, records: list):
+    """A JSON list, one record a line (valid JSON, readable with head, diff-able)."""
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in records) + "\n]\n")
+
+
+def write_npz(path: Path, **arrays):
+    """np.savez with fixed zip timestamps, so the same arrays give the same bytes. Load with np.load."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(a), allow_pickle=False)
+            z.writestr(zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
+
+
+def stage0_arrays(paths, scenes, cfg: ToyConfig) -> dict:
+    labels = [cell_labels(s, cfg) for s in scenes]
+    return {"image": np.array(paths), "size": np.array([s["size"] for s in scenes], np.int16),
+            "color": np.stack([l[0] for l in labels]), "shape": np.stack([l[1] for l in labels]),
+            "letter": np.stack([l[2] for l in labels]), "color_names": np.array(["none", *cfg.colors]),
+            "shape_names": np.array(["none", *cfg.shapes]), "letter_names": np.array(["none", *cfg.letters])}
+
+
+def tokenizer_corpus(record_lists) -> list[str]:
+    """Every string the tokenizer will be asked to encode: each record rendered with the qwen_1_5 template (and the
+    plain one), split at `<image>` as data.tokenize splits it."""
+    from data import render_prompt
+
+    texts = []
+    for records in record_lists:
+        for r in records:
+            for template in ("qwen_1_5", "plain"):
+                messages = to_messages(r["conversations"])
+                texts += render_prompt(template, messages, add_generation_prompt=False).split("<image>")
+                texts += render_prompt(template, messages[:1]).split("<image>")  # a prompt awaiting an answer
+    return texts
+
+
+def train_tokenizer(texts, vocab_size: int):
+    """Byte-level BPE; SPECIAL_TOKENS are ids 0, 1, 2 and are never split or merged."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(sorted(set(texts)), trainer)
+    for text in texts[:1000]:
+        assert tok.decode(tok.encode(text).ids, skip_special_tokens=False) == text, text
+    return tok
+
+
+def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: int = 1000, seed: int = 0,
+                  progress: bool = True) -> dict:
+    """Write the whole toy data set under out_dir (see the module docstring); returns {name: Path}."""
+    cfg, out = cfg or ToyConfig(), Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    stages = {"pretrain": [], "recap": [], "instruct": []}
+    train_paths, train_scenes, eval_paths, eval_scenes, evals = [], [], [], [], []
+    for i in tqdm(range(n_train), desc="toy train images", disable=not progress, mininterval=1):
+        path, image, scene, records = train_sample(seed, i, cfg)
+        (out / path).write_bytes(png_bytes(image))
+        train_paths.append(path), train_scenes.append(scene)
+        for k, r in records.items():
+            stages[k].append(r)
+    for i in tqdm(range(n_eval), desc="toy eval images", disable=not progress, mininterval=1):
+        path, image, scene, record = eval_sample(seed, i, cfg)
+        (out / path).write_bytes(png_bytes(image))
+        eval_paths.append(path), eval_scenes.append(scene), evals.append(record)
+
+    # ~p_text_only of the instruct records are text-only, scattered among the image ones
+    n_text = round(n_train * cfg.p_text_only / (1 - cfg.p_text_only))
+    stages["instruct"] += [text_sample(seed, i) for i in range(n_text)]
+    random.Random(f"toy:{seed}:shuffle").shuffle(stages["instruct"])
+
+    files = {k: out / f"{k}.json" for k in ("pretrain", "recap", "instruct", "eval", "scenes")}
+    for k, records in stages.items():
+        write_json(files[k], records)
+    write_json(files["eval"], evals)
+    files["scenes"].write_text(json.dumps(dict(zip(train_paths + eval_paths, train_scenes + eval_scenes))) + "\n")
+    files["stage0"], files["stage0_eval"] = out / "stage0.npz", out / "stage0_eval.npz"
+    write_npz(files["stage0"], **stage0_arrays(train_paths, train_scenes, cfg))
+    write_npz(files["stage0_eval"], **stage0_arrays(eval_paths, eval_scenes, cfg))
+
+    tok = train_tokenizer(tokenizer_corpus([*stages.values(), evals]), cfg.tokenizer_vocab)
+    files["tokenizer"] = out / "tokenizer.json"
+    files["tokenizer"].write_text(tok.to_str(pretty=True) + "\n")
+    files["images"] = out / "images"
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A look at it
+
+
+def contact_sheet(out_dir, n: int = 16, scale: int = 4) -> Path:
+    """The first n eval images, upscaled `scale`x (nearest), each with its question and answer, in one PNG."""
+    out = Path(out_dir)
+    records = json.loads((out / "eval.json").read_text())[:n]
+    font = ImageFont.load_default()
+    tile_w, tile_h, per_row = 96 * scale + 16, 96 * scale + 48, 4
+    sheet = Image.new("RGB", (per_row * tile_w, -(-len(records) // per_row) * tile_h), (60, 60, 60))
+    draw = ImageDraw.Draw(sheet)
+    for k, r in enumerate(records):
+        image = Image.open(out / r["image"])
+        x, y = (k % per_row) * tile_w + 8, (k // per_row) * tile_h + 8
+        sheet.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST), (x, y))
+        q = r["conversations"][0]["value"].replace("<image>\n", "")
+        draw.text((x, y + 96 * scale + 4), f"{q}\n-> {r['answer']}", fill=(255, 255, 255), font=font)
+    sheet.save(out / "contact_sheet.png")
+    return out / "contact_sheet.png"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write a small toy shapes-world data set and show samples.")
+    parser.add_argument("out_dir")
+    parser.add_argument("--n-train", type=int, default=200)
+    parser.add_argument("--n-eval", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    t0 = time.time()
+    files = write_dataset(args.out_dir, ToyConfig(), args.n_train, args.n_eval, args.seed)
+    print(f"wrote {args.n_train} + {args.n_eval} samples in {time.time() - t0:.1f}s")
+    for name in ("pretrain", "recap", "instruct", "eval"):
+        records = json.loads(files[name].read_text())
+        print(f"\n{name}.json ({len(records)} records), first two:")
+        for r in records[:2]:
+            print(" ", json.dumps(r))
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(files["tokenizer"]))
+    print(f"\ntokenizer: {tok.get_vocab_size()} tokens, specials "
+          f"{ {s: tok.token_to_id(s) for s in SPECIAL_TOKENS} }; chance per type: "
+          f"{ {t: round(p, 3) for t, p in chance(ToyConfig()).items()} }")
+    print("contact sheet:", contact_sheet(args.out_dir))
