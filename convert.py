@@ -361,6 +361,42 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     return model.eval(), folder
 
 
+def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", projector: str = "",
+               image_aspect_ratio: str = "square", grid_pinpoints: str = "", merge_type: str = "", device="cpu"):
+    """A LLaVA assembled for stage 1 from a base LLM and a vision tower (folders or hub ids), with a fresh
+    projector (or a stage-1 one from `projector`: an mm_projector.bin or a checkpoint folder) and, for AnyRes, a
+    fresh `image_newline`. Returns (model, tokenizer)."""
+    from model import init_fresh
+
+    llm_folder, tower_folder = resolve(llm, what="LLM"), resolve(tower, what="tower")
+    text_raw = json.loads((llm_folder / "config.json").read_text())
+    tower_raw = json.loads((tower_folder / "config.json").read_text())
+    vision, total = vision_config(tower_raw, "patch", str(tower_folder / "config.json"))
+    vision.num_layers = total - 1  # hidden state -2 for CLIP; SigLIP drops its last layer (facts §4)
+    if vision.kind == "siglip":
+        vision.select_feature = "full"
+    anyres = image_aspect_ratio.startswith("anyres")
+    cfg = LlavaConfig(vision=vision, text=text_config(text_raw, str(llm_folder / "config.json")), projector_type=projector_type,
+                      image_aspect_ratio=image_aspect_ratio,
+                      grid_pinpoints=parse_grid_pinpoints(grid_pinpoints, vision.image_size) if grid_pinpoints else [],
+                      merge_type=merge_type or ("spatial_unpad" if anyres else "flat"))
+    with torch.device("meta"):
+        model = Llava(cfg)
+    for f in checkpoint_files(llm_folder):
+        load_weights(model, ((k, t) for k, t in read_tensors(f) if k.startswith(("model.", "lm_head."))), torch.float32, device, str(f))
+    for f in checkpoint_files(tower_folder):
+        load_weights(model, ((f"vision_tower.{k}", t) for k, t in read_tensors(f) if k.startswith("vision_model.")), torch.float32, device, str(f))
+    if projector:
+        path = Path(projector)
+        files = [path] if path.is_file() else checkpoint_files(path)
+        load_weights(model, ((k, t) for f in files for k, t in read_tensors(f) if "projector" in internal_key(k)), torch.float32, device, projector)
+    fresh = [n for n, p in model.named_parameters() if p.is_meta]
+    if any(not n.startswith(("projector.", "image_newline")) for n in fresh):
+        raise CheckpointError(f"{llm_folder} / {tower_folder}: missing weights {[n for n in fresh if not n.startswith(('projector.', 'image_newline'))][:8]}")
+    init_fresh(model, device)
+    return model, load_tokenizer(llm_folder, llm)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints out: what training writes, in the llava-hf layout (transformers 4.x names), so that infer.py, the next
 # stage and other tools read it like any release.

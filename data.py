@@ -1,11 +1,14 @@
-"""Conversation templates and tokenisation with image placeholders.
+"""Conversation templates, tokenisation with image placeholders, and training samples.
 
-    messages [(role, text), ...]  --render_prompt-->  one string in the model's chat format, `<image>` where images go
-    string + images               --tokenize------->  token ids with each `<image>` replaced by that image's run of
-                                                      IMAGE_TOKEN (its exact feature count, anyres.num_image_tokens)
+    messages [(role, text), ...]  --render_conversation-->  one string in the model's chat format, `<image>` where
+                                                            images go, and the character spans of the answers
+    string + images               --encode / tokenize---->  token ids with each `<image>` replaced by that image's run
+                                                            of IMAGE_TOKEN (its exact feature count, anyres.num_image_tokens)
+    LLaVA JSON record             --SupervisedDataset---->  {input_ids, labels (answers only, -100 elsewhere), images}
+    samples                       --collate / global_batches-->  right-padded batches in a (seed, epoch)-fixed order
 
-The strings are exactly the ones the released models were trained with (facts §7.1); the same table serves
-inference and training, so the two never format a conversation differently.
+The strings are exactly the ones the released models were trained with (facts §7.1); one table serves inference and
+training, and labels are read off the same tokenisation inference uses, so the two never see different ids.
 """
 
 from dataclasses import dataclass
@@ -114,7 +117,7 @@ def encode(tokenizer, text: str, image_tokens=()):
         ids += enc.ids
         ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
         offset += len(piece)
-    if len(ids) >= 2 and ids[0] == ids[1] and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>"):
+    if len(ids) >= 2 and ids[0] == ids[1] != IMAGE_TOKEN and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>"):
         ids, ends = ids[1:], ends[1:]
     return ids, ends
 
@@ -143,7 +146,8 @@ def tokenize_conversation(tokenizer, template: str, messages, image_tokens=()):
         inside = [i for i, e in enumerate(ends) if e is not None and start < e <= end]
         for i in inside:
             labels[i] = ids[i]
-        if tokenizer.decode([ids[i] for i in inside], skip_special_tokens=False).strip() != text[start:end].strip():
+        spelled = tokenizer.decode([ids[i] for i in inside], skip_special_tokens=False)
+        if "".join(spelled.split()) != "".join(text[start:end].split()):  # tokenizers differ only in spacing
             raise SampleError("tokenization mismatch", f"answer {text[start:end]!r} is not spelled by its labelled tokens")
     return ids, labels
 

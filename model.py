@@ -347,7 +347,10 @@ class Llava(nn.Module):
             # the original does: every rank's autograd graph then holds the same parameters, as DDP/FSDP expect
             C = self.cfg.vision.image_size
             blank = torch.zeros(1, 3, C, C, device=x.device, dtype=x.dtype)
-            x = x + 0 * self.projector(self.vision_tower(blank)).sum().to(x.dtype)
+            unused = self.projector(self.vision_tower(blank)).sum()
+            if self.image_newline is not None:
+                unused = unused + self.image_newline.sum()
+            x = x + 0 * unused.to(x.dtype)
         return x
 
     def forward(self, input_ids, images=None, *, position_ids=None, padding_mask=None, cache=None, num_logits=None):

@@ -6,18 +6,20 @@ one cell per ViT patch. 1-3 objects sit in distinct cells, each a saturated red/
 triangle filling most of its cell, no two with the same (colour, shape); half of the scenes also carry one white
 capital letter (A C E H K T, a hand-made 5x7 bitmap font drawn at 2x) in an empty cell.
 
-    render_scene(rng, cfg)         -> (PIL image, scene dict: size, background, objects [{color, shape, col, row}], letter)
-    ask_color / ask_shape / ask_count / ask_position / ask_letter (rng, scene)
-                                   -> (question, one-word answer), or None when the scene cannot answer it unambiguously
-    short_caption / detailed_caption (scene)
-    write_dataset(out_dir, cfg, n_train, n_eval, seed)  -> {name: path} of the files below
+    render_scene(rng, cfg) -> (PIL image, scene {size, background, objects [{color, shape, col, row}], letter})
+    ask_color / ask_shape / ask_count / ask_position / ask_letter (rng, scene, cfg)
+        -> (question, one-word answer), or None when the scene cannot answer it unambiguously
+    short_caption(scene), detailed_caption(scene, cfg)
+    write_dataset(out_dir, cfg, n_train, n_eval, seed) -> {name: Path} of the files below
 
 Files under out_dir (byte-identical for the same arguments):
 
     images/train_000000.png ...   n_train scenes, shared by all training stages
     images/eval_000000.png ...    n_eval NEW scenes for the held-out evaluation
-    pretrain.json   stage 1 (projector only): "<image>\\nDescribe the image briefly." -> "a red circle and a blue square."
-    recap.json      stage 1.5 (full model): "<image>\\nDescribe the image in detail." -> count, every object's position, letter
+    pretrain.json   stage 1 (projector only): "<image>\\nDescribe the image briefly." -> "a red circle and a blue
+                    square." (4 prompt variants)
+    recap.json      stage 1.5 (full model): "<image>\\nDescribe the image in detail." -> "There are two shapes. The
+                    red circle is on the left. ... The letter K is written in the middle." (3 prompt variants)
     instruct.json   stage 2 (full model): 1-3 VQA turns per image (types distinct within a conversation, `<image>\\n` in
                     the first human turn only) plus ~5% text-only trivia conversations with no "image" key
     eval.json       one question per eval scene, the five types in turn and within a type its answers in turn (equal
@@ -34,8 +36,9 @@ Files under out_dir (byte-identical for the same arguments):
 
 The JSON files are LLaVA's own format: a list of {"id", "image" (relative to out_dir), "conversations":
 [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}, written one record a line.
-Every answer is fixed by the image and the answers of each question type are uniformly distributed, so a model that
-cannot see the image scores chance (CHANCE) on eval.json.
+Every answer is fixed by the image; by symmetry the answers of each question type are about equally common in
+training, and exactly so in eval.json, so a model that cannot see the image scores chance(cfg) there: 1/4 colour,
+1/3 shape, count and position, 1/6 letter. Answers are single tokens of tokenizer.json.
 
     python toy.py OUT_DIR [--n-train 200] [--n-eval 50] [--seed 0]   writes a small set, prints samples, draws a
                                                                     contact sheet OUT_DIR/contact_sheet.png
@@ -64,7 +67,9 @@ WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the righ
 @dataclass
 class ToyConfig:
     cell: int = 16  # px per cell = the ViT patch
-    sizes: tuple = ((96, 48), (48, 96), (96, 96))  # (w, h), exactly the AnyRes canvases [[48,96],[96,48],[96,96]]
+    # (w, h), exactly the AnyRes canvases [[48,96],[96,48],[96,96]]; widths must be multiples of 3 cells so that
+    # every cell lies in one third (left / middle / right)
+    sizes: tuple = ((96, 48), (48, 96), (96, 96))
     colors: dict = field(default_factory=lambda: {
         "red": (255, 0, 0), "green": (0, 220, 0), "blue": (30, 90, 255), "yellow": (255, 230, 0)})
     shapes: tuple = ("circle", "square", "triangle")
@@ -131,7 +136,9 @@ def sample_scene(rng: random.Random, cfg: ToyConfig) -> dict:
     pairs = rng.sample([(c, s) for c in cfg.colors for s in cfg.shapes], n)
     objects = sorted(({"color": c, "shape": s, "col": k % cols, "row": k // cols} for (c, s), k in zip(pairs, cells)),
                      key=lambda o: (o["row"], o["col"]))
-    letter = {"char": rng.choice(cfg.letters), "col": cells[-1] % cols, "row": cells[-1] // cols} if has_letter else None
+    letter = None
+    if has_letter:  # the last sampled cell
+        letter = {"char": rng.choice(cfg.letters), "col": cells[-1] % cols, "row": cells[-1] // cols}
     return {"size": [w, h], "background": rng.randint(0, cfg.max_background), "objects": objects, "letter": letter}
 
 
@@ -151,9 +158,11 @@ def position(col: int, scene: dict, cfg: ToyConfig) -> str:
     return POSITIONS[col * cfg.cell * 3 // scene["size"][0]]
 
 
-def cell_labels(scene: dict, cfg: ToyConfig, grid: int = 6):
-    """(color, shape, letter) label maps (grid, grid) int8 for stage 0; see the module docstring."""
+def cell_labels(scene: dict, cfg: ToyConfig):
+    """(color, shape, letter) label maps (G, G) int8 for stage 0, G = the largest image side in cells (6); see the
+    module docstring."""
     w, h = scene["size"]
+    grid = max(max(size) for size in cfg.sizes) // cfg.cell
     maps = [np.full((grid, grid), IGNORE, np.int8) for _ in range(3)]
     for m in maps:
         m[: h // cfg.cell, : w // cfg.cell] = 0
@@ -220,8 +229,8 @@ QUESTION_TYPES = {"color": ask_color, "shape": ask_shape, "count": ask_count, "p
 
 def answer_words(cfg: ToyConfig) -> dict:
     """The possible answers of each question type."""
-    return {"color": list(cfg.colors), "shape": list(cfg.shapes), "count": NUMBERS[cfg.min_objects: cfg.max_objects + 1],
-            "position": POSITIONS, "letter": list(cfg.letters)}
+    return {"color": list(cfg.colors), "shape": list(cfg.shapes),
+            "count": NUMBERS[cfg.min_objects: cfg.max_objects + 1], "position": POSITIONS, "letter": list(cfg.letters)}
 
 
 def chance(cfg: ToyConfig) -> dict:
@@ -244,7 +253,8 @@ def detailed_caption(scene: dict, cfg: ToyConfig) -> str:
     out = [f"There {'is' if n == 1 else 'are'} {NUMBERS[n]} shape{'s' if n > 1 else ''}."]
     out += [f"The {o['color']} {o['shape']} is {WHERE[position(o['col'], scene, cfg)]}." for o in scene["objects"]]
     L = scene["letter"]
-    out.append(f"The letter {L['char']} is written {WHERE[position(L['col'], scene, cfg)]}." if L else "There is no letter.")
+    out.append(f"The letter {L['char']} is written {WHERE[position(L['col'], scene, cfg)]}." if L
+               else "There is no letter.")
     return " ".join(out)
 
 
@@ -292,6 +302,7 @@ def train_sample(seed: int, i: int, cfg: ToyConfig):
     rng = random.Random(f"toy:{seed}:train:{i}")
     image, scene = render_scene(rng, cfg)
     path, sid = f"images/train_{i:06d}.png", f"train_{i:06d}"
+    # the types this scene can answer (a throwaway rng: only whether each can be asked matters here)
     types = [t for t, ask in QUESTION_TYPES.items() if ask(random.Random(0), scene, cfg) is not None]
     picked = rng.sample(types, rng.randint(1, min(cfg.max_turns, len(types))))
     records = {
@@ -312,11 +323,13 @@ def eval_sample(seed: int, i: int, cfg: ToyConfig):
     kind = list(QUESTION_TYPES)[i % len(QUESTION_TYPES)]
     words = answer_words(cfg)[kind]
     target = words[i // len(QUESTION_TYPES) % len(words)]
-    while True:
+    for _ in range(100_000):
         scene = sample_scene(rng, cfg)
         qa = QUESTION_TYPES[kind](rng, scene, cfg)
         if qa is not None and qa[1] == target:
             break
+    else:
+        raise ValueError(f"no scene of this config answers a {kind!r} question with {target!r}")
     image = draw_scene(scene, cfg)
     path = f"images/eval_{i:06d}.png"
     record = {"id": f"eval_{i:06d}", "image": path, "conversations": conversation([qa]), "answer": qa[1], "type": kind}

@@ -1,10 +1,20 @@
-"""Conversation templates and tokenisation: the exact strings the released models were trained with, the original
-code's own templates as the oracle where it has them, and placeholders expanded to the image's token count."""
+"""Conversation templates, tokenisation and training samples: the exact strings the released models were trained
+with (the original code's own templates as the oracle where it has them), placeholders expanded to the image's token
+count, labels on the answers only, and every kind of bad sample reported rather than trained on."""
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from data import TEMPLATES, render_prompt, stop_token_ids, tokenize
+from data import (
+    IGNORE_INDEX,
+    TEMPLATES,
+    SampleError,
+    SupervisedDataset,
+    render_prompt,
+    stop_token_ids,
+    tokenize,
+    tokenize_conversation,
+)
 from model import IMAGE_TOKEN
 
 TWO_ROUNDS = [("user", "<image>\nWhat is this?"), ("assistant", "A cat."), ("user", "And its colour?")]
@@ -67,3 +77,144 @@ def test_placeholder_count_must_match_the_images():
 
 def test_llama_3_stops_on_eot_and_end_of_text():
     assert stop_token_ids(word_tokenizer("<|begin_of_text|>"), "llava_llama_3") == {2, 3}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Label masking: what a model learns from each template
+
+SPECIALS = ["<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
+CHAT = [("user", "<image>\nwhat is it"), ("assistant", "a cat"), ("user", "and this"), ("assistant", "a dog")]
+
+
+def chat_tokenizer(bos=None):
+    """Word-level: every whitespace-separated word and every template marker is one token, so labels read as words."""
+    words = sorted({w for t in TEMPLATES.values() for s in (t.system, t.user, t.assistant, t.generation) for w in s.split()}
+                   | {"what", "is", "it", "a", "cat", "and", "this", "dog", "left", "right", "USER:", "ASSISTANT:"})
+    vocab = {w: i for i, w in enumerate(["[UNK]", *SPECIALS, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    return tok
+
+
+def learned(tok, ids, labels):
+    assert all(l in (IGNORE_INDEX, i) for i, l in zip(ids, labels))
+    return [tok.id_to_token(l) for l in labels if l != IGNORE_INDEX]
+
+
+def test_mistral_masking_token_by_token():
+    tok = chat_tokenizer(bos="<s>")
+    ids, labels = tokenize_conversation(tok, "mistral_instruct", CHAT, [3])
+    rows = [(tok.id_to_token(i) if i >= 0 else "IMG", l != IGNORE_INDEX) for i, l in zip(ids, labels)]
+    assert rows == [("<s>", False), ("[INST]", False), ("IMG", False), ("IMG", False), ("IMG", False), ("what", False),
+                    ("is", False), ("it", False), ("[/INST]", False), ("a", True), ("cat", True), ("</s>", True),
+                    ("[INST]", False), ("and", False), ("this", False), ("[/INST]", False), ("a", True), ("dog", True),
+                    ("</s>", True)]
+
+
+@pytest.mark.parametrize("template, bos, answers", [
+    ("vicuna_v1", "<s>", ["a", "cat", "</s>", "a", "dog", "</s>"]),
+    ("llava_v1", "<s>", ["a", "cat", "</s>", "a", "dog", "</s>"]),
+    ("chatml_direct", None, ["a", "cat", "<|im_end|>", "a", "dog", "<|im_end|>"]),
+    ("qwen_1_5", None, ["a", "cat", "<|im_end|>", "a", "dog", "<|im_end|>"]),  # not the role headers, not the newlines
+    ("llava_llama_3", "<|begin_of_text|>", ["a", "cat", "<|eot_id|>", "a", "dog", "<|eot_id|>"]),
+])
+def test_only_answers_and_their_end_tokens_are_learned(template, bos, answers):
+    tok = chat_tokenizer(bos)
+    ids, labels = tokenize_conversation(tok, template, CHAT, [4])
+    assert learned(tok, ids, labels) == answers
+    # the ids are exactly the inference tokenisation of the same turns
+    assert ids == tokenize(tok, render_prompt(template, CHAT, add_generation_prompt=False), [4])
+    assert ids.count(IMAGE_TOKEN) == 4
+    if bos:  # exactly one BOS, also where the template spells one out (Llama-3)
+        assert tok.id_to_token(ids[0]) == bos and ids.count(ids[0]) == 1
+
+
+def test_plain_learns_the_caption_only():
+    tok = chat_tokenizer()
+    ids, labels = tokenize_conversation(tok, "plain", [("user", "<image>\ndescribe"), ("assistant", "a cat")], [2])
+    assert ids[:2] == [IMAGE_TOKEN] * 2 and learned(tok, ids, labels) == ["a", "cat"]
+
+
+def test_multi_image_positions_are_never_learned():
+    tok = chat_tokenizer()
+    ids, labels = tokenize_conversation(tok, "qwen_1_5", [("user", "<image> left <image> right"), ("assistant", "a dog")], [2, 3])
+    assert [i for i, t in enumerate(ids) if t == IMAGE_TOKEN] == [i for i, t in enumerate(ids) if t == IMAGE_TOKEN and labels[i] == IGNORE_INDEX]
+    assert ids.count(IMAGE_TOKEN) == 5 and learned(tok, ids, labels) == ["a", "dog", "<|im_end|>"]
+
+
+def test_a_mismatch_between_text_and_tokens_is_an_error_not_a_zero_loss():
+    tok = chat_tokenizer()
+    with pytest.raises(SampleError, match="tokenization mismatch"):
+        tokenize_conversation(tok, "qwen_1_5", [("user", "what"), ("assistant", "a zebra")])  # "zebra" is [UNK]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad samples: each has its own counter and message; none crashes a run
+
+
+@pytest.fixture
+def bad_records(tmp_path):
+    from conftest import photo
+
+    photo(40, 30).save(tmp_path / "ok.png")
+    (tmp_path / "truncated.jpg").write_bytes((lambda b: b[: len(b) // 2])(_jpeg_bytes()))
+    chat = lambda text="<image>\nwhat is it": [{"from": "human", "value": text}, {"from": "gpt", "value": "a cat"}]  # noqa: E731
+    return tmp_path, [
+        {"id": "good", "image": "ok.png", "conversations": chat()},
+        {"id": "missing", "image": "nope.png", "conversations": chat()},
+        {"id": "truncated", "image": "truncated.jpg", "conversations": chat()},
+        {"id": "count", "image": ["ok.png", "ok.png"], "conversations": chat()},
+        {"id": "gpt-first", "image": "ok.png", "conversations": chat()[::-1]},
+        {"id": "empty", "image": "ok.png", "conversations": []},
+        # two images stay where the text puts them; the second falls beyond --max-len
+        {"id": "long", "image": ["ok.png", "ok.png"], "conversations": chat("<image> " + "what is it " * 30 + "<image>")},
+    ]
+
+
+def _jpeg_bytes():
+    import io
+
+    from conftest import photo
+
+    buf = io.BytesIO()
+    photo(64, 64).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_each_bad_sample_gets_its_own_error(bad_records, tiny):
+    from convert import load_pretrained
+
+    folder, records = bad_records
+    model, _ = load_pretrained(str(tiny("next_qwen2")))
+    dataset = SupervisedDataset(records, folder, chat_tokenizer(), "qwen_1_5", model.cfg, max_len=300)
+    assert len(dataset[0]["input_ids"]) < 300
+    kinds = {dataset[i]["id"]: dataset[i].get("error") for i in range(len(records))}
+    assert kinds == {"good": None, "missing": "missing image", "truncated": "unreadable image",
+                     "count": "image count mismatch", "gpt-first": "first turn not human", "empty": "empty conversation",
+                     "long": "truncated through an image"}
+    assert "nope.png" in dataset[1]["detail"] and "truncated.jpg" in dataset[2]["detail"]
+
+
+def test_a_run_counts_bad_samples_and_stops_when_there_are_too_many(bad_records, tiny, tmp_path, capsys):
+    import json
+
+    from train import TrainConfig, train
+
+    folder, records = bad_records
+    data = folder / "data.json"
+    data.write_text(json.dumps([records[0]] * 20 + records[1:3]))  # 2 bad samples in 22
+    cfg = TrainConfig(model=str(tiny("next_qwen2")), data=str(data), image_folder=str(folder), output_dir=str(tmp_path / "run"),
+                      global_batch_size=22, micro_batch_size=11, max_steps=1, max_len=512, save_every=10, group_by_modality_length=False)
+    train(cfg)
+    err = capsys.readouterr().err
+    assert "skipping sample 'missing'" in err and "skipping sample 'truncated'" in err
+    assert "skipped 2 unusable samples: {'missing image': 1, 'unreadable image': 1}" in err
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["bad_samples"] == 2
+    data.write_text(json.dumps([records[0]] * 80 + records[1:6] * 4))  # 20 bad of 100
+    cfg.global_batch_size, cfg.micro_batch_size, cfg.output_dir = 100, 50, str(tmp_path / "run2")
+    with pytest.raises(SystemExit, match=r"20 of 100 samples could not be used .* more than --max-bad-fraction 0.01"):
+        train(cfg)

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 
 import toy
 from anyres import candidate_resolutions, select_best_resolution
-from data import render_prompt, tokenize
+from data import IGNORE_INDEX, conversation_of, render_prompt, tokenize, tokenize_conversation
 from model import IMAGE_TOKEN
 
 CFG = toy.ToyConfig()
@@ -96,8 +96,8 @@ def expected(question: str, scene: dict):
         return o["shape"]
     if re.fullmatch(r"How many shapes are (there|in the image)\?", q):
         return ["one", "two", "three"][len(objects) - 1]
-    if m := re.fullmatch(r"(?:Is|Where is) the (\w+) (\w+)(?: on the left, in the middle or on the right\?|: left, middle "
-                         r"or right\?)", q):
+    if m := re.fullmatch(r"(?:Is|Where is) the (\w+) (\w+)"
+                         r"(?: on the left, in the middle or on the right\?|: left, middle or right\?)", q):
         (o,) = [o for o in objects if (o["color"], o["shape"]) == (m[1], m[2])]
         return third(o["col"], scene)
     if q in ("What letter is written?", "Which letter is shown?"):
@@ -157,6 +157,13 @@ def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):
         assert tok.decode(tok.encode(odd).ids, skip_special_tokens=False) == odd
     for words in toy.answer_words(CFG).values():  # each answer is one token after "assistant\n"
         assert all(len(tok.encode(w).ids) == 1 for w in words)
+    for r in load(out, "instruct") + load(out, "eval"):  # so a VQA turn's loss is on (answer, <|im_end|>)
+        ids, labels = tokenize_conversation(tok, "qwen_1_5", conversation_of(r), [5] * ("image" in r))
+        answers = [t["value"] for t in r["conversations"][1::2]]
+        assert tok.decode([i for i in labels if i != IGNORE_INDEX], skip_special_tokens=False) == "<|im_end|>".join(
+            answers) + "<|im_end|>"
+        if "image" in r:
+            assert sum(i != IGNORE_INDEX for i in labels) == 2 * len(answers)
 
 
 def test_stage0_labels_match_the_pixels(out, scenes):

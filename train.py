@@ -1,0 +1,478 @@
+"""Training: the LLaVA stages on plain PyTorch, one process or many (torchrun: DDP, or FSDP2 with --fsdp).
+
+    LLaVA JSON records --data.SupervisedDataset--> (ids, labels, images) --data.global_batches--> this rank's micro-batches
+    micro-batch (B, T) --Llava--> logits --cross-entropy over answer tokens, / answer tokens in the global batch-->
+    backward per micro-batch (gradients sync on the last) -> clip -> AdamW, one learning rate per module -> cosine
+
+The stages (facts §8; which parameters learn is `set_trainable`):
+    1    alignment: only the projector learns, on image-caption pairs (LCS-558K with the `plain` template)
+    1.5  the whole model, on high-quality detailed captions (OneVision's "mid" stage)
+    2    the whole model, on instructions; --freeze-vision-tower keeps the tower fixed (LLaVA-1.5, Interleave)
+
+    python train.py                                  the toy life cycle on CPU (lifecycle.py; data from toy.py)
+    python train.py --recipe llava-v1.5-stage1       a real stage (RECIPES below; flags override its values)
+    torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final --fsdp
+
+Every checkpoint is a folder in the llava-hf layout (infer.py and the next stage read it) plus trainer_state.pt
+(optimizer, step, RNG, data position); it is written to a temporary name and renamed, so a kill never leaves a
+half-written one, and --resume continues bit-identically.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
+from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "2"  # "1" | "1.5" | "2"
+    data: str = ""  # LLaVA JSON / JSONL, or a mixture spec (data.load_records)
+    image_folder: str = ""  # image paths in the records are relative to this
+    model: str = ""  # continue from a LLaVA checkpoint: folder, hub id or short name
+    llm: str = ""  # or start stage 1 from a base LLM (folder or hub id) ...
+    vision_tower: str = "openai/clip-vit-large-patch14-336"  # ... and a vision tower
+    projector_type: str = "mlp2x_gelu"
+    pretrained_projector: str = ""  # a stage-1 projector (mm_projector.bin or a checkpoint folder) for --llm starts
+    image_aspect_ratio: str = ""  # override the model's: pad | square | anyres | anyres_max_N
+    grid_pinpoints: str = ""  # override the model's, e.g. "(1x1),...,(6x6)"
+    template: str = "qwen_1_5"
+    output_dir: str = "runs/train"
+    epochs: int = 1
+    max_steps: int = 0  # 0: run the epochs
+    global_batch_size: int = 128
+    micro_batch_size: int = 4  # per rank; accumulation = global / (micro * ranks)
+    lr: float = 2e-5  # LLM (and projector / tower unless set)
+    projector_lr: float = 0.0  # 0: same as --lr
+    vision_lr: float = 0.0  # 0: same as --lr
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    grad_clip: float = 1.0
+    max_len: int = 2048
+    freeze_vision_tower: bool = False
+    bf16: bool = False  # autocast to bfloat16 (weights and optimizer stay fp32)
+    gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each decoder block
+    fsdp: bool = False  # FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP
+    save_every: int = 500
+    keep_last: int = 2
+    resume: bool = False
+    stop_after: int = 0  # end this run after N steps (a time slot, or a test of --resume)
+    seed: int = 0
+    group_by_modality_length: bool = True
+    max_bad_fraction: float = 0.01  # stop if more than this share of the samples seen so far cannot be used
+    num_workers: int = 0  # data-loading processes per rank
+    quiet: bool = False  # no progress bar
+
+
+# Published recipes (facts §8). Data: `hub` is a dataset repo fetched with huggingface_hub; `json` the file in it;
+# images come from `images` (an archive in the repo, unpacked once) or from --image-folder.
+RECIPES = {
+    "llava-v1.5-stage1": dict(stage="1", llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
+                              template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
+                              micro_batch_size=32, max_len=2048,
+                              data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip"),
+    "llava-v1.5-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
+                              micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
+                              data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
+    "llava-next-stage1": dict(stage="1", llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
+                              template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
+                              micro_batch_size=32, max_len=2048,
+                              data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip"),
+    "llava-next-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
+                              grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-5,
+                              vision_lr=2e-6, global_batch_size=128, micro_batch_size=4, max_len=4096,
+                              data_hub="lmms-lab/LLaVA-NeXT-Data"),
+    "onevision-0.5b-stage1": dict(stage="1", llm="Qwen/Qwen2-0.5B-Instruct", vision_tower="google/siglip-so400m-patch14-384",
+                                  template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
+                                  micro_batch_size=16, max_len=8192,
+                                  data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip"),
+    "onevision-0.5b-stage1.5": dict(stage="1.5", template="qwen_1_5", image_aspect_ratio="anyres_max_9",
+                                    grid_pinpoints="(1x1),...,(6x6)", lr=1e-5, vision_lr=2e-6, global_batch_size=256,
+                                    micro_batch_size=1, max_len=8192),
+    "onevision-0.5b-stage2": dict(stage="2", template="qwen_1_5", image_aspect_ratio="anyres_max_9",
+                                  grid_pinpoints="(1x1),...,(6x6)", lr=1e-5, vision_lr=2e-6, global_batch_size=256,
+                                  micro_batch_size=1, max_len=32768),
+    # NeXT-Interleave: continue a stage-2 model on M4-Instruct with the tower frozen (facts §8.5)
+    "interleave-continue": dict(stage="2", template="qwen_1_5", lr=1e-5, freeze_vision_tower=True, global_batch_size=128,
+                                micro_batch_size=1, max_len=32768, data_hub="lmms-lab/M4-Instruct-Data"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up
+
+
+def setup_distributed():
+    """(rank, world size, device). torchrun sets the environment; on CPU the gloo backend is used."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_sum(value: float, device) -> float:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What learns, and how fast
+
+
+def set_trainable(model, cfg: TrainConfig):
+    """Stage 1: the projector only. Stages 1.5 and 2: everything, the vision tower unless frozen."""
+    for name, p in model.named_parameters():
+        if cfg.stage == "1":
+            p.requires_grad_(name.startswith("projector."))
+        elif name.startswith("vision_tower."):
+            p.requires_grad_(not cfg.freeze_vision_tower)
+        else:
+            p.requires_grad_(True)
+
+
+def param_groups(model, cfg: TrainConfig):
+    """One AdamW group per module kind with its own learning rate; no weight decay on biases, norms and vectors."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        kind = "projector" if "projector." in name else "vision" if "vision_tower." in name else "llm"
+        lr = {"projector": cfg.projector_lr, "vision": cfg.vision_lr}.get(kind) or cfg.lr
+        decay = cfg.weight_decay if p.dim() >= 2 else 0.0
+        groups.setdefault((kind, decay), {"params": [], "lr": lr, "base_lr": lr, "weight_decay": decay, "name": kind})
+        groups[(kind, decay)]["params"].append(p)
+    return list(groups.values())
+
+
+def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
+    """Linear warm-up over the first warmup_ratio of the steps, then cosine to zero (HF Trainer's schedule)."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def full_state(model, optimizer):
+    """Full (unsharded) model and optimizer state on CPU, the same call for one process, DDP and FSDP2."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def save_checkpoint(cfg, model, optimizer, step, counters, tokenizer, rank):
+    model_state, optim_state = full_state(model, optimizer)
+    if rank != 0:
+        return
+    root = Path(cfg.output_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(unwrap(model), tmp, state_dict=model_state, tokenizer=tokenizer)
+    torch.save({"step": step, "optimizer": optim_state, "counters": counters, "config": dataclasses.asdict(cfg),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
+               tmp / "trainer_state.pt")
+    for f in tmp.iterdir():  # make the bytes durable before the rename makes the checkpoint visible
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in sorted(root.glob("step-*"))[: -cfg.keep_last]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(cfg) -> Path | None:
+    found = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
+    return found[-1] if found else None
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+def build_model(cfg: TrainConfig, device):
+    """(model, tokenizer) to train: a LLaVA checkpoint to continue, or a base LLM + tower + fresh projector."""
+    if cfg.model:
+        model, folder = load_pretrained(cfg.model, device=device)
+        tokenizer = load_tokenizer(folder, cfg.model)
+    elif cfg.llm:
+        model, tokenizer = load_parts(cfg.llm, cfg.vision_tower, cfg.projector_type, cfg.pretrained_projector,
+                                      cfg.image_aspect_ratio or "square", cfg.grid_pinpoints, device=device)
+    else:
+        raise SystemExit("error: give --model (a LLaVA checkpoint to continue) or --llm (a base LLM for stage 1)")
+    if cfg.image_aspect_ratio:
+        model.cfg.image_aspect_ratio = cfg.image_aspect_ratio
+    if cfg.grid_pinpoints:
+        from anyres import parse_grid_pinpoints
+
+        model.cfg.grid_pinpoints = parse_grid_pinpoints(cfg.grid_pinpoints, model.cfg.vision.image_size)
+    return model, tokenizer
+
+
+def wrap(model, cfg: TrainConfig, device, world: int):
+    """DDP, or FSDP2 sharding each decoder and vision block and then the rest; optionally compile each block."""
+    if cfg.compile:  # fast path: compile the repeated blocks, keep the data-dependent splicing eager
+        for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
+            block.compile()
+    if world == 1:
+        return model
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
+            fully_shard(block)
+        return fully_shard(model)
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: micro-step a on rank r takes slot a * world + r."""
+    slots = [batch[i: i + micro] for i in range(0, len(batch), micro)]
+    return [slots[a * world + rank] for a in range(len(slots) // world)]
+
+
+def train(cfg: TrainConfig, model=None, tokenizer=None):
+    """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
+    rank, world, device = setup_distributed()
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer = build_model(cfg, device)
+    model.to(device).train()
+    model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    set_trainable(model, cfg)
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
+        raise SystemExit(f"error: global batch {cfg.global_batch_size} is not a multiple of micro batch "
+                         f"{cfg.micro_batch_size} x {world} ranks")
+
+    records = load_records(cfg.data)
+    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len)
+    lengths = dataset.modality_lengths()
+    steps_per_epoch = len(records) // cfg.global_batch_size
+    total = cfg.max_steps or steps_per_epoch * cfg.epochs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, fewer than one global batch ({cfg.global_batch_size})")
+
+    ddp_model = wrap(model, cfg, device, world)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
+    start, counters = 0, {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
+    if cfg.resume and (ckpt := latest_checkpoint(cfg)):
+        start, counters = resume_from(ckpt, ddp_model, optimizer, device)
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
+
+    pad_id = tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>") or tokenizer.token_to_id("<unk>") or 0
+    out = Path(cfg.output_dir)
+    metrics_path = out / "metrics.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] if metrics_path.exists() and start else []
+        metrics_path.write_text("".join(l + "\n" for l in keep))
+    bar = None
+    if rank == 0 and not cfg.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    schedule, schedule_epoch = None, None
+    step = start
+    for step in range(start, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if schedule_epoch != epoch:
+            schedule, schedule_epoch = global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length), epoch
+        t0 = time.perf_counter()
+        batches = [collate([dataset[i] for i in part], pad_id) for part in micro_batches(schedule[index], rank, world, cfg.micro_batch_size)]
+        account(batches, counters, cfg, device, rank)
+        # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count
+        targets = all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device)
+        loss_sum = 0.0
+        for a, b in enumerate(batches):
+            sync = a == len(batches) - 1
+            context = nullcontext()
+            if world > 1 and cfg.fsdp:
+                ddp_model.set_requires_gradient_sync(sync)
+            elif world > 1 and not sync:
+                context = ddp_model.no_sync()
+            with context, autocast:
+                logits = ddp_model(b["input_ids"].to(device), b["images"] or None,
+                                   padding_mask=b["padding_mask"].to(device))
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten().to(device),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss * world / max(targets, 1)).backward()  # DDP and FSDP average over ranks; this undoes it
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        factor = lr_factor(step, total, cfg.warmup_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        loss_value = all_sum(loss_sum, device) / max(targets, 1)
+        tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), device)
+        dt = time.perf_counter() - t0
+        if rank == 0:
+            record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
+                      "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cfg.lr * factor:.2e}", tok_s=f"{tokens / dt:.0f}")
+                bar.update(1)
+        done = step + 1
+        if done % cfg.save_every == 0 or done == total:
+            save_checkpoint(cfg, ddp_model, optimizer, done, counters, tokenizer, rank)
+        if done == total and rank == 0:  # the stage's result, for infer.py and the next stage: output_dir/final
+            final, tmp = out / "final", out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(latest_checkpoint(cfg), tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        if cfg.stop_after and done - start >= cfg.stop_after:
+            break
+    if bar is not None:
+        bar.close()
+    if rank == 0 and counters["bad"]:
+        print(f"skipped {sum(counters['bad'].values())} unusable samples: {counters['bad']}; "
+              f"first ids: {counters['bad_ids'][:10]}", file=sys.stderr)
+    return model
+
+
+def account(batches, counters, cfg: TrainConfig, device, rank: int):
+    """Count (and report by id) the samples that could not be used; stop when they are too many."""
+    for b in batches:
+        counters["samples"] += b["size"] + len(b["bad"])
+        counters["truncated"] += len(b["notes"])
+        for sample_id, kind, detail in b["bad"]:
+            counters["bad"][kind] = counters["bad"].get(kind, 0) + 1
+            if len(counters["bad_ids"]) < 1000:
+                counters["bad_ids"].append(sample_id)
+            if rank == 0 and not cfg.quiet:
+                print(f"skipping sample {sample_id!r}: {detail}", file=sys.stderr)
+    seen = all_sum(counters["samples"], device)
+    bad = all_sum(sum(counters["bad"].values()), device)
+    if seen >= 100 and bad / seen > cfg.max_bad_fraction:
+        raise SystemExit(f"error: {int(bad)} of {int(seen)} samples could not be used ({counters['bad']}), more than "
+                         f"--max-bad-fraction {cfg.max_bad_fraction}; first ids: {counters['bad_ids'][:10]}")
+
+
+def resume_from(ckpt: Path, model, optimizer, device):
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    from convert import internal_key
+
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    weights = {internal_key(k): v for k, v in load_file(ckpt / "model.safetensors").items()}
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, weights, options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    return state["step"], state["counters"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv) -> TrainConfig:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="a published recipe; other flags override its values")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            p.add_argument(flag, type=f.type, default=None)
+    args = p.parse_args(argv)
+    values = {}
+    if args.recipe:
+        recipe = dict(RECIPES[args.recipe])
+        data = fetch_recipe_data(recipe, args) if not args.data else {}
+        values.update({k: v for k, v in recipe.items() if not k.startswith("data_")}, **data)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "recipe"})
+    return TrainConfig(**values)
+
+
+def fetch_recipe_data(recipe: dict, args) -> dict:
+    """Download a recipe's dataset repo through huggingface_hub (the cache is reused) and unpack its images once."""
+    if "data_hub" not in recipe:
+        raise SystemExit("error: this recipe has no public dataset; pass --data and --image-folder")
+    if "data_json" not in recipe:
+        raise SystemExit(f"error: {recipe['data_hub']} has no single JSON file in the LLaVA format that this recipe "
+                         f"can name; download it (README, 'Train on the real data') and pass --data / --image-folder")
+    from huggingface_hub import snapshot_download
+
+    patterns = [recipe["data_json"]] + ([recipe["data_images"]] if "data_images" in recipe else [])
+    try:
+        folder = Path(snapshot_download(recipe["data_hub"], repo_type="dataset", allow_patterns=patterns))
+    except Exception as e:
+        raise SystemExit(f"error: could not download {recipe['data_hub']} ({type(e).__name__}); run `huggingface-cli "
+                         f"download --repo-type dataset {recipe['data_hub']}` where there is network") from e
+    image_folder = args.image_folder or str(folder)
+    if "data_images" in recipe and not args.image_folder:
+        import zipfile
+
+        image_folder = str(folder / "unpacked")
+        if not Path(image_folder).exists():
+            with zipfile.ZipFile(folder / recipe["data_images"]) as z:
+                z.extractall(Path(image_folder + ".tmp"))
+            os.replace(image_folder + ".tmp", image_folder)
+    return {"data": str(folder / recipe["data_json"]), "image_folder": image_folder}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        import lifecycle
+
+        return lifecycle.life_cycle()
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
