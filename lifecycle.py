@@ -45,15 +45,16 @@ class ToyRun:
     text_width: int = 192
     text_layers: int = 4
     # steps per stage (batch 64)
-    stage0_vision_steps: int = 150
-    feature_penalty: float = 0.1
+    # measured: a tower trained until its per-patch labels are all right (loss ~0 at 300 steps) lifts held-out
+    # accuracy from 0.44 (150 steps, loss 0.75) to 0.62 with everything else equal
+    stage0_vision_steps: int = 300
     # Measured: pre-training the decoder on the toy's text (images left out) slows its learning to use the image
     # (count questions, 150 steps: 0.44 held-out vs 0.92 from a random decoder), so by default the "pretrained LLM"
     # is the random initialisation, saved and loaded like any base LLM
     stage0_text_steps: int = 0
     stage1_steps: int = 40
     stage15_steps: int = 60
-    stage2_steps: int = 600
+    stage2_steps: int = 800
     batch: int = 32
 
 
@@ -95,9 +96,6 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
                 targets[k].append(cells.reshape(rows, 3, cols, 3).permute(0, 2, 1, 3).reshape(rows * cols, 9))
         features = tower(torch.cat(pixels))  # (crops, 9, D)
         loss = sum(F.cross_entropy(heads[k](features).flatten(0, 1), torch.cat(targets[k]).flatten()) for k in heads)
-        # keep the features near unit scale: a tower whose features are mostly one large constant vector leaves the
-        # projector hundreds of steps of work just to remove it
-        loss = loss + run.feature_penalty * (features.pow(2).mean() + features.mean((0, 1)).pow(2).sum())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

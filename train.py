@@ -11,7 +11,8 @@ The stages (facts §8; which parameters learn is `set_trainable`):
 
     python train.py                                  the toy life cycle on CPU (lifecycle.py; data from toy.py)
     python train.py --recipe llava-v1.5-stage1       a real stage (RECIPES below; flags override its values)
-    torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final --fsdp
+    torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final
+             --data mix.json --image-folder /data --fsdp --bf16
 
 Every checkpoint is a folder in the llava-hf layout (infer.py and the next stage read it) plus trainer_state.pt
 (optimizer, step, RNG, data position); it is written to a temporary name and renamed, so a kill never leaves a
