@@ -88,6 +88,11 @@ HF_DEFAULT_TOWER = {
     "llava_next": KNOWN_TOWERS["openai/clip-vit-large-patch14-336"],
     "llava_onevision": {**KNOWN_TOWERS["google/siglip-so400m-patch14-384"], "num_hidden_layers": 26},
 }
+# ... and the grids they assume when it has no image_grid_pinpoints
+HF_DEFAULT_PINPOINTS = {
+    "llava_next": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "llava_onevision": "(1x1),...,(6x6)",
+}
 
 
 class CheckpointError(ValueError):
@@ -189,11 +194,6 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
                        grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
                        merge_type=merge, compat=compat)
 
-
-HF_DEFAULT_PINPOINTS = {
-    "llava_next": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
-    "llava_onevision": "(1x1),...,(6x6)",
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -201,7 +201,8 @@ def life_cycle(run: ToyRun = ToyRun()):
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     log = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
     log(f"stage 0: vision tower, final loss {stage0_vision(run, data, out / 'stage0' / 'tower'):.3f}")
-    log(f"stage 0: language model, final loss {stage0_text(run, data, tokenizer, out / 'stage0' / 'llm'):.3f}")
+    text_loss = stage0_text(run, data, tokenizer, out / "stage0" / "llm")
+    log(f"stage 0: language model, {f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
 
     common = dict(image_folder=str(data), global_batch_size=run.batch, micro_batch_size=run.batch, max_len=512,
                   seed=run.seed, save_every=10_000, keep_last=1, image_aspect_ratio="anyres", grid_pinpoints=GRID_PINPOINTS)
