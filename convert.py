@@ -270,6 +270,13 @@ def read_tensors(path: Path):
         yield from state.items()
 
 
+def tower_tensors(folder: Path):
+    """The vision-model tensors of a tower repo (a CLIPVisionModel, or a full CLIPModel whose text half is skipped),
+    named for our model."""
+    for f in checkpoint_files(folder):
+        yield from ((f"vision_tower.{k}", t) for k, t in read_tensors(f) if k.startswith("vision_model."))
+
+
 def resolve(source: str, revision: str | None = None, what: str = "model") -> Path:
     """A local folder, a preset short name, or a hub repo id -> a local folder (downloaded through the HF cache)."""
     if Path(source).expanduser().is_dir():
@@ -349,9 +356,7 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     if any(n.startswith("vision_tower.") for n in pending) and tower_name:
         # LLaVA-1.5 originals keep the frozen CLIP tower out of their shards: read it from the tower's own repo
         tower_folder = tower_folder or resolve(tower_name, what="tower")
-        tower_files = checkpoint_files(tower_folder)
-        tensors = ((f"vision_tower.{k}", t) for f in tower_files for k, t in read_tensors(f) if k.startswith("vision_model."))
-        pending = load_weights(model, tensors, dtype, device, str(tower_folder))
+        pending = load_weights(model, tower_tensors(tower_folder), dtype, device, str(tower_folder))
     if "lm_head.weight" in pending:  # some tied 0.5B checkpoints omit the head: it is the embedding matrix
         print(f"note: {folder} has no lm_head.weight; using the tied input embeddings", file=sys.stderr)
         model.lm_head = None
@@ -384,15 +389,14 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
         model = Llava(cfg)
     for f in checkpoint_files(llm_folder):
         load_weights(model, ((k, t) for k, t in read_tensors(f) if k.startswith(("model.", "lm_head."))), torch.float32, device, str(f))
-    for f in checkpoint_files(tower_folder):
-        load_weights(model, ((f"vision_tower.{k}", t) for k, t in read_tensors(f) if k.startswith("vision_model.")), torch.float32, device, str(f))
+    load_weights(model, tower_tensors(tower_folder), torch.float32, device, str(tower_folder))
     if projector:
         path = Path(projector)
         files = [path] if path.is_file() else checkpoint_files(path)
         load_weights(model, ((k, t) for f in files for k, t in read_tensors(f) if "projector" in internal_key(k)), torch.float32, device, projector)
-    fresh = [n for n, p in model.named_parameters() if p.is_meta]
-    if any(not n.startswith(("projector.", "image_newline")) for n in fresh):
-        raise CheckpointError(f"{llm_folder} / {tower_folder}: missing weights {[n for n in fresh if not n.startswith(('projector.', 'image_newline'))][:8]}")
+    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(("projector.", "image_newline"))]
+    if missing:
+        raise CheckpointError(f"{llm_folder} / {tower_folder}: missing weights {missing[:8]}")
     init_fresh(model, device)
     return model, load_tokenizer(llm_folder, llm)
 

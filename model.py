@@ -381,9 +381,9 @@ def init_fresh(model: nn.Module, device="cpu", dtype=torch.float32, std: float =
         params = dict(module.named_parameters(recurse=False))
         if not any(p.is_meta for p in params.values()):
             continue
-        module.to_empty(device=device, recurse=False)
-        module.to(dtype)
+        module.to_empty(device=device, recurse=False)  # this module's own parameters only; loaded ones stay
         for name, p in module.named_parameters(recurse=False):
+            p.data = p.data.to(dtype)
             with torch.no_grad():
                 if isinstance(module, (nn.LayerNorm, RMSNorm)):
                     p.fill_(1.0 if name == "weight" else 0.0)
