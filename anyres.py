@@ -17,14 +17,24 @@ Feature side (inside the model, after tower and projector; every crop is (n*n, D
 LLaVA-1.5 uses none of this: "pad" pastes the image on a square of the mean colour and takes one crop (576
 tokens). `num_image_tokens` runs the same arithmetic as the model, so prompts reserve exactly the right count.
 
+Several images in one prompt (NeXT-Interleave, OneVision) are each padded to a mean-colour square and take one
+crop, n*n tokens + 1 newline (730 at 384 px): the original trains them so. A video is K frames, each squashed
+to one crop, its n x n map pooled 2x2 (bilinear, after the projector: 27 -> 14 per side, 196 tokens per frame),
+all frames in a row and one newline for the whole video: 196*K + 1 tokens, one placeholder.
+
+`HigherAnyRes` holds the knobs of the NeXT ablation post (largest grid, token threshold, pooling); its defaults
+change nothing, so a released checkpoint behaves exactly as released.
+
 Two readings of the released configs exist (README, "Divergences"): `compat="original"` does what the code the
 weights were trained with does; `compat="transformers"` does what the Hugging Face processor does.
 """
 
+import argparse
 import ast
+import dataclasses
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +57,69 @@ class ProcessedImage:
     size: tuple[int, int]  # the original image's (W, H)
     grid: tuple[int, int] | None  # (cols, rows) of AnyRes crops; None for a single crop
     num_tokens: int  # how many LLM positions this image fills
+    video: bool = False  # pixels are a video's frames (N = K), pooled and closed by one newline
+
+
+KNOB_CHOICES = {"pool": ("bilinear", "average"), "pool_position": ("after", "before"), "multi_image": ("pad", "anyres")}
+
+
+@dataclass
+class HigherAnyRes:
+    """The visual-token budget, one place for every knob ("LLaVA-NeXT: what else influences visual instruction
+    tuning", May 2024, and the OneVision release). The defaults reproduce the released checkpoints."""
+
+    # The blog's Higher-AnyRes table: bigger grids help text-rich images as long as the token count is held in
+    # check (next knob); OneVision trains with N = 6.
+    max_grid: int | None = field(default=None, metadata={
+        "help": "N: the canvases are every grid from 1x1 to NxN crops, the '(1x1),...,(NxN)' pinpoints, "
+                "instead of the checkpoint's list"})
+    # anyres_max_N is the released form of the same rule, with tau = N * n * n
+    token_threshold: int | None = field(default=None, metadata={
+        "help": "tau: a grid feature map of more than 1.1^2 * tau tokens is shrunk bilinearly to about tau "
+                "(default: the checkpoint's anyres_max_N, i.e. N crops of tokens; none for plain anyres)"})
+    # OneVision pools video frames bilinearly after the projector; LLaVA-NeXT-Video averages before it
+    pool: str = field(default="bilinear", metadata={
+        "help": "pooling of a crop's n x n feature map: bilinear to ceil(n/s) per side, average to floor(n/s)"})
+    pool_stride: int = field(default=2, metadata={"help": "s, the pooling ratio per side"})
+    pool_position: str = field(default="after", metadata={"help": "pool before or after the projector"})
+    pool_images: bool = field(default=False, metadata={
+        "help": "pool image crops (base and grid) too, not only video frames (an ablation; no release does)"})
+    # the original trains several images padded, and transformers' OneVision processor agrees; its LLaVA-NeXT
+    # processor tiles every image (compat="transformers" follows it, see `tiles`)
+    multi_image: str = field(default="pad", metadata={
+        "help": "several images in one prompt: pad each to a mean-colour square, one crop (730 tokens at 384 px), "
+                "or tile each with AnyRes like a single image"})
+
+    def __post_init__(self):
+        for name, allowed in KNOB_CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"HigherAnyRes.{name} = {getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("max_grid", "token_threshold", "pool_stride"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"HigherAnyRes.{name} = {value!r}: expected a positive integer")
+
+    def changed(self) -> dict:
+        """The knobs that differ from the defaults (what a checkpoint's config records)."""
+        default = HigherAnyRes()
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) != getattr(default, f)}
+
+
+def add_knob_flags(parser: argparse.ArgumentParser):
+    """--max-grid, --token-threshold, --pool, ... for infer.py and train.py, one per HigherAnyRes field."""
+    group = parser.add_argument_group("Higher-AnyRes knobs (anyres.HigherAnyRes; unset: the checkpoint's own)")
+    for f in dataclasses.fields(HigherAnyRes):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
+        else:
+            group.add_argument(flag, type=int if int in getattr(f.type, "__args__", (f.type,)) else str, default=None,
+                               choices=KNOB_CHOICES.get(f.name), help=f.metadata["help"])
+
+
+def knobs_from_flags(args) -> dict:
+    """The knob flags a user set, as {field: value}."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(HigherAnyRes) if getattr(args, f.name, None) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,9 +163,16 @@ def select_best_resolution(image_size, resolutions) -> tuple[int, int]:
     return best
 
 
+def grid_pinpoints(cfg) -> list[list[int]]:
+    """The canvases in play: the checkpoint's list, or every grid up to max_grid x max_grid."""
+    if (N := cfg.higher_anyres.max_grid) is not None:
+        return parse_grid_pinpoints(f"(1x1),...,({N}x{N})", cfg.vision.image_size)
+    return cfg.grid_pinpoints
+
+
 def grid_shape(image_size, cfg) -> tuple[int, int]:
     """(cols, rows) of C x C crops that AnyRes cuts this image into."""
-    w, h = select_best_resolution(image_size, candidate_resolutions(cfg.grid_pinpoints, cfg.compat))
+    w, h = select_best_resolution(image_size, candidate_resolutions(grid_pinpoints(cfg), cfg.compat))
     return w // cfg.vision.image_size, h // cfg.vision.image_size
 
 
@@ -103,6 +183,24 @@ def uses_anyres(cfg) -> bool:
 def anyres_max_crops(cfg) -> int | None:
     match = re.fullmatch(r"anyres_max_(\d+)", cfg.image_aspect_ratio)
     return int(match.group(1)) if match else None
+
+
+def token_threshold(cfg) -> int | None:
+    """tau of the thresholded interpolation: the knob, else anyres_max_N's N crops of tokens, else none."""
+    if cfg.higher_anyres.token_threshold is not None:
+        return cfg.higher_anyres.token_threshold
+    N = anyres_max_crops(cfg)
+    return None if N is None else N * feature_side(cfg) ** 2
+
+
+def tiles(cfg, num_images: int) -> bool:
+    """Whether an image gets AnyRes tiles: a lone image does when the model uses AnyRes; one of several does only
+    under multi_image="anyres", or in compat="transformers" for LLaVA-NeXT (its processor tiles every image,
+    while its OneVision processor pads several as the original does)."""
+    if not uses_anyres(cfg) or num_images == 1:
+        return uses_anyres(cfg)
+    hf_next = cfg.compat == "transformers" and anyres_max_crops(cfg) is None
+    return cfg.higher_anyres.multi_image == "anyres" or hf_next
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -154,11 +252,12 @@ def to_pixels(image: Image.Image, kind: str) -> torch.Tensor:
     return (x - mean) / std
 
 
-def process_image(image: Image.Image, cfg) -> ProcessedImage:
-    """One PIL image -> the crops the tower sees, per the model's `image_aspect_ratio` and `compat` mode."""
+def process_image(image: Image.Image, cfg, num_images: int = 1) -> ProcessedImage:
+    """One PIL image -> the crops the tower sees, per the model's `image_aspect_ratio` and `compat` mode and the
+    number of images in its prompt (see `tiles`)."""
     image = image.convert("RGB")
     size, vision, C = image.size, cfg.vision, cfg.vision.image_size
-    if uses_anyres(cfg):
+    if tiles(cfg, num_images):
         cols, rows = grid_shape(image.size, cfg)
         canvas = to_pixels(resize_and_pad(image, (cols * C, rows * C)), vision.kind)  # (3, rows*C, cols*C)
         crops = rearrange(canvas, "c (r h) (k w) -> (r k) c h w", h=C, w=C)  # row-major
@@ -166,11 +265,24 @@ def process_image(image: Image.Image, cfg) -> ProcessedImage:
         base = to_pixels(image.resize((C, C), Image.BICUBIC), vision.kind)
         pixels, grid = torch.cat([base[None], crops]), (cols, rows)
     else:
-        if cfg.image_aspect_ratio == "pad" and cfg.compat == "original":
-            # transformers' LLaVA-1.5 processor centre-crops instead (its do_pad is off by default)
+        # one of several images in an AnyRes model is padded like LLaVA-1.5's; transformers' LLaVA-1.5 processor
+        # centre-crops instead (its do_pad is off by default)
+        if uses_anyres(cfg) or (cfg.image_aspect_ratio == "pad" and cfg.compat == "original"):
             image = expand_to_square(image, tuple(int(m * 255) for m in tower_mean_std(vision.kind)[0]))
         pixels, grid = to_pixels(tower_resize(image, vision), vision.kind)[None], None
-    return ProcessedImage(pixels, size, grid, num_image_tokens(size, cfg))
+    return ProcessedImage(pixels, size, grid, num_image_tokens(size, cfg, num_images))
+
+
+def process_images(images, cfg) -> list[ProcessedImage]:
+    """The images of one prompt, each processed knowing how many share it."""
+    return [process_image(image, cfg, num_images=len(images)) for image in images]
+
+
+def process_video(frames, cfg) -> ProcessedImage:
+    """A video's sampled frames (PIL images) -> (K, 3, C, C): each frame through the tower's own resize (SigLIP
+    squashes to C x C), no AnyRes, no padding, as OneVision trains and evaluates."""
+    pixels = torch.stack([to_pixels(tower_resize(f.convert("RGB"), cfg.vision), cfg.vision.kind) for f in frames])
+    return ProcessedImage(pixels, frames[0].size, None, video_tokens(len(frames), cfg), video=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,53 +303,83 @@ def unpad_bounds(map_h: int, map_w: int, image_size, compat: str):
     return 0, map_h, pad, map_w - pad
 
 
-def anyres_max_shape(h: int, w: int, side: int, max_crops: int):
-    """OneVision's Higher-AnyRes budget: a map holding more than 1.1^2 x max_crops crops' worth of tokens is shrunk
-    by t = sqrt(h*w / (max_crops * side^2)) per side (int(h // t), int(w // t))."""
-    t = math.sqrt(h * w / (max_crops * side * side))
+def threshold_shape(h: int, w: int, threshold: int):
+    """Thresholded interpolation (OneVision's anyres_max_N with threshold = N * n^2): a map holding more than
+    1.1^2 x threshold tokens is shrunk by t = sqrt(h*w / threshold) per side, to (int(h // t), int(w // t))."""
+    t = math.sqrt(h * w / threshold)
     return (int(h // t), int(w // t)) if t > 1.1 else (h, w)
 
 
-def grid_token_shape(image_size, grid, cfg) -> tuple[int, int]:
-    """(h, w) of the AnyRes feature map after unpad and the anyres_max shrink: the model's and the counter's rule."""
+def pooled_side(n: int, knobs: HigherAnyRes) -> int:
+    """Side of an n x n map after pooling: bilinear keeps the ragged edge (ceil), average drops it (floor)."""
+    return math.ceil(n / knobs.pool_stride) if knobs.pool == "bilinear" else n // knobs.pool_stride
+
+
+def feature_side(cfg) -> int:
+    """Side of one image crop's feature map as it reaches the merge: n, or pooled with pool_images."""
     n = cfg.vision.side
+    return pooled_side(n, cfg.higher_anyres) if cfg.higher_anyres.pool_images else n
+
+
+def grid_token_shape(image_size, grid, cfg) -> tuple[int, int]:
+    """(h, w) of the AnyRes feature map after unpad and the threshold: the model's and the counter's rule."""
+    n = feature_side(cfg)
     cols, rows = grid
     top, bottom, left, right = unpad_bounds(rows * n, cols * n, image_size, cfg.compat)
     h, w = bottom - top, right - left
-    if (max_crops := anyres_max_crops(cfg)) is not None:
-        h, w = anyres_max_shape(h, w, n, max_crops)
+    if (tau := token_threshold(cfg)) is not None:
+        h, w = threshold_shape(h, w, tau)
     return h, w
 
 
-def tokens_per_crop(vision) -> int:
-    return vision.side**2 + (vision.kind == "clip" and vision.select_feature == "full")
+def tokens_per_crop(cfg) -> int:
+    return feature_side(cfg) ** 2 + (cfg.vision.kind == "clip" and cfg.vision.select_feature == "full")
 
 
-def num_image_tokens(image_size, cfg) -> int:
+def num_image_tokens(image_size, cfg, num_images: int = 1) -> int:
     """LLM positions one image of size (W, H) fills; equal to what `merge_image_features` returns."""
     newline = int(cfg.has_newline)
-    if not uses_anyres(cfg):
-        return tokens_per_crop(cfg.vision) + newline
+    if not tiles(cfg, num_images):
+        return tokens_per_crop(cfg) + newline
     grid = grid_shape(image_size, cfg)
     if cfg.merge_type == "flat":
-        return (1 + grid[0] * grid[1]) * tokens_per_crop(cfg.vision)
+        return (1 + grid[0] * grid[1]) * tokens_per_crop(cfg)
     h, w = grid_token_shape(image_size, grid, cfg)
-    return cfg.vision.side**2 + h * (w + newline)
+    return feature_side(cfg) ** 2 + h * (w + newline)
+
+
+def video_tokens(num_frames: int, cfg) -> int:
+    """LLM positions a video of K frames fills: K pooled maps and one newline (OneVision's "one_token")."""
+    return num_frames * pooled_side(cfg.vision.side, cfg.higher_anyres) ** 2 + int(cfg.has_newline)
+
+
+def pool_features(x, knobs: HigherAnyRes):
+    """(N, n*n, D) -> (N, m*m, D): each crop's feature map pooled by knobs.pool_stride."""
+    n = math.isqrt(x.shape[1])
+    if n * n != x.shape[1]:
+        raise ValueError(f"cannot pool {x.shape[1]} features per crop: not a square map (a CLS token kept?)")
+    grid = rearrange(x, "N (h w) D -> N D h w", h=n)
+    if knobs.pool == "bilinear":
+        m = pooled_side(n, knobs)
+        grid = F.interpolate(grid, size=(m, m), mode="bilinear", align_corners=False)
+    else:
+        grid = F.avg_pool2d(grid, knobs.pool_stride)
+    return rearrange(grid, "N D h w -> N (h w) D")
 
 
 def merge_image_features(features, image: ProcessedImage, newline, cfg):
     """features (N, n*n, D) of one image's crops, in LLM space -> its token sequence (T, D)."""
-    if image.grid is None or cfg.merge_type == "flat":
+    if image.grid is None or cfg.merge_type == "flat":  # one crop, several crops flat, or a video's frames
         x = features.flatten(0, 1)
         return torch.cat([x, newline[None].to(x)]) if newline is not None else x
-    n = cfg.vision.side
+    n = feature_side(cfg)
     cols, rows = image.grid
     base, crops = features[0], features[1:]
     x = rearrange(crops, "(r k) (h w) D -> D (r h) (k w)", r=rows, k=cols, h=n, w=n)  # the whole grid as one map
     top, bottom, left, right = unpad_bounds(x.shape[1], x.shape[2], image.size, cfg.compat)
     x = x[:, top:bottom, left:right]
-    if (max_crops := anyres_max_crops(cfg)) is not None:
-        h, w = anyres_max_shape(x.shape[1], x.shape[2], n, max_crops)
+    if (tau := token_threshold(cfg)) is not None:
+        h, w = threshold_shape(x.shape[1], x.shape[2], tau)
         if (h, w) != tuple(x.shape[1:]):
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     x = torch.cat([x, newline[:, None, None].to(x).expand(-1, x.shape[1], 1)], dim=2)  # (D, h, w + 1)

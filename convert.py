@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from anyres import anyres_max_crops, parse_grid_pinpoints
+from anyres import HigherAnyRes, anyres_max_crops, parse_grid_pinpoints
 from model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -169,7 +169,8 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
         pinpoints = raw.get("image_grid_pinpoints") or ([] if model_type == "llava" else HF_DEFAULT_PINPOINTS[model_type])
         return LlavaConfig(vision=vision, text=text_config(text_raw, where), projector_type="mlp2x_gelu",
                            image_aspect_ratio=aspect, grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
-                           merge_type="flat" if model_type == "llava" else "spatial_unpad", compat=compat)
+                           merge_type="flat" if model_type == "llava" else "spatial_unpad", compat=compat,
+                           higher_anyres=higher_anyres(raw, where))
     text = text_config(raw, where)
     tower_name = raw.get("mm_vision_tower") or raw.get("vision_tower")
     if not tower_name:
@@ -192,7 +193,25 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
     return LlavaConfig(vision=vision, text=text, projector_type=raw.get("mm_projector_type", "linear"),
                        image_aspect_ratio=raw.get("image_aspect_ratio", "square"),
                        grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
-                       merge_type=merge, compat=compat)
+                       merge_type=merge, compat=compat, higher_anyres=higher_anyres(raw, where))
+
+
+def higher_anyres(raw: dict, where: str) -> HigherAnyRes:
+    """The token-budget knobs: the original's video pooling keys (mm_spatial_pool_mode / _stride, stride 2 when
+    absent), then any knobs a run of ours changed (saved as "higher_anyres")."""
+    knobs = {}
+    if "mm_spatial_pool_mode" in raw:
+        if raw["mm_spatial_pool_mode"] not in ("bilinear", "average"):
+            raise CheckpointError(f"{where}: mm_spatial_pool_mode {raw['mm_spatial_pool_mode']!r} is not supported "
+                                  f"(bilinear or average)")
+        knobs["pool"] = raw["mm_spatial_pool_mode"]
+    if raw.get("mm_spatial_pool_stride"):
+        knobs["pool_stride"] = int(raw["mm_spatial_pool_stride"])
+    knobs |= raw.get("higher_anyres", {})
+    try:
+        return HigherAnyRes(**knobs)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: higher_anyres: {e}") from None
 
 
 
@@ -449,6 +468,8 @@ def hf_config(cfg: LlavaConfig) -> dict:
         out["image_grid_pinpoints"] = cfg.grid_pinpoints
     if model_type == "llava_onevision":
         out["vision_aspect_ratio"] = cfg.image_aspect_ratio
+    if knobs := cfg.higher_anyres.changed():
+        out["higher_anyres"] = knobs  # ours: transformers ignores it and loads the released behaviour
     return out
 
 

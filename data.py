@@ -5,18 +5,22 @@
     string + images               --encode / tokenize---->  token ids with each `<image>` replaced by that image's run
                                                             of IMAGE_TOKEN (its exact feature count, anyres.num_image_tokens)
     LLaVA JSON record             --SupervisedDataset---->  {input_ids, labels (answers only, -100 elsewhere), images}
+                                  (one image, several interleaved or in front, or a video's sampled frames)
     samples                       --collate / global_batches-->  right-padded batches in a (seed, epoch)-fixed order
 
 The strings are exactly the ones the released models were trained with (facts §7.1); one table serves inference and
 training, and labels are read off the same tokenisation inference uses, so the two never see different ids.
 """
 
+import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from anyres import process_image
+from anyres import process_images, process_video
 from model import IMAGE_TOKEN
 
 
@@ -163,9 +167,6 @@ class SampleError(Exception):
 def load_records(path) -> list[dict]:
     """A LLaVA JSON list, a JSONL file, or a mixture spec {"datasets": [{"json_path", "sampling_strategy"}]} whose
     strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%")."""
-    import json
-    import random
-    from pathlib import Path
 
     path = Path(path)
     text = path.read_text()
@@ -220,13 +221,23 @@ def image_files_of(record) -> list[str]:
     return [] if image is None else [image] if isinstance(image, str) else list(image)
 
 
-def place_single_image_first(messages):
-    """A lone <image> goes to the start of the first user turn as "<image>\n" + text, as the released models
-    were trained (facts §7.2); several images stay where the text puts them."""
-    if sum(text.count("<image>") for _, text in messages) != 1 or messages[0][1].startswith("<image>"):
+PLACEMENTS = ("interleaved", "front", "mixed")
+
+
+def place_images(messages, placement: str = "interleaved", key=0):
+    """Where the `<image>` placeholders go. A lone image always leads the first user turn as "<image>\n" + text,
+    as the released models were trained (facts §7.2). Several stay where the text puts them ("interleaved"), all
+    move to the front of the first user turn ("front", NeXT-Interleave's "in-the-front" format), or either, drawn
+    per sample from `key` ("mixed": the Interleave blog finds that training on both formats helps both)."""
+    count = sum(text.count("<image>") for _, text in messages)
+    if placement == "mixed":
+        placement = "front" if random.Random(str(key)).random() < 0.5 else "interleaved"
+    if count == 0 or (count > 1 and placement == "interleaved"):
+        return messages
+    if count == 1 and messages[0][1].startswith("<image>"):
         return messages
     moved = [(role, text.replace("<image>", "").strip() if "<image>" in text else text) for role, text in messages]
-    moved[0] = (moved[0][0], "<image>\n" + moved[0][1])
+    moved[0] = (moved[0][0], "<image>\n" * count + moved[0][1])
     return moved
 
 
@@ -243,15 +254,68 @@ def load_image(path):
         raise SampleError("unreadable image", f"{path}: {e}") from None
 
 
+def uniform_indices(total: int, k: int) -> list[int]:
+    """K frame indices spread evenly over the whole clip, first and last included (OneVision's linspace sampling);
+    every frame when the clip has no more than K."""
+    if total <= k:
+        return list(range(total))
+    return [int(i) for i in np.linspace(0, total - 1, k, dtype=int)]
+
+
+FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+ANIMATED_SUFFIXES = {".gif", ".webp", ".png", ".apng"}  # Pillow reads the frames of these
+
+
+def load_video(path, num_frames: int):
+    """K RGB frames of a video (PIL images), uniformly sampled, or SampleError("missing video" | "unreadable video").
+
+    Readers: a folder of frame images (in name order) and animated GIF/WebP/PNG with Pillow; any other file
+    (mp4, mkv, webm, avi, mov, ...) with PyAV, the ecosystem's usual decoder, when it is installed."""
+    from PIL import Image, ImageSequence
+
+    path = Path(path)
+    if not path.exists():
+        raise SampleError("missing video", str(path))
+    try:
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
+            if not files:
+                raise SampleError("unreadable video", f"{path}: a folder of frames holds no {sorted(FRAME_SUFFIXES)} files")
+            return [load_image(files[i]) for i in uniform_indices(len(files), num_frames)]
+        if path.suffix.lower() in ANIMATED_SUFFIXES:
+            with Image.open(path) as clip:
+                frames = [f.convert("RGB") for f in ImageSequence.Iterator(clip)]
+            return [frames[i] for i in uniform_indices(len(frames), num_frames)]
+        try:
+            import av
+        except ImportError:
+            raise SampleError("unreadable video", f"{path}: reading {path.suffix or 'this'} files needs PyAV "
+                              f"(pip install av); without it give an animated GIF/WebP or a folder of frames") from None
+        with av.open(str(path)) as container:
+            frames = [f.to_image() for f in container.decode(video=0)]
+        if not frames:
+            raise SampleError("unreadable video", f"{path}: no video frames")
+        return [frames[i].convert("RGB") for i in uniform_indices(len(frames), num_frames)]
+    except SampleError:
+        raise
+    except Exception as e:  # Pillow and PyAV raise many kinds for a damaged file
+        raise SampleError("unreadable video", f"{path}: {e}") from None
+
+
 class SupervisedDataset(torch.utils.data.Dataset):
     """Official LLaVA records -> tokenised samples, read lazily (images are decoded when a sample is drawn).
 
     A sample is {"id", "input_ids", "labels", "images", "note"}; one that cannot be used is {"id", "error",
     "detail"} and is counted and reported by the trainer instead of being trained on."""
 
-    def __init__(self, records, image_folder, tokenizer, template: str, model_cfg, max_len: int):
+    def __init__(self, records, image_folder, tokenizer, template: str, model_cfg, max_len: int, *,
+                 video_folder=None, num_frames: int = 32, image_placement: str = "interleaved"):
         self.records, self.image_folder = records, Path(image_folder or ".")
+        self.video_folder = Path(video_folder) if video_folder else self.image_folder
         self.tokenizer, self.template, self.model_cfg, self.max_len = tokenizer, template, model_cfg, max_len
+        self.num_frames, self.image_placement = num_frames, image_placement
+        if image_placement not in PLACEMENTS:
+            raise ValueError(f"image_placement {image_placement!r}: expected one of {PLACEMENTS}")
 
     def __len__(self):
         return len(self.records)
@@ -261,21 +325,27 @@ class SupervisedDataset(torch.utils.data.Dataset):
         lengths = []
         for r in self.records:
             words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in r.get("conversations") or [])
-            lengths.append(words if image_files_of(r) else -max(words, 1))
+            lengths.append(words if image_files_of(r) or r.get("video") else -max(words, 1))
         return lengths
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         sample_id = record.get("id", index)
         try:
-            messages = place_single_image_first(conversation_of(record))
-            files = image_files_of(record)
+            messages = place_images(conversation_of(record), self.image_placement, key=sample_id)
+            files, video = image_files_of(record), record.get("video")
             placeholders = sum(text.count("<image>") for _, text in messages)
-            if placeholders != len(files):
-                raise SampleError("image count mismatch", f"{placeholders} <image> placeholders, {len(files)} images")
-            if files and self.model_cfg.vision is None:
+            if video is not None and files:
+                raise SampleError("image count mismatch", "a sample holds either images or one video, not both")
+            if placeholders != (1 if video is not None else len(files)):
+                raise SampleError("image count mismatch", f"{placeholders} <image> placeholders, "
+                                  + ("one video (one placeholder)" if video is not None else f"{len(files)} images"))
+            if (files or video is not None) and self.model_cfg.vision is None:
                 raise SampleError("image for a text-only model")
-            images = [process_image(load_image(self.image_folder / f), self.model_cfg) for f in files]
+            if video is not None:
+                images = [process_video(load_video(self.video_folder / video, self.num_frames), self.model_cfg)]
+            else:
+                images = process_images([load_image(self.image_folder / f) for f in files], self.model_cfg)
             ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images])
             note = None
             if len(ids) > self.max_len:

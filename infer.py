@@ -1,4 +1,5 @@
 """Ask a released LLaVA model about images:  python infer.py IMAGE [IMAGE ...] "PROMPT" [--model NAME]
+                                        or a video:  python infer.py --video CLIP.mp4 --frames 16 "PROMPT"
 
     prompt text --data.render_prompt--> chat string --data.tokenize--> ids with IMAGE_TOKEN runs (1, T)
     images --anyres.process_image--> crops;  model prefill (1, T) -> first token;  then one token per step
@@ -8,15 +9,17 @@ The answer streams to stdout; everything else goes to stderr. --json prints one 
 """
 
 import argparse
+import dataclasses
 import json
+import re
 import sys
 import time
 
 import torch
 
-from anyres import process_image
+from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
 from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
-from data import TEMPLATES, render_prompt, stop_token_ids, tokenize
+from data import TEMPLATES, SampleError, load_video, render_prompt, stop_token_ids, tokenize
 from model import KVCache
 
 
@@ -49,6 +52,23 @@ def generate(model, input_ids: list[int], images=None, *, max_new_tokens=256, te
         logits = model(torch.tensor([[token]], device=device), cache=cache, num_logits=1)[0, -1]
 
 
+def place_visuals(prompt: str, num_images: int, video: bool) -> tuple[str, list[str]]:
+    """The prompt with one `<image>` per visual, and the visuals' kinds ("image" / "video") in prompt order.
+
+    `<image>` marks where the next image goes and `<video>` where the video goes (interleaved); visuals without
+    a placeholder go in front of the text, the video first, each on its own line (the in-the-front format the
+    released models were trained with for a single image)."""
+    placed = re.findall(r"<image>|<video>", prompt)
+    missing_images = num_images - placed.count("<image>")
+    if missing_images < 0 or placed.count("<video>") > int(video):
+        raise ValueError(f"the prompt has {placed.count('<image>')} <image> and {placed.count('<video>')} <video> "
+                         f"placeholders for {num_images} images and {int(video)} videos")
+    front = "<video>\n" * (video and "<video>" not in placed) + "<image>\n" * missing_images
+    prompt = front + prompt
+    kinds = ["video" if m == "<video>" else "image" for m in re.findall(r"<image>|<video>", prompt)]
+    return prompt.replace("<video>", "<image>"), kinds
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, then the prompt (put <image> where an image belongs; "
@@ -67,6 +87,10 @@ def main(argv=None):
                    help="preprocess as the original LLaVA code (default) or as the transformers processor")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids, counts and timings")
+    p.add_argument("--video", default=None, help="a video: mp4/webm/mkv/... (needs PyAV: pip install av), an animated "
+                                                 "GIF/WebP, or a folder of frames; <video> in the prompt places it")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (OneVision: 32)")
+    add_knob_flags(p)
     args = p.parse_args(argv)
 
     *image_paths, prompt = args.inputs
@@ -81,6 +105,17 @@ def main(argv=None):
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             sys.exit(f"error: cannot read image {path!r}: {e}")
 
+    frames = None
+    if args.video:
+        try:
+            frames = load_video(args.video, args.frames)
+        except SampleError as e:
+            sys.exit(f"error: cannot read video: {e}")
+    try:
+        prompt, kinds = place_visuals(prompt, len(images), frames is not None)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
     timings = {}
     t0 = time.perf_counter()
     try:
@@ -89,20 +124,23 @@ def main(argv=None):
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     timings["load_s"] = time.perf_counter() - t0
-    if images and model.vision_tower is None:
-        sys.exit(f"error: {args.model} is a text-only model; it cannot take images")
+    if kinds and model.vision_tower is None:
+        sys.exit(f"error: {args.model} is a text-only model; it cannot take images or videos")
+    if knobs := knobs_from_flags(args):
+        try:
+            model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     template = args.template or default_template(args.model, tokenizer)
 
-    missing = len(images) - prompt.count("<image>")
-    if missing < 0:
-        sys.exit(f"error: the prompt has {prompt.count('<image>')} <image> placeholders but {len(images)} images were given")
-    prompt = "<image>\n" * missing + prompt  # the original puts the image first in the user turn
     t0 = time.perf_counter()
-    processed = [process_image(im, model.cfg) for im in images]
+    stills = iter(process_images(images, model.cfg))  # several images: each padded to a square (anyres.tiles)
+    processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
     input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed])
     timings["preprocess_s"] = time.perf_counter() - t0
     print(f"{args.model}: template {template}, {len(input_ids)} prompt tokens "
-          f"({sum(im.num_tokens for im in processed)} for {len(images)} images)", file=sys.stderr)
+          f"({sum(im.num_tokens for im in processed)} for {len(images)} images"
+          + (f" and a video of {len(frames)} frames" if frames else "") + ")", file=sys.stderr)
 
     stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos_token_ids(folder))
     out, shown = [], ""

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from anyres import ProcessedImage, merge_image_features
+from anyres import HigherAnyRes, ProcessedImage, merge_image_features, pool_features
 from connector import Projector
 
 IMAGE_TOKEN = -200  # placeholder id for one image-feature position; never looked up in the embedding table
@@ -82,6 +82,7 @@ class LlavaConfig:
     # "original": what the code the weights were trained with does; "transformers": what the HF processor does.
     # The differences are listed in the README and handled in anyres.py.
     compat: str = "original"
+    higher_anyres: HigherAnyRes = field(default_factory=HigherAnyRes)  # token-budget knobs (anyres.py)
 
     @property
     def has_newline(self) -> bool:
@@ -324,11 +325,20 @@ class Llava(nn.Module):
         return self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def encode_images(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
-        """All crops of all images through tower and projector in one batch, then each image merged on its own."""
+        """All crops of all images (and video frames) through the tower in one batch, then each image through the
+        projector, pooled if it is a video (or if the knobs say so), and merged on its own."""
         pixels = torch.cat([im.pixels for im in images]).to(self.output_embeddings().device)  # (N, 3, C, C)
-        features = self.projector(self.vision_tower(pixels))  # (N, n*n, D)
-        per_image = features.split([im.pixels.shape[0] for im in images])
-        return [merge_image_features(f, im, self.image_newline, self.cfg) for f, im in zip(per_image, images)]
+        features = self.vision_tower(pixels)  # (N, n*n, D_vision)
+        knobs, out = self.cfg.higher_anyres, []
+        for f, im in zip(features.split([im.pixels.shape[0] for im in images]), images):
+            pool = im.video or knobs.pool_images
+            if pool and knobs.pool_position == "before":
+                f = pool_features(f, knobs)
+            f = self.projector(f)  # (crops, n*n, D)
+            if pool and knobs.pool_position == "after":
+                f = pool_features(f, knobs)  # (crops, m*m, D)
+            out.append(merge_image_features(f, im, self.image_newline, self.cfg))
+        return out
 
     def embed(self, input_ids, images: list[ProcessedImage] | None = None):
         """Token embeddings (B, T, D) with the image features written over the IMAGE_TOKEN positions."""

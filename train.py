@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from anyres import add_knob_flags, knobs_from_flags
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
 from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
 
@@ -53,6 +54,10 @@ class TrainConfig:
     pretrained_projector: str = ""  # a stage-1 projector (mm_projector.bin or a checkpoint folder) for --llm starts
     image_aspect_ratio: str = ""  # override the model's: pad | square | anyres | anyres_max_N
     grid_pinpoints: str = ""  # override the model's, e.g. "(1x1),...,(6x6)"
+    knobs: dict = field(default_factory=dict)  # Higher-AnyRes knobs (--max-grid, --pool, ...: anyres.HigherAnyRes)
+    video_folder: str = ""  # video paths in the records are relative to this (default: --image-folder)
+    frames: int = 32  # frames sampled uniformly from each video (OneVision's frames_upbound)
+    image_placement: str = "interleaved"  # several images: where the text puts them | "front" | "mixed" (data.place_images)
     template: str = "qwen_1_5"
     output_dir: str = "runs/train"
     epochs: int = 1
@@ -110,9 +115,11 @@ RECIPES = {
     "onevision-0.5b-stage2": dict(stage="2", template="qwen_1_5", image_aspect_ratio="anyres_max_9",
                                   grid_pinpoints="(1x1),...,(6x6)", lr=1e-5, vision_lr=2e-6, global_batch_size=256,
                                   micro_batch_size=1, max_len=32768),
-    # NeXT-Interleave: continue a stage-2 model on M4-Instruct with the tower frozen (facts §8.5)
+    # NeXT-Interleave: continue a stage-2 model (--model) on M4-Instruct with the tower frozen (facts §8.5), several
+    # images per sample padded to squares, in the interleaved and the in-the-front formats mixed half and half
     "interleave-continue": dict(stage="2", template="qwen_1_5", lr=1e-5, freeze_vision_tower=True, global_batch_size=128,
-                                micro_batch_size=1, max_len=32768, data_hub="lmms-lab/M4-Instruct-Data"),
+                                micro_batch_size=1, max_len=32768, image_placement="mixed",
+                                data_hub="lmms-lab/M4-Instruct-Data"),
 }
 
 
@@ -242,6 +249,8 @@ def build_model(cfg: TrainConfig, device):
         from anyres import parse_grid_pinpoints
 
         model.cfg.grid_pinpoints = parse_grid_pinpoints(cfg.grid_pinpoints, model.cfg.vision.image_size)
+    if cfg.knobs:  # saved with the checkpoints, so inference reads the budget the model was trained with
+        model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **cfg.knobs)
     return model, tokenizer
 
 
@@ -284,7 +293,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
                          f"{cfg.micro_batch_size} x {world} ranks")
 
     records = load_records(cfg.data)
-    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len)
+    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len,
+                                video_folder=cfg.video_folder, num_frames=cfg.frames, image_placement=cfg.image_placement)
     lengths = dataset.modality_lengths()
     steps_per_epoch = len(records) // cfg.global_batch_size
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -419,17 +429,22 @@ def parse_args(argv) -> TrainConfig:
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a published recipe; other flags override its values")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        if f.type is dict:
+            continue
         if f.type is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         else:
             p.add_argument(flag, type=f.type, default=None)
+    add_knob_flags(p)
     args = p.parse_args(argv)
     values = {}
     if args.recipe:
         recipe = dict(RECIPES[args.recipe])
         data = fetch_recipe_data(recipe, args) if not args.data else {}
         values.update({k: v for k, v in recipe.items() if not k.startswith("data_")}, **data)
-    values.update({k: v for k, v in vars(args).items() if v is not None and k != "recipe"})
+    knobs = knobs_from_flags(args)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k != "recipe" and k not in knobs})
+    values["knobs"] = {**values.get("knobs", {}), **knobs}
     return TrainConfig(**values)
 
 

@@ -6,12 +6,15 @@ import torch
 from conftest import photo
 
 from anyres import (
+    HigherAnyRes,
     grid_shape,
     num_image_tokens,
     parse_grid_pinpoints,
     process_image,
+    process_images,
     select_best_resolution,
     unpad_bounds,
+    video_tokens,
 )
 from model import LlavaConfig, VisionConfig
 
@@ -116,3 +119,77 @@ def test_pixels_identical_to_the_original_llava_code(original_llava, size, aspec
     theirs = theirs if theirs.dim() == 4 else theirs[None]
     assert ours.shape == theirs.shape
     assert torch.equal(ours, theirs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several images, video, and the Higher-AnyRes knobs
+
+
+def knobs(cfg, **values):
+    cfg.higher_anyres = HigherAnyRes(**values)
+    return cfg
+
+
+def test_several_images_are_padded_to_one_crop_each():
+    # facts §2.14: 27 * 27 + 1 newline = 730 per image at 384; 576 + 1 for LLaVA-1.6's CLIP
+    assert num_image_tokens((640, 480), onevision(), num_images=2) == 730
+    assert num_image_tokens((640, 480), llava_16(), num_images=3) == 577
+    # transformers' OneVision processor agrees; its LLaVA-NeXT processor tiles every image
+    assert num_image_tokens((640, 480), onevision("transformers"), num_images=2) == 730
+    assert num_image_tokens((640, 480), llava_16("transformers"), num_images=2) == 2340
+    assert num_image_tokens((640, 480), knobs(onevision(), multi_image="anyres"), num_images=2) == 2929
+    images = [photo(60, 30, seed=1), photo(30, 90, seed=2)]
+    ours = process_images(images, onevision())
+    assert [p.pixels.shape[0] for p in ours] == [1, 1] and all(p.grid is None for p in ours)
+    assert [p.num_tokens for p in ours] == [730, 730]
+    # the 60x30 image sits on a 60x60 square of SigLIP's mean colour (127, 127, 127): the top row is flat grey
+    top = ours[0].pixels[0, :, 0]
+    assert torch.allclose(top, torch.full_like(top, 127 / 255 * 2 - 1), atol=1e-6)
+    assert process_images(images[:1], onevision())[0].num_tokens == num_image_tokens((60, 30), onevision())
+
+
+def test_video_tokens_are_196_per_frame_plus_one_newline():
+    # facts §2.13: bilinear 27 -> ceil(27 / 2) = 14 per side after the projector, one newline per video
+    assert video_tokens(32, onevision()) == 196 * 32 + 1 == 6273
+    assert video_tokens(8, onevision()) == 1569
+    # NeXT-Video's average pooling drops the ragged edge: floor(27 / 2) = 13
+    assert video_tokens(8, knobs(onevision(), pool="average")) == 169 * 8 + 1
+    assert video_tokens(8, knobs(onevision(), pool_stride=3)) == 81 * 8 + 1
+
+
+def test_knobs_off_reproduce_the_release():
+    assert HigherAnyRes().changed() == {}
+    for cfg, size, tokens in [(llava_16(), (640, 480), 2340), (onevision(), (1920, 1080), 7269), (llava_15(), (640, 480), 576)]:
+        assert num_image_tokens(size, knobs(cfg)) == tokens
+
+
+def test_max_grid_uses_every_grid_up_to_n_by_n():
+    # LLaVA-1.6's five canvases give 1920x1080 a 3x1 grid (1948 tokens); up to 6x6 it gets 6 cols x 4 rows of 24 x 24
+    # features, a 96 x 144 map whose unpadding keeps 82 rows: 576 + 82 * (144 + 1)
+    assert num_image_tokens((1920, 1080), llava_16()) == 1948
+    assert grid_shape((1920, 1080), knobs(llava_16(), max_grid=6)) == (6, 4)
+    assert num_image_tokens((1920, 1080), knobs(llava_16(), max_grid=6)) == 576 + 82 * 145 == 12466
+    assert grid_shape((1920, 1080), knobs(onevision(), max_grid=2)) == (2, 2)
+
+
+def test_token_threshold_shrinks_the_grid_map_as_the_formula_says():
+    # tau = 9 crops of 576: t = sqrt(82 * 144 / 5184) = 1.509 -> (int(82 // t), int(144 // t)) = (54, 95)
+    assert num_image_tokens((1920, 1080), knobs(llava_16(), max_grid=6, token_threshold=9 * 576)) == 576 + 54 * 96
+    # OneVision with tau = 4 crops instead of anyres_max_9's 9: 75 x 135 -> t = 1.863 -> 40 x 72
+    assert num_image_tokens((1920, 1080), knobs(onevision(), token_threshold=4 * 729)) == 729 + 40 * 73
+    # under 1.1^2 tau nothing changes: 640x480 keeps its 40 x 54 map
+    assert num_image_tokens((640, 480), knobs(onevision(), token_threshold=4 * 729)) == 2929
+
+
+def test_pooling_images_shrinks_every_crop_map():
+    # 27 -> 14 per side: base 196, grid 2 x 2 crops = a 28 x 28 map, unpadded to 22 rows (int(480 * 28 / 640) = 21,
+    # padding (28 - 21) // 2 = 3 each side)
+    assert num_image_tokens((640, 480), knobs(onevision(), pool_images=True)) == 196 + 22 * 29
+    assert num_image_tokens((640, 480), knobs(onevision(), pool_images=True), num_images=2) == 196 + 1
+
+
+def test_bad_knobs_are_named():
+    with pytest.raises(ValueError, match="pool"):
+        HigherAnyRes(pool="max")
+    with pytest.raises(ValueError, match="max_grid"):
+        HigherAnyRes(max_grid=0)

@@ -171,7 +171,7 @@ def bad_records(tmp_path):
         {"id": "gpt-first", "image": "ok.png", "conversations": chat()[::-1]},
         {"id": "empty", "image": "ok.png", "conversations": []},
         # two images stay where the text puts them; the second falls beyond --max-len
-        {"id": "long", "image": ["ok.png", "ok.png"], "conversations": chat("<image> " + "what is it " * 30 + "<image>")},
+        {"id": "long", "image": ["ok.png", "ok.png"], "conversations": chat("<image> " + "what is it " * 100 + "<image>")},
     ]
 
 

@@ -56,8 +56,58 @@ def test_missing_image_is_one_clear_line(tiny, tmp_path):
 
 
 def test_more_placeholders_than_images_is_an_error(tiny, image_file):
-    with pytest.raises(SystemExit, match="2 <image> placeholders but 1 images"):
+    with pytest.raises(SystemExit, match="2 <image> and 0 <video> placeholders for 1 images and 0 videos"):
         infer.main([str(image_file), "<image> and <image>?", "--model", str(tiny("next_llama"))])
+
+
+def test_placement_rules():
+    # placeholders are honoured; visuals without one go in front, the video first
+    assert infer.place_visuals("What changed between <image> and <image>?", 2, False) == (
+        "What changed between <image> and <image>?", ["image", "image"])
+    assert infer.place_visuals("Compare.", 2, False) == ("<image>\n<image>\nCompare.", ["image", "image"])
+    assert infer.place_visuals("Is <image> in the clip?", 1, True) == (
+        "<image>\nIs <image> in the clip?", ["video", "image"])
+    assert infer.place_visuals("Is <image> in <video>?", 1, True) == ("Is <image> in <image>?", ["image", "video"])
+
+
+def test_two_images_and_a_video_from_the_command_line(tiny, tmp_path, capsys):
+    """Two images interleaved in the prompt, then a GIF video: the ids and answer equal the same request built by
+    hand (images padded to one crop each, 82 tokens in the tiny OneVision; 3 frames x 25 + 1 for the video)."""
+    folder = tiny("onevision_qwen2")
+    a, b = photo(50, 30, seed=1), photo(30, 60, seed=2)
+    a.save(tmp_path / "a.png"), b.save(tmp_path / "b.png")
+    frames = [photo(40, 40, seed=s) for s in (3, 4, 5)]
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    infer.main([str(tmp_path / "a.png"), str(tmp_path / "b.png"), "Between <image> and <image>, what moves in <video>?",
+                "--video", str(tmp_path / "clip.gif"), "--frames", "3", "--model", str(folder), "--json",
+                "--max-new-tokens", "5", "--ignore-eos"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["image_tokens"] == [82, 82, 3 * 25 + 1]
+
+    from anyres import process_images, process_video
+    from data import load_video
+
+    model, _ = load_pretrained(str(folder))
+    tokenizer = load_tokenizer(folder, str(folder))
+    gif = load_video(tmp_path / "clip.gif", 3)
+    assert len(gif) == 3 and all(f.size == (40, 40) for f in gif)  # GIF frames are palette-quantised copies
+    visuals = process_images([a, b], model.cfg) + [process_video(gif, model.cfg)]
+    prompt = render_prompt("qwen_1_5", [("user", "Between <image> and <image>, what moves in <image>?")])
+    expected = list(infer.generate(model, tokenize(tokenizer, prompt, [v.num_tokens for v in visuals]), visuals,
+                                   max_new_tokens=5))
+    assert result["output_token_ids"] == expected
+
+
+def test_a_video_format_without_its_reader_says_what_to_install(tiny, tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="needs PyAV \\(pip install av\\)"):
+            infer.main(["Hi", "--video", str(tmp_path / "clip.mp4"), "--model", str(tiny("onevision_qwen2"))])
+    else:
+        with pytest.raises(SystemExit, match="unreadable video"):
+            infer.main(["Hi", "--video", str(tmp_path / "clip.mp4"), "--model", str(tiny("onevision_qwen2"))])
 
 
 def test_unknown_model_name_says_what_it_accepts():

@@ -7,7 +7,7 @@ import torch
 from conftest import photo
 
 import tiny_checkpoints as tc
-from anyres import process_image
+from anyres import process_image, process_images, process_video, video_tokens
 from convert import load_pretrained
 from infer import generate
 from model import IMAGE_TOKEN, KVCache
@@ -40,11 +40,8 @@ def prompt_ids(name, counts, text=(5, 6, 7, 8, 9)):
 
 
 def reference_logits(ref, name, ids, pixels=None):
-    kwargs = {}
-    if pixels is not None:
-        kwargs = dict(pixel_values=pixels["pixel_values"])
-        if "image_sizes" in pixels:
-            kwargs["image_sizes"] = pixels["image_sizes"]
+    kwargs = {k: v for k, v in (pixels or {}).items()
+              if k in ("pixel_values", "image_sizes", "batch_num_images", "pixel_values_videos")}
     with torch.no_grad():
         return ref(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs).logits
 
@@ -84,20 +81,65 @@ def test_single_image_logits_pixels_and_counts(models, name, size):
     assert (mine - theirs).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("name", ["llava15_llama", "next_mistral", "next_qwen2", "onevision_qwen2"])
-def test_two_image_logits(models, name):
+MULTI = [photo(45, 30, seed=1), photo(20, 75, seed=2), photo(33, 33, seed=3)]
+
+
+@pytest.mark.parametrize("name,count", [("llava15_llama", 2), ("next_mistral", 2), ("next_qwen2", 3),
+                                        ("onevision_qwen2", 2), ("onevision_qwen2", 3)])
+def test_multi_image_logits_pixels_and_counts(models, name, count):
+    """Several images in one prompt. OneVision pads each to a mean-colour square (n*n + 1 tokens), as the original
+    trains and as transformers does for a sample of several images (a nested list); transformers' LLaVA-NeXT tiles
+    every image, which our compat="transformers" follows."""
     ref, processor, ours = models(name)
-    images = [photo(45, 30, seed=1), photo(20, 75, seed=2)]
-    processed = [process_image(im, ours.cfg) for im in images]
-    # a flat list: transformers treats each image as its own sample and tiles both, as the original does by default
-    pixels = dict(processor(images=images, return_tensors="pt"))
+    images = MULTI[:count]
+    processed = process_images(images, ours.cfg)
+    pixels = dict(processor(images=[images] if name == "onevision_qwen2" else images, return_tensors="pt"))
     check_pixels(name, processed, pixels)
     assert sum(p.num_tokens for p in processed) == tc.image_token_count(ref, pixels)
+    if name == "onevision_qwen2":
+        assert [p.num_tokens for p in processed] == [9 * 9 + 1] * count
     mine_ids, their_ids = prompt_ids(name, [p.num_tokens for p in processed])
     theirs = reference_logits(ref, name, their_ids, pixels)
     with torch.no_grad():
         mine = ours(mine_ids, processed)
     assert (mine - theirs).abs().max() <= TOL
+    assert torch.equal(mine[0, -1].argmax(), theirs[0, -1].argmax())
+
+
+def video_frames(k: int):
+    """k frames of a square moving across a photo, at the photo's odd size (each frame is squashed to one crop)."""
+    frames = []
+    for i in range(k):
+        frame = photo(50, 40, seed=7).copy()
+        frame.paste((255, 0, 0), (4 * i, 10, 4 * i + 8, 18))
+        frames.append(frame)
+    return frames
+
+
+def test_video_logits_and_greedy_tokens(models):
+    """An 8-frame video in OneVision: frames through tower and projector, 2x2 bilinear pooling after it (9 -> 5
+    per side in the tiny model, as 27 -> 14 in the real one), one newline: 25 * 8 + 1 tokens. transformers' video
+    processor needs torchvision, so the same PIL-processed frames go to both models; they equal what it does to
+    each frame (SigLIP's squash to one crop)."""
+    ref, _, ours = models("onevision_qwen2")
+    frames = video_frames(8)
+    video = process_video(frames, ours.cfg)
+    assert video.pixels.shape == (8, 3, 27, 27) and video.num_tokens == 5 * 5 * 8 + 1 == video_tokens(8, ours.cfg)
+    from transformers import SiglipImageProcessorPil  # what the OneVision video processor does to each frame
+
+    siglip = SiglipImageProcessorPil(size={"height": 27, "width": 27}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    assert torch.equal(video.pixels, siglip(images=frames, return_tensors="pt")["pixel_values"])
+    mine_ids, _ = prompt_ids("onevision_qwen2", [video.num_tokens])
+    their_ids = torch.where(mine_ids == IMAGE_TOKEN, tc.VIDEO_TOKEN_ID["onevision_qwen2"], mine_ids)
+    theirs = reference_logits(ref, "onevision_qwen2", their_ids, {"pixel_values_videos": video.pixels[None]})
+    with torch.no_grad():
+        mine = ours(mine_ids, [video])
+    assert (mine - theirs).abs().max() <= TOL
+    greedy = list(generate(ours, mine_ids[0].tolist(), [video], max_new_tokens=8))
+    with torch.no_grad():
+        reference = ref.generate(input_ids=their_ids, attention_mask=torch.ones_like(their_ids),
+                                 pixel_values_videos=video.pixels[None], max_new_tokens=8, do_sample=False)
+    assert greedy == reference[0, their_ids.shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("name", ["next_llama", "onevision_qwen2"])
@@ -150,3 +192,29 @@ def test_original_layout_gives_the_same_logits(models, tmp_path, tiny, name, sha
     ids, _ = prompt_ids(name, [processed[0].num_tokens])
     with torch.no_grad():
         assert torch.equal(theirs_layout(ids, processed), ours(ids, processed))
+
+
+@pytest.mark.parametrize("values", [dict(pool_position="before"), dict(pool="average", pool_stride=3),
+                                    dict(pool_images=True), dict(max_grid=2, token_threshold=100)])
+def test_knobs_splice_the_counted_tokens_and_survive_a_checkpoint(tiny, tmp_path, values):
+    """Each knob changes what reaches the decoder (the logits move), the model splices exactly the count the
+    counter reserved (it raises otherwise), and a saved checkpoint loads with the same knobs and logits."""
+    import dataclasses
+
+    from convert import save_pretrained
+
+    model, _ = load_pretrained(str(tiny("onevision_qwen2")))
+    image, video = photo(130, 36, seed=4), video_frames(3)
+    ids = lambda processed: prompt_ids("onevision_qwen2", [p.num_tokens for p in processed])[0]  # noqa: E731
+    with torch.no_grad():
+        before = [process_image(image, model.cfg), process_video(video, model.cfg)]
+        released = model(ids(before), before)
+        model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **values)
+        processed = [process_image(image, model.cfg), process_video(video, model.cfg)]
+        tuned = model(ids(processed), processed)
+    assert released.shape != tuned.shape or (released - tuned).abs().max() > 1e-3
+    save_pretrained(model, tmp_path)
+    again, _ = load_pretrained(str(tmp_path))
+    assert again.cfg.higher_anyres == model.cfg.higher_anyres
+    with torch.no_grad():
+        assert torch.equal(again(ids(processed), processed), tuned)
