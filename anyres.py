@@ -384,3 +384,38 @@ def merge_image_features(features, image: ProcessedImage, newline, cfg):
             x = F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     x = torch.cat([x, newline[:, None, None].to(x).expand(-1, x.shape[1], 1)], dim=2)  # (D, h, w + 1)
     return torch.cat([base, rearrange(x, "D h w -> (h w) D")])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# `python anyres.py`: the visual-token budget of each setting, from the counter above (the README's table)
+
+
+def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (800, 3000))) -> str:
+    from model import LlavaConfig, VisionConfig
+
+    clip = VisionConfig(kind="clip", image_size=336, patch_size=14)
+    siglip = VisionConfig(kind="siglip", image_size=384, patch_size=14, select_feature="full")
+    next_grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    onevision = dict(vision=siglip, image_aspect_ratio="anyres_max_9", grid_pinpoints=parse_grid_pinpoints("(1x1),...,(6x6)", 384))
+    rows = [  # (setting, config, images in the prompt)
+        ("LLaVA-1.5 (pad, CLIP-336)", LlavaConfig(vision=clip, image_aspect_ratio="pad", merge_type="flat"), 1),
+        ("LLaVA-NeXT (anyres, 5 grids up to 3x1)", LlavaConfig(vision=clip, grid_pinpoints=next_grids), 1),
+        ("  + max_grid 6", LlavaConfig(vision=clip, grid_pinpoints=next_grids, higher_anyres=HigherAnyRes(max_grid=6)), 1),
+        ("  + max_grid 6, tau = 9 x 576", LlavaConfig(vision=clip, grid_pinpoints=next_grids,
+                                                      higher_anyres=HigherAnyRes(max_grid=6, token_threshold=9 * 576)), 1),
+        ("OneVision (anyres_max_9, 6x6, SigLIP-384)", LlavaConfig(**onevision), 1),
+        ("  + tau = 4 x 729", LlavaConfig(**onevision, higher_anyres=HigherAnyRes(token_threshold=4 * 729)), 1),
+        ("  + pool_images (bilinear 2x2)", LlavaConfig(**onevision, higher_anyres=HigherAnyRes(pool_images=True)), 1),
+        ("  one of several images (pad)", LlavaConfig(**onevision), 2),
+    ]
+    lines = ["| setting | " + " | ".join(f"{w}x{h}" for w, h in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for name, cfg, n in rows:
+        lines.append(f"| {name} | " + " | ".join(str(num_image_tokens(s, cfg, n)) for s in sizes) + " |")
+    video = LlavaConfig(**onevision)
+    lines.append(f"| OneVision video, 8 / 32 frames | {video_tokens(8, video)} / {video_tokens(32, video)} |"
+                 + " |" * (len(sizes) - 1))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(budget_table())

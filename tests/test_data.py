@@ -218,3 +218,85 @@ def test_a_run_counts_bad_samples_and_stops_when_there_are_too_many(bad_records,
     cfg.global_batch_size, cfg.micro_batch_size, cfg.output_dir = 100, 50, str(tmp_path / "run2")
     with pytest.raises(SystemExit, match=r"20 of 100 samples could not be used .* more than --max-bad-fraction 0.01"):
         train(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Several images and video
+
+
+def test_image_placement_interleaved_front_and_mixed():
+    from data import place_images
+
+    turns = [("user", "Look at <image> and then <image>. Same?"), ("assistant", "No.")]
+    assert place_images(turns, "interleaved") == turns
+    assert place_images(turns, "front") == [("user", "<image>\n<image>\nLook at  and then . Same?"), ("assistant", "No.")]
+    # mixed: drawn per sample id, the same every time, and both formats occur
+    drawn = [place_images(turns, "mixed", key=i) for i in range(40)]
+    assert drawn == [place_images(turns, "mixed", key=i) for i in range(40)]
+    assert 10 < sum(d == turns for d in drawn) < 30
+    # a lone image always leads the first turn, whatever the placement
+    single = [("user", "What is <image>?"), ("assistant", "A cat.")]
+    assert place_images(single, "interleaved") == [("user", "<image>\nWhat is ?"), ("assistant", "A cat.")]
+
+
+def test_uniform_frame_sampling_spans_the_clip():
+    from data import uniform_indices
+
+    assert uniform_indices(100, 8) == [0, 14, 28, 42, 56, 70, 84, 99]  # np.linspace(0, 99, 8, dtype=int)
+    assert uniform_indices(5, 8) == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def clips(tmp_path):
+    from conftest import photo
+
+    frames = [photo(32, 24, seed=s) for s in range(10)]
+    frames[0].save(tmp_path / "clip.webp", save_all=True, append_images=frames[1:], lossless=True)
+    (tmp_path / "frames").mkdir()
+    for i, f in enumerate(frames):
+        f.save(tmp_path / "frames" / f"{i:03d}.png")
+    return tmp_path, frames
+
+
+def test_videos_read_from_animated_webp_and_frame_folders(clips):
+    import numpy as np
+
+    from data import load_video
+
+    folder, frames = clips
+    for source in ("clip.webp", "frames"):
+        got = load_video(folder / source, 4)  # frames 0, 3, 6, 9
+        assert len(got) == 4
+        assert all(np.array_equal(np.asarray(g), np.asarray(frames[i])) for g, i in zip(got, [0, 3, 6, 9])), source
+    with pytest.raises(SampleError, match="missing video"):
+        load_video(folder / "nope.webp", 4)
+
+
+def test_m4_instruct_and_llava_video_records_load_unchanged(clips, tiny):
+    """The official multi-image (M4-Instruct: "image" a list, <image> in the text) and video (LLaVA-Video-178K:
+    "video" a path, one <image>) records; tokens per image / frame as the tiny OneVision counts them."""
+    from conftest import photo
+
+    from convert import load_pretrained
+
+    folder, _ = clips
+    photo(40, 20, seed=1).save(folder / "a.png")
+    photo(20, 40, seed=2).save(folder / "b.png")
+    records = [
+        {"id": "m4", "image": ["a.png", "b.png"], "conversations": [
+            {"from": "human", "value": "this <image> and this <image> what is it"}, {"from": "gpt", "value": "a dog"}]},
+        {"id": "video", "video": "clip.webp", "data_source": "demo", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": "a cat"}]},
+        {"id": "frames", "video": "frames", "conversations": [
+            {"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "value": "a cat"}]},
+        {"id": "two", "video": "clip.webp", "conversations": [
+            {"from": "human", "value": "<image> <image>\nwhat is it"}, {"from": "gpt", "value": "a cat"}]},
+    ]
+    model, _ = load_pretrained(str(tiny("onevision_qwen2")))
+    dataset = SupervisedDataset(records, folder, chat_tokenizer(), "qwen_1_5", model.cfg, max_len=600,
+                                video_folder=folder, num_frames=4)
+    m4, video, frames, two = (dataset[i] for i in range(4))
+    assert [im.num_tokens for im in m4["images"]] == [82, 82] and m4["input_ids"].count(IMAGE_TOKEN) == 164
+    assert video["images"][0].video and video["input_ids"].count(IMAGE_TOKEN) == 4 * 25 + 1
+    assert frames["input_ids"] == video["input_ids"]
+    assert two["error"] == "image count mismatch"

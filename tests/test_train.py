@@ -105,3 +105,43 @@ def test_two_gloo_processes_equal_one(dataset, tmp_path, flags):
     # Adam divides by sqrt(v): for parameters with near-zero gradients the all-reduce's rounding moves updates by up
     # to ~1e-5 here; the losses above are the tight check
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(tmp_path_factory, tiny):
+    """16 samples for the tiny OneVision: two or three images interleaved in the text, 3-frame GIF videos, single
+    images and text-only chats, as they come in OneVision's stage-2 mixture."""
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "images").mkdir()
+    records = []
+    for i in range(16):
+        if i % 4 == 0:
+            frames = [photo(30, 30, seed=i * 10 + f) for f in range(4)]
+            frames[0].save(root / "images" / f"{i}.gif", save_all=True, append_images=frames[1:])
+            records.append({"id": f"video{i}", "video": f"{i}.gif", "conversations": [
+                {"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": ["a cat", "a dog"][i % 8 // 4]}]})
+        elif i % 4 == 3:
+            records.append({"id": f"text{i}", "conversations": [{"from": "human", "value": "count"},
+                                                                 {"from": "gpt", "value": "one two"}]})
+        else:
+            names = [f"{i}_{k}.png" for k in range(i % 4 + 1)]  # one or two images ... and three at i % 4 == 2
+            for k, name in enumerate(names):
+                photo(20 + 7 * k, 40 - 5 * k, seed=i + k).save(root / "images" / name)
+            text = " and ".join(f"<image>" for _ in names) + " which is wider?"
+            records.append({"id": f"img{i}", "image": names, "conversations": [
+                {"from": "human", "value": text}, {"from": "gpt", "value": ["the first", "the second"][i % 2]}]})
+    (root / "data.json").write_text(json.dumps(records))
+    return root, tiny("onevision_qwen2")
+
+
+def test_multi_image_and_video_batches_train_the_same_on_two_processes(mixed_dataset, tmp_path):
+    flags = dict(frames=3, image_placement="mixed", global_batch_size=8, micro_batch_size=2, max_steps=3)
+    single = tmp_path / "single"
+    train(config(mixed_dataset, single, **flags))
+    distributed = run_torchrun(mixed_dataset, tmp_path / "dist", "--frames", "3", "--image-placement", "mixed",
+                               "--max-steps", "3")
+    one, two = losses(single / "run"), losses(distributed)
+    assert len(one) == len(two) == 3 and one[-1] < one[0]
+    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one, two)), (one, two)
+    metrics = [json.loads(line) for line in (single / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["bad_samples"] for m in metrics] == [0, 0, 0]
