@@ -85,6 +85,7 @@ class TrainConfig:
     max_bad_fraction: float = 0.01  # stop if more than this share of the samples seen so far cannot be used
     num_workers: int = 0  # data-loading processes per rank
     quiet: bool = False  # no progress bar
+    peak_tflops: float = 0.0  # for MFU: the accelerator's dense bf16 peak per device (0: looked up for known GPUs)
 
 
 # Published recipes (facts §8). Data: `hub` is a dataset repo fetched with huggingface_hub; `json` the file in it;
@@ -272,6 +273,47 @@ def wrap(model, cfg: TrainConfig, device, world: int):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Model FLOPs utilisation (MFU): the FLOPs the model needs for a step over what the hardware could do meanwhile
+
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "H800": 989, "GH200": 989, "B200": 2250,
+                    "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70}  # dense, per GPU
+
+
+def peak_flops(device, cfg: TrainConfig) -> float | None:
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((t * 1e12 for key, t in PEAK_BF16_TFLOPS.items() if key in name), None)
+    return None
+
+
+def forward_flops(weights: int, layers: int, width: int, T: int) -> int:
+    """One sequence of T tokens through a transformer: 2 FLOPs per weight per token, plus attention's scores and
+    weighted values, 2 * 2 * T^2 * width per layer (full T^2, as SDPA computes it)."""
+    return 2 * weights * T + 4 * layers * width * T * T
+
+
+def step_flops(model, batches) -> int:
+    """Model FLOPs of this rank's micro-batches, forward + backward (x3: the backward needs the gradients of both
+    activations and weights). The tower's backward runs only when it learns; padding is not counted."""
+    text, dec = model.cfg.text, model.language_model
+    dec_weights = sum(p.numel() for p in dec.layers.parameters()) + model.output_embeddings().numel()
+    flops = 0
+    for b in batches:
+        for T in b["padding_mask"].sum(1).tolist():
+            flops += 3 * forward_flops(dec_weights, text.num_layers, text.hidden_size, T)
+        if b["images"]:
+            v, tower = model.cfg.vision, model.vision_tower
+            tower_factor = 3 if any(p.requires_grad for p in tower.parameters()) else 1
+            crops = sum(im.pixels.shape[0] for im in b["images"])
+            P = tower.position_embedding.num_embeddings
+            flops += crops * tower_factor * forward_flops(sum(p.numel() for p in tower.parameters()), v.num_layers, v.hidden_size, P)
+            flops += crops * 3 * 2 * sum(p.numel() for p in model.projector.parameters()) * P
+    return flops
+
+
 def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
     """This rank's micro-batches of one global batch: micro-step a on rank r takes slot a * world + r."""
     slots = [batch[i: i + micro] for i in range(0, len(batch), micro)]
@@ -322,6 +364,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
 
         bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    peak = peak_flops(device, cfg)
     schedule, schedule_epoch = None, None
     step = start
     for step in range(start, total):
@@ -357,14 +400,18 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
 
         loss_value = all_sum(loss_sum, device) / max(targets, 1)
         tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), device)
+        flops = all_sum(step_flops(model, batches), device) if peak else 0
         dt = time.perf_counter() - t0
         if rank == 0:
             record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
                       "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
+            if peak:
+                record["mfu"] = flops / dt / (peak * world)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cfg.lr * factor:.2e}", tok_s=f"{tokens / dt:.0f}")
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cfg.lr * factor:.2e}", tok_s=f"{tokens / dt:.0f}",
+                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
                 bar.update(1)
         done = step + 1
         if done % cfg.save_every == 0 or done == total:

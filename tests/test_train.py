@@ -145,3 +145,29 @@ def test_multi_image_and_video_batches_train_the_same_on_two_processes(mixed_dat
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one, two)), (one, two)
     metrics = [json.loads(line) for line in (single / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["bad_samples"] for m in metrics] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_mfu_counts_the_flops_torch_counts(dataset, freeze):
+    """step_flops (what MFU divides by the peak) agrees within 5% with torch's own count of the matmul FLOPs of a
+    forward and backward pass over a real batch, with the tower learning and frozen."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from data import SupervisedDataset, collate, load_records
+    from train import set_trainable, step_flops
+
+    root, folder = dataset
+    model, _ = load_pretrained(str(folder))
+    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=freeze))
+    from convert import load_tokenizer
+
+    records = load_records(root / "data.json")[:4]
+    data = SupervisedDataset(records, root / "images", load_tokenizer(folder, str(folder)), "qwen_1_5", model.cfg, 512)
+    batches = [collate([data[i] for i in range(4)], 0)]
+    batches[0]["padding_mask"][:] = 1  # torch counts the padded positions too
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # plain matmuls torch can count
+        model(batches[0]["input_ids"], batches[0]["images"]).sum().backward()
+    counted = counter.get_total_flops()
+    assert abs(step_flops(model, batches) - counted) <= 0.05 * counted, (step_flops(model, batches), counted)
