@@ -7,8 +7,9 @@
                                and an ordinary causal-LM folder
     stage 1 / 1.5 / 2          train.train, exactly as the real recipes run it: projector only on captions (plain
                                template), then the whole model on detailed captions, then on multi-turn VQA
-                               (qwen_1_5 template), AnyRes on throughout
-    evaluation                 greedy answers to held-out questions on new scenes, and on the same scenes blanked
+                               (qwen_1_5 template) with two-image and 3-frame video questions mixed in, AnyRes on
+    evaluation                 greedy answers to held-out questions on new scenes, and on the same scenes blanked;
+                               then the two-image ("which has more shapes?") and motion ("which way?") sets
 
 The last line printed is `toy: held-out accuracy A, blank-image accuracy B, wall S s` (scripts read it). Then
 `python infer.py runs/toy/data/images/eval_000000.png "What color is the circle?" --model runs/toy/stage2/final`.
@@ -26,9 +27,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import toy
-from anyres import process_image
+from anyres import process_image, process_images, process_video
 from convert import save_pretrained
-from data import IGNORE_INDEX, load_image, render_conversation, render_prompt, stop_token_ids, tokenize
+from data import (IGNORE_INDEX, image_files_of, load_image, load_video, render_conversation, render_prompt,
+                  stop_token_ids, tokenize)
 from model import Llava, LlavaConfig, TextConfig, VisionConfig, VisionTower, init_fresh
 from train import TrainConfig, train
 
@@ -160,6 +162,15 @@ def _meta(cls, cfg):
 # Evaluation
 
 
+def visuals(record, cfg, folder: Path, blank: bool):
+    """A record's images (one, or several: each padded to one crop) or video, processed as training does; `blank`
+    swaps every image or frame for a black one of the same size (same token count)."""
+    black = (lambda im: Image.new("RGB", im.size)) if blank else (lambda im: im)  # noqa: E731
+    if "video" in record:
+        return [process_video([black(f) for f in load_video(folder / record["video"], toy.VIDEO_FRAMES)], cfg)]
+    return process_images([black(load_image(folder / f)) for f in image_files_of(record)], cfg)
+
+
 @torch.inference_mode()
 def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False):
     """Share of one-word answers right, greedy, overall and per question type; `blank` swaps each image for a black
@@ -170,12 +181,10 @@ def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False):
     stop = stop_token_ids(tokenizer, "qwen_1_5")
     right, per_type = 0, {}
     for r in records:
-        image = load_image(folder / r["image"])
-        if blank:
-            image = Image.new("RGB", image.size)
-        processed = process_image(image, model.cfg)
+        processed = visuals(r, model.cfg, folder, blank)
         prompt = render_prompt("qwen_1_5", toy.to_messages(r["conversations"][:1]))
-        out = list(generate(model, tokenize(tokenizer, prompt, [processed.num_tokens]), [processed], max_new_tokens=4, stop_ids=stop))
+        out = list(generate(model, tokenize(tokenizer, prompt, [p.num_tokens for p in processed]), processed,
+                            max_new_tokens=4, stop_ids=stop))
         answer = tokenizer.decode([t for t in out if t not in stop]).strip().rstrip(".").lower()
         ok = answer == r["answer"].lower()
         right += ok
@@ -213,7 +222,8 @@ def life_cycle(run: ToyRun = ToyRun()):
         TrainConfig(stage="1.5", model=str(out / "stage1" / "final"), data=str(data / "recap.json"), template="qwen_1_5",
                     lr=1e-3, vision_lr=2e-4, max_steps=run.stage15_steps, output_dir=str(out / "stage1.5"), **common),
         TrainConfig(stage="2", model=str(out / "stage1.5" / "final"), data=str(data / "instruct.json"), template="qwen_1_5",
-                    lr=1e-3, freeze_vision_tower=True, max_steps=run.stage2_steps, output_dir=str(out / "stage2"), **common),
+                    lr=1e-3, freeze_vision_tower=True, max_steps=run.stage2_steps, output_dir=str(out / "stage2"),
+                    frames=toy.VIDEO_FRAMES, **common),
     ]
     for cfg in stages:
         train(cfg)
@@ -225,4 +235,10 @@ def life_cycle(run: ToyRun = ToyRun()):
     accuracy, per_type = vqa_accuracy(model, tokenizer, records, data)
     blank, _ = vqa_accuracy(model, tokenizer, records, data, blank=True)
     log("held-out accuracy per type: " + ", ".join(f"{t} {a:.2f}" for t, a in per_type.items()))
+    # NeXT-Interleave's inputs: two images in one prompt, and a 3-frame video (chance 0.50 and 0.25)
+    interleave = {kind: json.loads((data / f"eval_{kind}.json").read_text()) for kind in ("compare", "motion")}
+    scores = {kind: (vqa_accuracy(model, tokenizer, recs, data)[0], vqa_accuracy(model, tokenizer, recs, data, blank=True)[0])
+              for kind, recs in interleave.items()}
+    print(f"toy: multi-image accuracy {scores['compare'][0]:.2f} (blank {scores['compare'][1]:.2f}), "
+          f"motion accuracy {scores['motion'][0]:.2f} (blank {scores['motion'][1]:.2f})")
     print(f"toy: held-out accuracy {accuracy:.2f}, blank-image accuracy {blank:.2f}, wall {time.perf_counter() - start:.0f} s")

@@ -21,7 +21,10 @@ Files under out_dir (byte-identical for the same arguments):
     recap.json      stage 1.5 (full model): "<image>\\nDescribe the image in detail." -> "There are two shapes. The
                     red circle is on the left. ... The letter K is written in the middle." (3 prompt variants)
     instruct.json   stage 2 (full model): 1-3 VQA turns per image (types distinct within a conversation, `<image>\\n` in
-                    the first human turn only) plus ~5% text-only trivia conversations with no "image" key
+                    the first human turn only) plus ~5% text-only trivia conversations with no "image" key, and
+                    p_compare / p_motion as many two-image ("image": [a, b]) and video ("video": a 3-frame GIF
+                    under videos/) records: "Which image has more shapes?", "Which way does the red circle move?"
+    eval_compare.json, eval_motion.json   n_eval / 5 held-out records of each (answers in turn, like eval.json)
     eval.json       one question per eval scene, the five types in turn and within a type its answers in turn (equal
                     shares: a constant answer scores chance); each record also holds "answer" (the expected
                     one-word answer) and "type" (a key of QUESTION_TYPES)
@@ -81,6 +84,8 @@ class ToyConfig:
     max_background: int = 24  # the background is grey level 0..max_background
     max_turns: int = 3  # VQA turns per instruct conversation: 1..max_turns
     p_text_only: float = 0.05  # share of instruct records that are text-only trivia
+    p_compare: float = 0.1  # instruct records with two images ("which has more shapes?"), per single-image record
+    p_motion: float = 0.1  # instruct records with a 3-frame video ("which way does it move?"), likewise
     tokenizer_vocab: int = 512
 
 
@@ -342,12 +347,76 @@ def text_sample(seed: int, i: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Several images and video, NeXT-Interleave's inputs in miniature. The scenes are one crop (48x48, 3x3 cells), so a
+# padded image or a frame shows its cells exactly as the tower learned them in stage 0.
+
+SMALL = (48, 48)
+ORDINALS = ["first", "second"]
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VIDEO_FRAMES = 3  # the moving shape steps one cell per frame, across the whole scene
+
+
+def compare_sample(seed: int, split: str, i: int, cfg: ToyConfig):
+    """Two small scenes with different numbers of shapes: "Which image has more shapes, the first or the second?".
+    Half the records put both images in front of the question, half interleave them with labels: the two formats
+    the Interleave blog mixes. Returns (record, {path: image})."""
+    rng = random.Random(f"toy:{seed}:{split}:compare:{i}")
+    small = ToyConfig(**{**cfg.__dict__, "sizes": (SMALL,)})
+    answer = ORDINALS[i % 2] if split == "eval" else rng.choice(ORDINALS)
+    a, b = sample_scene(rng, small), sample_scene(rng, small)
+    while len(a["objects"]) == len(b["objects"]):
+        b = sample_scene(rng, small)
+    if (len(a["objects"]) > len(b["objects"])) != (answer == "first"):
+        a, b = b, a
+    question = rng.choice(["Which image has more shapes, the first or the second?",
+                           "Which of the two images shows more shapes: first or second?"])
+    text = rng.choice(["<image>\n<image>\n", "First image: <image>\nSecond image: <image>\n"]) + question
+    paths = [f"images/{split}_compare_{i:06d}_{k}.png" for k in ("a", "b")]
+    record = {"id": f"{split}_compare_{i:06d}", "image": paths,
+              "conversations": [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]}
+    return record, {paths[0]: draw_scene(a, small), paths[1]: draw_scene(b, small)}
+
+
+def motion_sample(seed: int, split: str, i: int, cfg: ToyConfig):
+    """A 3-frame clip (animated GIF) of one shape stepping a cell per frame across a small scene, sometimes beside
+    a still one: "Which way does the red circle move?" -> left / right / up / down. Returns (record, {path: frames})."""
+    rng = random.Random(f"toy:{seed}:{split}:motion:{i}")
+    direction = list(DIRECTIONS)[i % 4] if split == "eval" else rng.choice(list(DIRECTIONS))
+    dx, dy = DIRECTIONS[direction]
+    line, start = rng.randrange(3), 0 if dx + dy > 0 else 2
+    path_cells = [(start + dx * t, line) if dx else (line, start + dy * t) for t in range(VIDEO_FRAMES)]
+    (color, shape), *others = rng.sample([(c, s) for c in cfg.colors for s in cfg.shapes], 2)
+    still = []
+    if rng.random() < 0.5:  # a still shape of another colour, off the moving one's path
+        col, row = rng.choice([(c, r) for c in range(3) for r in range(3) if (c, r) not in path_cells])
+        still = [{"color": others[0][0] if others[0][0] != color else next(c for c in cfg.colors if c != color),
+                  "shape": others[0][1], "col": col, "row": row}]
+    background = rng.randint(0, cfg.max_background)
+    frames = [draw_scene({"size": list(SMALL), "background": background, "letter": None,
+                          "objects": [{"color": color, "shape": shape, "col": c, "row": r}] + still}, cfg)
+              for c, r in path_cells]
+    question = rng.choice(["Which way does the {} {} move?", "In which direction does the {} {} move: left, right, "
+                           "up or down?"]).format(color, shape)
+    path = f"videos/{split}_motion_{i:06d}.gif"
+    record = {"id": f"{split}_motion_{i:06d}", "video": path,
+              "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": direction}]}
+    return record, {path: frames}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Files
 
 
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def gif_bytes(frames) -> bytes:
+    """An animated GIF, lossless here (the scenes use fewer than 256 colours)."""
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=400, loop=0)
     return buf.getvalue()
 
 
@@ -424,18 +493,30 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
     # ~p_text_only of the instruct records are text-only, scattered among the image ones
     n_text = round(n_train * cfg.p_text_only / (1 - cfg.p_text_only))
     stages["instruct"] += [text_sample(seed, i) for i in range(n_text)]
+    # two-image and video records, in the instruct mix and in held-out sets of their own (n_eval / 5 each)
+    (out / "videos").mkdir(exist_ok=True)
+    interleave_evals = {"compare": [], "motion": []}
+    for kind, make, share in (("compare", compare_sample, cfg.p_compare), ("motion", motion_sample, cfg.p_motion)):
+        for split, n, sink in (("train", round(n_train * share), stages["instruct"]), ("eval", n_eval // 5, interleave_evals[kind])):
+            for i in range(n):
+                record, media = make(seed, split, i, cfg)
+                for path, content in media.items():
+                    (out / path).write_bytes(gif_bytes(content) if isinstance(content, list) else png_bytes(content))
+                sink.append(record if split == "train" else {**record, "answer": record["conversations"][1]["value"], "type": kind})
     random.Random(f"toy:{seed}:shuffle").shuffle(stages["instruct"])
 
-    files = {k: out / f"{k}.json" for k in ("pretrain", "recap", "instruct", "eval", "scenes")}
+    files = {k: out / f"{k}.json" for k in ("pretrain", "recap", "instruct", "eval", "eval_compare", "eval_motion", "scenes")}
     for k, records in stages.items():
         write_json(files[k], records)
     write_json(files["eval"], evals)
+    write_json(files["eval_compare"], interleave_evals["compare"])
+    write_json(files["eval_motion"], interleave_evals["motion"])
     files["scenes"].write_text(json.dumps(dict(zip(train_paths + eval_paths, train_scenes + eval_scenes))) + "\n")
     files["stage0"], files["stage0_eval"] = out / "stage0.npz", out / "stage0_eval.npz"
     write_npz(files["stage0"], **stage0_arrays(train_paths, train_scenes, cfg))
     write_npz(files["stage0_eval"], **stage0_arrays(eval_paths, eval_scenes, cfg))
 
-    tok = train_tokenizer(tokenizer_corpus([*stages.values(), evals]), cfg.tokenizer_vocab)
+    tok = train_tokenizer(tokenizer_corpus([*stages.values(), evals, *interleave_evals.values()]), cfg.tokenizer_vocab)
     files["tokenizer"] = out / "tokenizer.json"
     files["tokenizer"].write_text(tok.to_str(pretty=True) + "\n")
     files["images"] = out / "images"

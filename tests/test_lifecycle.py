@@ -13,9 +13,11 @@ def test_toy_life_cycle_end_to_end(tmp_path, capsys):
     run = ToyRun(out=str(tmp_path / "toy"), n_train=256, n_eval=25, stage0_vision_steps=10, stage1_steps=8,
                  stage15_steps=8, stage2_steps=24, batch=16)
     life_cycle(run)
-    last = capsys.readouterr().out.strip().splitlines()[-1]
+    *_, interleave, last = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(r"toy: held-out accuracy (\d\.\d\d), blank-image accuracy (\d\.\d\d), wall (\d+) s", last)
     assert match, last
+    assert re.fullmatch(r"toy: multi-image accuracy \d\.\d\d \(blank \d\.\d\d\), motion accuracy \d\.\d\d \(blank \d\.\d\d\)",
+                        interleave), interleave
     for stage in ("stage1", "stage1.5", "stage2"):
         losses = [json.loads(line)["loss"] for line in (tmp_path / "toy" / stage / "metrics.jsonl").read_text().splitlines()]
         assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, (stage, losses)

@@ -42,7 +42,7 @@ def load(out, name):
 
 def test_same_seed_gives_the_same_bytes_and_another_seed_other_data(out, tmp_path):
     files = tree(out)
-    assert len([f for f in files if f.startswith("images/")]) == N_TRAIN + N_EVAL
+    assert len([f for f in files if f.startswith("images/") and "compare" not in f]) == N_TRAIN + N_EVAL
     toy.write_dataset(tmp_path / "again", CFG, N_TRAIN, N_EVAL, seed=3, progress=False)
     assert tree(tmp_path / "again") == files
     toy.write_dataset(tmp_path / "other", CFG, 8, 5, seed=4, progress=False)
@@ -54,6 +54,8 @@ def test_records_follow_the_llava_format(out, scenes):
         records = load(out, name)
         assert len({r["id"] for r in records}) == len(records)
         for r in records:
+            if isinstance(r.get("image"), list) or "video" in r:
+                continue  # two-image and video records: test_two_image_and_motion_answers_follow_from_the_pixels
             turns = r["conversations"]
             assert len(turns) >= 2 and len(turns) % 2 == 0
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
@@ -66,11 +68,11 @@ def test_records_follow_the_llava_format(out, scenes):
             else:
                 assert name == "instruct" and all("<image>" not in t["value"] for t in turns)
     instruct = load(out, "instruct")
-    n_text = sum("image" not in r for r in instruct)
+    n_text = sum("image" not in r and "video" not in r for r in instruct)
     assert n_text == round(N_TRAIN * CFG.p_text_only / (1 - CFG.p_text_only)) > 0
     assert max(len(r["conversations"]) for r in instruct) == 2 * CFG.max_turns
     assert {r["image"] for r in load(out, "pretrain")} == {r["image"] for r in load(out, "recap")}
-    train = {r["image"] for r in instruct if "image" in r}
+    train = {r["image"] for r in instruct if isinstance(r.get("image"), str)}
     assert len(train) == N_TRAIN and not train & {r["image"] for r in load(out, "eval")}
 
 
@@ -108,6 +110,8 @@ def expected(question: str, scene: dict):
 def test_answers_follow_from_the_scene(out, scenes):
     trivia = dict(toy.TRIVIA)
     for r in load(out, "instruct") + load(out, "eval"):
+        if isinstance(r.get("image"), list) or "video" in r:
+            continue  # see test_two_image_and_motion_answers_follow_from_the_pixels
         turns = r["conversations"]
         for human, gpt in zip(turns[::2], turns[1::2]):
             want = expected(human["value"], scenes[r["image"]]) if "image" in r else trivia[human["value"]]
@@ -155,14 +159,15 @@ def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):
     assert tok.decode([i for i in ids if i != IMAGE_TOKEN], skip_special_tokens=False) == text.replace("<image>", "")
     for odd in ("  two spaces,\ttab\n\nand newlines\n", "unseen: Zebra 42 ünïcødé ✓", ""):
         assert tok.decode(tok.encode(odd).ids, skip_special_tokens=False) == odd
-    for words in toy.answer_words(CFG).values():  # each answer is one token after "assistant\n"
+    for words in [*toy.answer_words(CFG).values(), toy.ORDINALS, list(toy.DIRECTIONS)]:  # one token after "assistant\n"
         assert all(len(tok.encode(w).ids) == 1 for w in words)
     for r in load(out, "instruct") + load(out, "eval"):  # so a VQA turn's loss is on (answer, <|im_end|>)
-        ids, labels = tokenize_conversation(tok, "qwen_1_5", conversation_of(r), [5] * ("image" in r))
+        visuals = len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r or "video" in r)
+        ids, labels = tokenize_conversation(tok, "qwen_1_5", conversation_of(r), [5] * visuals)
         answers = [t["value"] for t in r["conversations"][1::2]]
         assert tok.decode([i for i in labels if i != IGNORE_INDEX], skip_special_tokens=False) == "<|im_end|>".join(
             answers) + "<|im_end|>"
-        if "image" in r:
+        if visuals:
             assert sum(i != IGNORE_INDEX for i in labels) == 2 * len(answers)
 
 
@@ -196,3 +201,43 @@ def test_stage0_labels_match_the_pixels(out, scenes):
                 else:
                     assert not shape and (block == block[0, 0]).all() and block[0, 0].max() <= CFG.max_background
     assert (np.load(out / "stage0_eval.npz")["shape"] > 0).any(axis=(1, 2)).all()
+
+
+def colored_cells(image: Image.Image) -> list[tuple[int, int]]:
+    """(col, row) of the 16x16 cells holding a saturated colour (a shape; letters are white, backgrounds grey)."""
+    a = np.asarray(image.convert("RGB")).astype(int)
+    saturated = (a.max(-1) - a.min(-1)) > 100
+    h, w = saturated.shape
+    return [(c, r) for r in range(h // 16) for c in range(w // 16) if saturated[16 * r: 16 * r + 16, 16 * c: 16 * c + 16].sum() > 20]
+
+
+def test_two_image_and_motion_answers_follow_from_the_pixels(out):
+    """"Which image has more shapes?" and "which way does it move?", read off the files with no help from the
+    generator: count the coloured cells of each image; follow the cell that changes across the GIF's frames."""
+    from data import load_video
+
+    instruct = load(out, "instruct")
+    compare = [r for r in instruct if isinstance(r.get("image"), list)] + load(out, "eval_compare")
+    motion = [r for r in instruct if "video" in r] + load(out, "eval_motion")
+    assert len(compare) == round(N_TRAIN * CFG.p_compare) + N_EVAL // 5
+    assert len(motion) == round(N_TRAIN * CFG.p_motion) + N_EVAL // 5
+    formats = Counter()
+    for r in compare:
+        text = r["conversations"][0]["value"]
+        assert text.count("<image>") == 2 == len(r["image"])
+        formats[text.startswith("<image>\n<image>\n")] += 1
+        a, b = (len(colored_cells(Image.open(out / p))) for p in r["image"])
+        assert a != b and r["conversations"][1]["value"] == ("first" if a > b else "second")
+    assert len(formats) == 2  # both the in-front and the interleaved format occur
+    steps = {(1, 0): "right", (-1, 0): "left", (0, 1): "down", (0, -1): "up"}
+    for r in motion:
+        frames = load_video(out / r["video"], 8)
+        assert len(frames) == toy.VIDEO_FRAMES and all(f.size == toy.SMALL for f in frames)
+        cells = [set(colored_cells(f)) for f in frames]
+        still = set.intersection(*cells)
+        moving = [next(iter(c - still)) for c in cells]
+        step = (moving[1][0] - moving[0][0], moving[1][1] - moving[0][1])
+        assert r["conversations"][1]["value"] == steps[step] and moving[2][0] - moving[1][0] == step[0]
+    for name, words in (("eval_compare", {"first", "second"}), ("eval_motion", set(toy.DIRECTIONS))):
+        answers = Counter(r["answer"] for r in load(out, name))
+        assert set(answers) == words and max(answers.values()) - min(answers.values()) <= 1
