@@ -148,7 +148,9 @@ class VisionTower(nn.Module):
         is_clip = cfg.kind == "clip"
         self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=not is_clip)
         self.class_embedding = nn.Parameter(torch.empty(d)) if is_clip else None
-        self.position_embedding = nn.Embedding(n * n + is_clip, d)
+        # _weight: skip nn.Embedding's random init, as every value is loaded or set by init_fresh (on the meta
+        # device that init would import the whole torch._dynamo package, ~2 s of every checkpoint load)
+        self.position_embedding = nn.Embedding(n * n + is_clip, d, _weight=torch.empty(n * n + is_clip, d))
         self.pre_layrnorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if is_clip else None  # sic: CLIP's spelling
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
 
@@ -296,7 +298,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))  # no init: see VisionTower
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
