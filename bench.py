@@ -191,8 +191,8 @@ def prefill_flops(model, crops: int, image_tokens: int, text_tokens: int) -> flo
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
-    """Run each of `fns` (name -> callable returning seconds, or None to time the call) once as warm-up, then
-    `repeats` rounds taking turns; -> name -> median seconds."""
+    """Run each of `fns` once as warm-up, then `repeats` rounds taking turns; -> name -> median figure. A callable
+    that returns a float gives its own figure (P1's tok/s); otherwise the figure is the call's duration in seconds."""
     times = {k: [] for k in fns}
     for r in range(repeats + 1):
         for k, fn in fns.items():
@@ -270,8 +270,7 @@ def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool):
     fns = {"ours": ours_run(False), "theirs": theirs_run}
     if compile:
         fns["ours_compiled"] = ours_run(True)
-    # the functions return tok/s; interleaved() takes medians of whatever they return
-    rates = interleaved(fns, repeats)
+    rates = interleaved(fns, repeats)  # medians of the tok/s each run returns
     same = all(results[k] == results["theirs"] for k in fns)
     return rates, same, len(prompt)
 

@@ -298,7 +298,8 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))  # no init: see VisionTower
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D))  # no random init: see VisionTower
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
