@@ -149,7 +149,9 @@ class VisionTower(nn.Module):
         is_clip = cfg.kind == "clip"
         self.patch_embedding = nn.Conv2d(3, d, cfg.patch_size, cfg.patch_size, bias=not is_clip)
         self.class_embedding = nn.Parameter(torch.empty(d)) if is_clip else None
-        self.position_embedding = nn.Embedding(n * n + is_clip, d)
+        # _weight: skip nn.Embedding's random init, as every value is loaded or set by init_fresh (on the meta
+        # device that init would import the whole torch._dynamo package, ~2 s of every checkpoint load)
+        self.position_embedding = nn.Embedding(n * n + is_clip, d, _weight=torch.empty(n * n + is_clip, d))
         self.pre_layrnorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if is_clip else None  # sic: CLIP's spelling
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
 
@@ -203,7 +205,9 @@ def apply_rope(x, cos, sin):  # x (B, h, T, hd), cos/sin (B, T, hd)
 class KVCache:
     """Keys and values of every layer, pre-allocated for `max_len` positions: (layers, B, kv_heads, max_len, hd).
 
-    `length` counts the positions already written; the decoder advances it after each forward.
+    `length` counts the positions already written; the decoder advances it after each forward. The compiled
+    decode step (infer.py, "Fast path") instead names the slot to write as a tensor, so that one compiled graph
+    serves every step: a Python int that changed each token would be baked into the graph and recompile it.
     """
 
     def __init__(self, cfg: TextConfig, batch_size: int, max_len: int, dtype, device):
@@ -212,7 +216,16 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0
 
-    def update(self, layer: int, k, v):  # k, v (B, kv_heads, T, hd) -> all keys/values so far
+    def update(self, layer: int, k, v, slot=None):
+        """k, v (B, kv_heads, T, hd) -> the keys/values to attend over.
+
+        slot None: write at `length`, return the written prefix (B, kv_heads, length + T, hd).
+        slot (T,) tensor: write there and return the whole buffer (B, kv_heads, max_len, hd), a fixed shape;
+        the caller's mask hides the slots not written yet."""
+        if slot is not None:
+            self.k[layer].index_copy_(2, slot, k)
+            self.v[layer].index_copy_(2, slot, v)
+            return self.k[layer], self.v[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.k.shape[3]:
             raise ValueError(f"KV cache holds {self.k.shape[3]} positions; this step needs {end}")
@@ -231,13 +244,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, cfg.num_kv_heads * hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * hd, d, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache):  # x (B, T, D)
+    def forward(self, x, cos, sin, mask, cache, slot=None):  # x (B, T, D)
         q = rearrange(self.q_proj(x), "B T (h d) -> B h T d", d=self.cfg.head_dim)
         k = rearrange(self.k_proj(x), "B T (h d) -> B h T d", d=self.cfg.head_dim)
         v = rearrange(self.v_proj(x), "B T (h d) -> B h T d", d=self.cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, kv_heads, S, hd)
+            k, v = cache.update(self.layer_idx, k, v, slot)  # (B, kv_heads, S, hd)
         gqa = self.cfg.num_heads != self.cfg.num_kv_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=gqa)
         return self.o_proj(rearrange(y, "B h T d -> B T (h d)"))
@@ -262,8 +275,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def forward(self, x, cos, sin, mask, cache, slot=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, slot)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -286,21 +299,30 @@ class Decoder(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        V, D = cfg.vocab_size, cfg.hidden_size
+        self.embed_tokens = nn.Embedding(V, D, _weight=torch.empty(V, D))  # no random init: see VisionTower
         self.layers = nn.ModuleList(DecoderBlock(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gradient_checkpointing = False  # training: recompute each block in backward instead of storing it
 
-    def forward(self, x, position_ids, padding_mask=None, cache=None):  # x (B, T, D) embeddings
-        past = cache.length if cache is not None else 0
+    def forward(self, x, position_ids, padding_mask=None, cache=None, slot=None):  # x (B, T, D) embeddings
+        """padding_mask (B, >= S) marks real tokens over the cache positions and these T (extra columns ignored).
+        slot: see KVCache.update; given, x is one new token per row and it attends over the whole cache."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
-        mask = attention_mask(padding_mask, x.shape[1], past, x.device)
+        if slot is None:
+            past = cache.length if cache is not None else 0
+            mask = attention_mask(padding_mask, x.shape[1], past, x.device)
+        else:  # fixed-shape mask (B or 1, 1, 1, max_len): the slots written so far, minus padding
+            max_len = cache.k.shape[3]
+            mask = (torch.arange(max_len, device=x.device) <= slot)[None, None, None, :]
+            if padding_mask is not None:
+                mask = mask & padding_mask[:, None, None, :max_len].bool()
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
-        if cache is not None:
+                x = layer(x, cos, sin, mask, cache, slot)
+        if cache is not None and slot is None:  # the static path's caller counts (an int here would recompile)
             cache.length += x.shape[1]
         return self.norm(x)
 
