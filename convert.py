@@ -273,39 +273,14 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return []
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}
-
-
-def read_safetensors(path: Path):
-    """(key, tensor) pairs of a .safetensors file, as views of one private memory map of it: nothing is copied, a
-    page is read only when a tensor is first used and, while the file is in the page cache, shares its memory
-    (so a loaded model takes about one copy of its weights in RAM; writes go to private copies of the pages).
-
-    The format: 8 bytes little-endian header length, a JSON header {key: {dtype, shape, data_offsets}}, then the
-    data; offsets count from the end of the header."""
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
-    data = torch.empty(0, dtype=torch.uint8).set_(storage)[8 + n:]
-    for key, info in header.items():
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which this loader does not read")
-        start, end = info["data_offsets"]
-        raw = data[start:end]
-        if (8 + n + start) % dtype.itemsize:  # misaligned for this dtype (not written by safetensors): copy it
-            raw = raw.clone()
-        yield key, raw.view(dtype).reshape(info["shape"])
-
-
 def read_tensors(path: Path):
     """(key, tensor) pairs of one shard, memory-mapped; .bin files only through torch.load(weights_only=True)."""
     if path.suffix == ".safetensors":
-        yield from read_safetensors(path)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
     else:
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
