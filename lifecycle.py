@@ -53,6 +53,8 @@ class ToyRun:
     # is the random initialisation, saved and loaded like any base LLM
     stage0_text_steps: int = 0
     stage1_steps: int = 40
+    # measured: 300 steps of detailed captions (which give every object's third) and 560 in stage 2 gave 0.59 held-out;
+    # the captions still named the wrong third (0.24 of the objects named) and position stayed at chance (0.34)
     stage15_steps: int = 60
     stage2_steps: int = 800
     batch: int = 32
