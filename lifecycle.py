@@ -55,6 +55,8 @@ class ToyRun:
     # is the random initialisation, saved and loaded like any base LLM
     stage0_text_steps: int = 0
     stage1_steps: int = 40
+    # measured: 300 steps of detailed captions (which give every object's third) and 560 in stage 2 gave 0.59 held-out;
+    # the captions still named the wrong third (0.24 of the objects named) and position stayed at chance (0.34)
     stage15_steps: int = 60
     stage2_steps: int = 800
     batch: int = 32
@@ -80,7 +82,12 @@ def text_config(run: ToyRun, vocab_size: int) -> TextConfig:
 
 def stage0_vision(run: ToyRun, data: Path, folder: Path):
     """Train the tower to name each patch's colour, shape and letter (a linear probe per attribute on the features
-    LLaVA will read), then save it as a CLIP vision-model folder."""
+    LLaVA will read), then save it as a CLIP vision-model folder.
+
+    Only the crops are labelled, so the tower cannot say which third of the image a patch lies in, and the position
+    question stays at chance (0.34). Measured, not kept: probes on the base view too (whose 3 patch columns are the
+    thirds): multi-label colour x shape / letter presence per patch plus a column head, converged with 900 steps.
+    Position stayed at 0.35 and letters fell to chance (0.99 -> 0.21), 0.59 held-out."""
     labels = np.load(data / "stage0.npz")
     cfg = LlavaConfig(vision=tower_config(run), image_aspect_ratio="anyres", grid_pinpoints=json.loads(GRID_PINPOINTS))
     tower = init_fresh(_meta(VisionTower, cfg.vision))
@@ -222,6 +229,7 @@ def life_cycle(run: ToyRun = ToyRun()):
         TrainConfig(stage="1.5", model=str(out / "stage1" / "final"), data=str(data / "recap.json"), template="qwen_1_5",
                     lr=1e-3, vision_lr=2e-4, max_steps=run.stage15_steps, output_dir=str(out / "stage1.5"), **common),
         TrainConfig(stage="2", model=str(out / "stage1.5" / "final"), data=str(data / "instruct.json"), template="qwen_1_5",
+                    # measured: training the tower here too (vision_lr 2e-4) gave 0.77 held-out (position 0.38) vs 0.85
                     lr=1e-3, freeze_vision_tower=True, max_steps=run.stage2_steps, output_dir=str(out / "stage2"),
                     frames=toy.VIDEO_FRAMES, **common),
     ]

@@ -309,6 +309,8 @@ def train_sample(seed: int, i: int, cfg: ToyConfig):
     path, sid = f"images/train_{i:06d}.png", f"train_{i:06d}"
     # the types this scene can answer (a throwaway rng: only whether each can be asked matters here)
     types = [t for t, ask in QUESTION_TYPES.items() if ask(random.Random(0), scene, cfg) is not None]
+    # measured (with base-view probes in stage 0): one more position turn in half the conversations (23% -> 32% of
+    # turns) left position at chance (0.35)
     picked = rng.sample(types, rng.randint(1, min(cfg.max_turns, len(types))))
     records = {
         "pretrain": {"id": sid, "image": path,
