@@ -21,9 +21,10 @@ Files under out_dir (byte-identical for the same arguments):
     recap.json      stage 1.5 (full model): "<image>\\nDescribe the image in detail." -> "There are two shapes. The
                     red circle is on the left. ... The letter K is written in the middle." (3 prompt variants)
     instruct.json   stage 2 (full model): 1-3 VQA turns per image (types distinct within a conversation, `<image>\\n` in
-                    the first human turn only) plus ~5% text-only trivia conversations with no "image" key, and
-                    p_compare / p_motion as many two-image ("image": [a, b]) and video ("video": a 3-frame GIF
-                    under videos/) records: "Which image has more shapes?", "Which way does the red circle move?"
+                    the first human turn only) plus ~5% text-only trivia conversations with no "image" key
+    interleave.json the Interleave stage (continues from stage 2): p_compare / p_motion x n_train two-image ("image":
+                    [a, b]) and video ("video": a 3-frame GIF under videos/) records, "Which image has more shapes?",
+                    "Which way does the red circle move?", and as many single-image instruct records replayed
     eval_compare.json, eval_motion.json   n_eval / 5 held-out records of each (answers in turn, like eval.json)
     eval.json       one question per eval scene, the five types in turn and within a type its answers in turn (equal
                     shares: a constant answer scores chance); each record also holds "answer" (the expected
@@ -34,6 +35,7 @@ Files under out_dir (byte-identical for the same arguments):
                         [row, col] over 16x16 cells: 0 = none, k = class k-1 of cfg.colors / cfg.shapes / cfg.letters,
                         IGNORE (-100, torch's default ignore_index) for cells outside the image
     scenes.json     {image path: scene dict} for every image, for tests and debugging
+    manifest.json   what the set was made with (config, sizes, seed); written last, so its presence means complete
     tokenizer.json  byte-level BPE (~500 tokens) trained on every string the qwen_1_5 template and the data produce;
                     <|endoftext|>, <|im_start|>, <|im_end|> are ids 0, 1, 2; no BOS is added
 
@@ -84,8 +86,10 @@ class ToyConfig:
     max_background: int = 24  # the background is grey level 0..max_background
     max_turns: int = 3  # VQA turns per instruct conversation: 1..max_turns
     p_text_only: float = 0.05  # share of instruct records that are text-only trivia
-    p_compare: float = 0.1  # instruct records with two images ("which has more shapes?"), per single-image record
-    p_motion: float = 0.1  # instruct records with a 3-frame video ("which way does it move?"), likewise
+    # the Interleave stage's data (interleave.json), per training image: two-image records ("which has more
+    # shapes?"), 3-frame video records ("which way does it move?"), and as many single-image VQA records replayed
+    p_compare: float = 0.05
+    p_motion: float = 0.05
     tokenizer_vocab: int = 512
 
 
@@ -497,19 +501,24 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
     stages["instruct"] += [text_sample(seed, i) for i in range(n_text)]
     # two-image and video records, in the instruct mix and in held-out sets of their own (n_eval / 5 each)
     (out / "videos").mkdir(exist_ok=True)
-    interleave_evals = {"compare": [], "motion": []}
+    interleave, interleave_evals = [], {"compare": [], "motion": []}
     for kind, make, share in (("compare", compare_sample, cfg.p_compare), ("motion", motion_sample, cfg.p_motion)):
-        for split, n, sink in (("train", round(n_train * share), stages["instruct"]), ("eval", n_eval // 5, interleave_evals[kind])):
+        for split, n, sink in (("train", round(n_train * share), interleave), ("eval", n_eval // 5, interleave_evals[kind])):
             for i in range(n):
                 record, media = make(seed, split, i, cfg)
                 for path, content in media.items():
                     (out / path).write_bytes(gif_bytes(content) if isinstance(content, list) else png_bytes(content))
                 sink.append(record if split == "train" else {**record, "answer": record["conversations"][1]["value"], "type": kind})
     random.Random(f"toy:{seed}:shuffle").shuffle(stages["instruct"])
+    # replay, as OneVision's last stage replays single-image data: the Interleave stage must not forget stage 2
+    interleave += [r for r in stages["instruct"] if isinstance(r.get("image"), str)][: len(interleave)]
+    random.Random(f"toy:{seed}:shuffle-interleave").shuffle(interleave)
 
-    files = {k: out / f"{k}.json" for k in ("pretrain", "recap", "instruct", "eval", "eval_compare", "eval_motion", "scenes")}
+    files = {k: out / f"{k}.json" for k in ("pretrain", "recap", "instruct", "interleave", "eval", "eval_compare",
+                                            "eval_motion", "scenes")}
     for k, records in stages.items():
         write_json(files[k], records)
+    write_json(files["interleave"], interleave)
     write_json(files["eval"], evals)
     write_json(files["eval_compare"], interleave_evals["compare"])
     write_json(files["eval_motion"], interleave_evals["motion"])
@@ -518,11 +527,20 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
     write_npz(files["stage0"], **stage0_arrays(train_paths, train_scenes, cfg))
     write_npz(files["stage0_eval"], **stage0_arrays(eval_paths, eval_scenes, cfg))
 
-    tok = train_tokenizer(tokenizer_corpus([*stages.values(), evals, *interleave_evals.values()]), cfg.tokenizer_vocab)
+    # the single-image data only: the Interleave stage's new words are spelled from byte-level pieces (measured: a
+    # tokenizer that also learned them changed stage 2's run enough to lose letters, 0.85 -> 0.62 held-out)
+    tok = train_tokenizer(tokenizer_corpus([*stages.values(), evals]), cfg.tokenizer_vocab)
     files["tokenizer"] = out / "tokenizer.json"
     files["tokenizer"].write_text(tok.to_str(pretty=True) + "\n")
     files["images"] = out / "images"
+    files["manifest"] = out / "manifest.json"  # written last: the set is complete, and what it was made with
+    files["manifest"].write_text(json.dumps(manifest(cfg, n_train, n_eval, seed)) + "\n")
     return files
+
+
+def manifest(cfg: ToyConfig, n_train: int, n_eval: int, seed: int) -> dict:
+    return {"config": {k: v for k, v in cfg.__dict__.items()}, "n_train": n_train, "n_eval": n_eval, "seed": seed,
+            "files": ["pretrain", "recap", "instruct", "interleave", "eval", "eval_compare", "eval_motion"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

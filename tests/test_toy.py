@@ -159,7 +159,7 @@ def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):
     assert tok.decode([i for i in ids if i != IMAGE_TOKEN], skip_special_tokens=False) == text.replace("<image>", "")
     for odd in ("  two spaces,\ttab\n\nand newlines\n", "unseen: Zebra 42 ünïcødé ✓", ""):
         assert tok.decode(tok.encode(odd).ids, skip_special_tokens=False) == odd
-    for words in [*toy.answer_words(CFG).values(), toy.ORDINALS, list(toy.DIRECTIONS)]:  # one token after "assistant\n"
+    for words in toy.answer_words(CFG).values():  # each answer is one token after "assistant\n"
         assert all(len(tok.encode(w).ids) == 1 for w in words)
     for r in load(out, "instruct") + load(out, "eval"):  # so a VQA turn's loss is on (answer, <|im_end|>)
         visuals = len(r["image"]) if isinstance(r.get("image"), list) else int("image" in r or "video" in r)
@@ -216,9 +216,11 @@ def test_two_image_and_motion_answers_follow_from_the_pixels(out):
     generator: count the coloured cells of each image; follow the cell that changes across the GIF's frames."""
     from data import load_video
 
-    instruct = load(out, "instruct")
-    compare = [r for r in instruct if isinstance(r.get("image"), list)] + load(out, "eval_compare")
-    motion = [r for r in instruct if "video" in r] + load(out, "eval_motion")
+    interleave = load(out, "interleave")
+    compare = [r for r in interleave if isinstance(r.get("image"), list)] + load(out, "eval_compare")
+    motion = [r for r in interleave if "video" in r] + load(out, "eval_motion")
+    replayed = [r for r in interleave if isinstance(r.get("image"), str)]
+    assert len(replayed) == len(interleave) // 2 and all(r in load(out, "instruct") for r in replayed)
     assert len(compare) == round(N_TRAIN * CFG.p_compare) + N_EVAL // 5
     assert len(motion) == round(N_TRAIN * CFG.p_motion) + N_EVAL // 5
     formats = Counter()
