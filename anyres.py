@@ -304,8 +304,8 @@ def process_images(images, cfg) -> list[ProcessedImage]:
 def process_video(frames, cfg) -> ProcessedImage:
     """A video's sampled frames (PIL images) -> (K, 3, C, C): each frame through the tower's own resize (SigLIP
     squashes to C x C), no AnyRes, no padding, as OneVision trains and evaluates."""
-    pixels = torch.stack([to_pixels(tower_resize(f.convert("RGB"), cfg.vision), cfg.vision.kind) for f in frames])
-    return ProcessedImage(pixels, frames[0].size, None, video_tokens(len(frames), cfg), video=True)
+    rgb = np.stack([np.asarray(tower_resize(f.convert("RGB"), cfg.vision)) for f in frames])  # (K, C, C, 3) uint8
+    return ProcessedImage(normalise(rgb, cfg.vision.kind), frames[0].size, None, video_tokens(len(frames), cfg), video=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

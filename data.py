@@ -167,7 +167,6 @@ class SampleError(Exception):
 def load_records(path) -> list[dict]:
     """A LLaVA JSON list, a JSONL file, or a mixture spec {"datasets": [{"json_path", "sampling_strategy"}]} whose
     strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%")."""
-
     path = Path(path)
     text = path.read_text()
     if path.suffix == ".jsonl":
@@ -271,7 +270,7 @@ def load_video(path, num_frames: int):
 
     Readers: a folder of frame images (in name order) and animated GIF/WebP/PNG with Pillow; any other file
     (mp4, mkv, webm, avi, mov, ...) with PyAV, the ecosystem's usual decoder, when it is installed."""
-    from PIL import Image, ImageSequence
+    from PIL import Image
 
     path = Path(path)
     if not path.exists():
@@ -284,18 +283,27 @@ def load_video(path, num_frames: int):
             return [load_image(files[i]) for i in uniform_indices(len(files), num_frames)]
         if path.suffix.lower() in ANIMATED_SUFFIXES:
             with Image.open(path) as clip:
-                frames = [f.convert("RGB") for f in ImageSequence.Iterator(clip)]
-            return [frames[i] for i in uniform_indices(len(frames), num_frames)]
+                frames = []
+                for i in uniform_indices(getattr(clip, "n_frames", 1), num_frames):  # only the sampled frames
+                    clip.seek(i)
+                    frames.append(clip.convert("RGB"))
+            return frames
         try:
             import av
         except ImportError:
             raise SampleError("unreadable video", f"{path}: reading {path.suffix or 'this'} files needs PyAV "
                               f"(pip install av); without it give an animated GIF/WebP or a folder of frames") from None
         with av.open(str(path)) as container:
-            frames = [f.to_image() for f in container.decode(video=0)]
+            stream = container.streams.video[0]
+            if stream.frames:  # the container states its length: keep only the sampled frames while decoding
+                keep = set(uniform_indices(stream.frames, num_frames))
+                frames = [f.to_image() for i, f in enumerate(container.decode(stream)) if i in keep]
+            else:
+                frames = [f.to_image() for f in container.decode(stream)]
+                frames = [frames[i] for i in uniform_indices(len(frames), num_frames)]
         if not frames:
             raise SampleError("unreadable video", f"{path}: no video frames")
-        return [frames[i].convert("RGB") for i in uniform_indices(len(frames), num_frames)]
+        return [f.convert("RGB") for f in frames]
     except SampleError:
         raise
     except Exception as e:  # Pillow and PyAV raise many kinds for a damaged file

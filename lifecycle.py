@@ -215,7 +215,7 @@ def life_cycle(run: ToyRun = ToyRun()):
     torch.manual_seed(run.seed)
     out = Path(run.out)
     data = out / "data"
-    wanted = json.loads(json.dumps(toy.manifest(toy.ToyConfig(), run.n_train, run.n_eval, run.seed)))
+    wanted = json.loads(json.dumps(toy.manifest(toy.ToyConfig(), run.n_train, run.n_eval, run.seed)))  # as read back
     if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
         toy.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed)  # new, changed or incomplete
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))

@@ -50,6 +50,7 @@ training, and exactly so in eval.json, so a model that cannot see the image scor
 """
 
 import argparse
+import dataclasses
 import io
 import json
 import random
@@ -367,7 +368,7 @@ def compare_sample(seed: int, split: str, i: int, cfg: ToyConfig):
     Half the records put both images in front of the question, half interleave them with labels: the two formats
     the Interleave blog mixes. Returns (record, {path: image})."""
     rng = random.Random(f"toy:{seed}:{split}:compare:{i}")
-    small = ToyConfig(**{**cfg.__dict__, "sizes": (SMALL,)})
+    small = dataclasses.replace(cfg, sizes=(SMALL,))
     answer = ORDINALS[i % 2] if split == "eval" else rng.choice(ORDINALS)
     a, b = sample_scene(rng, small), sample_scene(rng, small)
     while len(a["objects"]) == len(b["objects"]):
@@ -499,7 +500,7 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
     # ~p_text_only of the instruct records are text-only, scattered among the image ones
     n_text = round(n_train * cfg.p_text_only / (1 - cfg.p_text_only))
     stages["instruct"] += [text_sample(seed, i) for i in range(n_text)]
-    # two-image and video records, in the instruct mix and in held-out sets of their own (n_eval / 5 each)
+    # two-image and video records: the Interleave stage's, and held-out sets of their own (n_eval / 5 each)
     (out / "videos").mkdir(exist_ok=True)
     interleave, interleave_evals = [], {"compare": [], "motion": []}
     for kind, make, share in (("compare", compare_sample, cfg.p_compare), ("motion", motion_sample, cfg.p_motion)):
@@ -539,7 +540,7 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
 
 
 def manifest(cfg: ToyConfig, n_train: int, n_eval: int, seed: int) -> dict:
-    return {"config": {k: v for k, v in cfg.__dict__.items()}, "n_train": n_train, "n_eval": n_eval, "seed": seed,
+    return {"config": dataclasses.asdict(cfg), "n_train": n_train, "n_eval": n_eval, "seed": seed,
             "files": ["pretrain", "recap", "instruct", "interleave", "eval", "eval_compare", "eval_motion"]}
 
 

@@ -300,3 +300,26 @@ def test_m4_instruct_and_llava_video_records_load_unchanged(clips, tiny):
     assert video["images"][0].video and video["input_ids"].count(IMAGE_TOKEN) == 4 * 25 + 1
     assert frames["input_ids"] == video["input_ids"]
     assert two["error"] == "image count mismatch"
+
+
+def test_pyav_videos_keep_only_the_sampled_frames(tmp_path):
+    """With PyAV installed (optional), an mp4 gives the uniformly sampled frames of a full decode."""
+    av = pytest.importorskip("av", reason="PyAV is optional; without it load_video says to install it")
+    import numpy as np
+    from conftest import photo
+
+    from data import load_video
+
+    with av.open(str(tmp_path / "clip.mp4"), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(20):
+            for packet in stream.encode(av.VideoFrame.from_image(photo(64, 48, seed=i))):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(tmp_path / "clip.mp4")) as container:
+        every = [np.asarray(f.to_image().convert("RGB")) for f in container.decode(video=0)]
+    got = load_video(tmp_path / "clip.mp4", 5)
+    assert len(every) == 20 and len(got) == 5
+    assert all(np.array_equal(np.asarray(g), every[i]) for g, i in zip(got, [0, 4, 9, 14, 19]))
