@@ -414,6 +414,9 @@ def motion_sample(seed: int, split: str, i: int, cfg: ToyConfig):
 # Files
 
 
+JSON_FILES = ("pretrain", "recap", "instruct", "interleave", "eval", "eval_compare", "eval_motion")  # the record sets
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
@@ -515,8 +518,7 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
     interleave += [r for r in stages["instruct"] if isinstance(r.get("image"), str)][: len(interleave)]
     random.Random(f"toy:{seed}:shuffle-interleave").shuffle(interleave)
 
-    files = {k: out / f"{k}.json" for k in ("pretrain", "recap", "instruct", "interleave", "eval", "eval_compare",
-                                            "eval_motion", "scenes")}
+    files = {k: out / f"{k}.json" for k in (*JSON_FILES, "scenes")}
     for k, records in stages.items():
         write_json(files[k], records)
     write_json(files["interleave"], interleave)
@@ -541,7 +543,7 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
 
 def manifest(cfg: ToyConfig, n_train: int, n_eval: int, seed: int) -> dict:
     return {"config": dataclasses.asdict(cfg), "n_train": n_train, "n_eval": n_eval, "seed": seed,
-            "files": ["pretrain", "recap", "instruct", "interleave", "eval", "eval_compare", "eval_motion"]}
+            "files": list(JSON_FILES)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
