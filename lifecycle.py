@@ -104,8 +104,8 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
       (chance 0.33).
     - An extra 9-way "which patch of its view" head on crops and base views teaches the column: the probes reach
       0.87-0.96. Once learned, though, the patch index takes 0.55-0.95 of the feature variance. Position stayed at
-      chance (0.32-0.38), even on 48x96 scenes, where a crop's column is the third itself. Trained on position
-      questions alone for 200 steps, it stayed at chance as well. Shape fell to 0.32-0.36 in those runs, but the
+      chance: 0.32-0.38 overall, and 0.28-0.48 on the 46 questions about 48x96 scenes, where a crop's column is
+      the third itself. Trained on position questions alone for 200 steps, it stayed at chance as well. Shape fell to 0.32-0.36 in those runs, but the
       seed alone can do that (below).
     - A multi-label head naming the (colour, shape) objects in each base-view patch, after 800 stage-2 steps on 500
       held-out questions:
