@@ -9,7 +9,7 @@ capital letter (A C E H K T, a hand-made 5x7 bitmap font drawn at 2x) in an empt
     render_scene(rng, cfg) -> (PIL image, scene {size, background, objects [{color, shape, col, row}], letter})
     ask_color / ask_shape / ask_count / ask_position / ask_letter (rng, scene, cfg)
         -> (question, one-word answer), or None when the scene cannot answer it unambiguously
-    short_caption(scene), detailed_caption(scene, cfg), scene_text(scene, cfg, rng) (the scene as words)
+    short_caption(scene), detailed_caption(scene, cfg)
     write_dataset(out_dir, cfg, n_train, n_eval, seed) -> {name: Path} of the files below
 
 Files under out_dir (byte-identical for the same arguments):
@@ -266,16 +266,6 @@ def detailed_caption(scene: dict, cfg: ToyConfig) -> str:
     out.append(f"The letter {L['char']} is written {WHERE[position(L['col'], scene, cfg)]}." if L
                else "There is no letter.")
     return " ".join(out)
-
-
-def scene_text(scene: dict, cfg: ToyConfig, rng: random.Random) -> str:
-    """The scene as words, 'blue square middle, letter K left, red circle left.' (items in a random order): what the
-    stand-in LLM reads in place of the picture while it is pretrained (lifecycle.stage0_text)."""
-    items = [f"{o['color']} {o['shape']} {position(o['col'], scene, cfg)}" for o in scene["objects"]]
-    if scene["letter"]:
-        items.append(f"letter {scene['letter']['char']} {position(scene['letter']['col'], scene, cfg)}")
-    rng.shuffle(items)
-    return ", ".join(items) + "."
 
 
 PRETRAIN_PROMPTS = ["Describe the image briefly.", "Give a short description of the image.", "What is in the picture?",

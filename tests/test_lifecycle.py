@@ -10,7 +10,7 @@ import infer
 
 
 def test_toy_life_cycle_end_to_end(tmp_path, capsys):
-    run = ToyRun(out=str(tmp_path / "toy"), n_train=256, n_eval=25, stage0_vision_steps=10, stage0_text_steps=8, stage1_steps=8,
+    run = ToyRun(out=str(tmp_path / "toy"), n_train=256, n_eval=25, stage0_vision_steps=10, stage1_steps=8,
                  stage15_steps=8, stage2_steps=24, interleave_steps=8, batch=16)
     life_cycle(run)
     *_, interleave, last = capsys.readouterr().out.strip().splitlines()
