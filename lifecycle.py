@@ -101,27 +101,27 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
     LLaVA will read), then save it as a CLIP vision-model folder.
 
     Only the crops are labelled, so the tower cannot say which third of the image a patch lies in, and the position
-    question stays at chance (0.34). Measured, not kept: probes on the base view too (whose 3 patch columns are the
-    thirds): multi-label colour x shape / letter presence per patch plus a column head, converged with 900 steps.
-    Position stayed at 0.35 and letters fell to chance (0.99 -> 0.21), 0.59 held-out.
+    question stays at chance (0.34).
 
-    Measured, not kept (2026-11-22):
+    Measured, not kept:
+    - Probes on the base view too (whose 3 patch columns are the thirds): multi-label colour x shape / letter
+      presence per patch plus a column head, converged with 900 steps. Position stayed at 0.35 and letters fell to
+      chance (0.99 -> 0.21), 0.59 held-out.
     - Linear probes on this tower's features find no patch column: 0.37 on crops and 0.38 on the base view
       (chance 0.33).
     - An extra 9-way "which patch of its view" head on crops and base views teaches the column: the probes reach
       0.87-0.96. Once learned, though, the patch index takes 0.55-0.95 of the feature variance. Position stayed at
       chance: 0.32-0.38 overall, and 0.28-0.48 on the 46 questions about 48x96 scenes, where a crop's column is
-      the third itself. Trained on position questions alone for 200 steps, it stayed at chance as well. Shape fell to 0.32-0.36 in those runs, but the
-      seed alone can do that (below).
+      the third itself. Trained on position questions alone for 200 steps, it stayed at chance as well. Shape fell
+      to 0.32-0.36 in those runs, but the seed alone can do that (below).
     - A multi-label head naming the (colour, shape) objects in each base-view patch, after 800 stage-2 steps on 500
       held-out questions:
       - seed 0: colour 1.00, shape 0.84, count 1.00, letter 0.99, position 0.36;
       - seed 1: colour 0.82, shape 0.36, count 0.90, letter 0.63, position 0.39.
-
-    Measured, not kept: one cosine-similarity head (CLIP-style) over each cell's content, nothing / 12 (colour,
-    shape) pairs / 6 letters. It separates classes by direction: seed 1's letter tokens have cosine 0.97 with the
-    background under the linear heads (0.16 in seed 0, though linear probes read letters at 1.00 in both), 0.03 with
-    it. Alone it did not rescue seed 1's letters (0.21); see ToyRun.stage0_text_steps for the run that used it.
+    - One cosine-similarity head (CLIP-style) over each cell's content, nothing / 12 (colour, shape) pairs / 6
+      letters. It separates classes by direction: seed 1's letter tokens have cosine 0.97 with the background under
+      the linear heads (0.16 in seed 0, though linear probes read letters at 1.00 in both), 0.03 with it. Alone it
+      did not rescue seed 1's letters (0.21); see ToyRun.stage0_text_steps for the run that used it.
 
     A likely reason, not proven: colour and count can be read from the image tokens taken together. Shape and
     position need attention fixed on one object's tokens, and this decoder forms that attention within the budget
