@@ -123,6 +123,20 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
       the linear heads (0.16 in seed 0, though linear probes read letters at 1.00 in both), 0.03 with it. Alone it
       did not rescue seed 1's letters (0.21); see ToyRun.stage0_text_steps for the run that used it.
 
+    What the decoder can use for position (later on 2026-11-22). Stage 2 on position questions alone, 200 steps from
+    the default stage-1.5 model, with a fixed code added to image tokens in LLM space: each grid token's third ->
+    position 0.77; its column within its crop -> 0.51 (0.66 on 48x96 scenes, where that column is the third); the
+    base tokens' column only -> 0.31-0.38. So crop tokens that carry "where" are read; the token layout (rows of
+    cells, then a newline) and the base view are not, within this budget. Tried on that lead, full runs, seed 0, not
+    kept, 500 held-out questions:
+    - scenes one crop wide (48x96, 48x144, so a crop's column is the third) and a 3-way "column in its crop" head,
+      the position embedding initialised at std 0.5 or 0.1 (at 0.02 the head stays at chance for 300 steps):
+      position 0.55 / 0.47, but shape 0.33-0.34 and letters 0.17-0.19 (0.54 held-out). The same scenes without the
+      column head fail the same way (shape 0.36, letters 0.17, position 0.28), and lr 5e-4 in stage 2 gives shape
+      0.78, letters 0.16, position 0.33;
+    - the default scenes with the column head (std 0.1): shape 0.33, letters 0.22, position 0.37, where the default
+      tower's run gets shape 0.95 and letters 0.99.
+
     A likely reason, not proven: colour and count can be read from the image tokens taken together. Shape and
     position need attention fixed on one object's tokens, and this decoder forms that attention within the budget
     only in some runs. Seed 0 does (shape 0.95). Seed 1 does not: shape 0.38, letters 0.17, and a stage-2 loss of
