@@ -127,8 +127,8 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
     the default stage-1.5 model, with a fixed code added to image tokens in LLM space: each grid token's third ->
     position 0.77; its column within its crop -> 0.51 (0.66 on 48x96 scenes, where that column is the third); the
     base tokens' column only -> 0.31-0.38. So crop tokens that carry "where" are read; the token layout (rows of
-    cells, then a newline) and the base view are not, within this budget. Tried on that lead, full runs, seed 0, not
-    kept, 500 held-out questions:
+    cells, then a newline) and the base view are not, within this budget (these on the first 500 held-out questions).
+    Tried on that lead, full runs, seed 0, not kept (the first two on all 1,000 held-out questions, the rest on 500):
     - scenes one crop wide (48x96, 48x144, so a crop's column is the third) and a 3-way "column in its crop" head,
       the position embedding initialised at std 0.5 or 0.1 (at 0.02 the head stays at chance for 300 steps):
       position 0.55 / 0.47, but shape 0.33-0.34 and letters 0.17-0.19 (0.54 held-out). The same scenes without the
