@@ -48,28 +48,14 @@ class ToyRun:
     vision_layers: int = 3  # used by LLaVA; the saved tower has one more, as CLIP's hidden state -2 implies
     text_width: int = 192
     text_layers: int = 4
-    # steps per stage (batch 64)
-    # measured: a tower trained until its per-patch labels are all right (loss ~0 at 300 steps) lifts held-out
-    # accuracy from 0.44 (150 steps, loss 0.75) to 0.62 with everything else equal
-    stage0_vision_steps: int = 300
-    # Measured: pre-training the decoder on the toy's text (images left out) slows its learning to use the image
-    # (count questions, 150 steps: 0.44 held-out vs 0.92 from a random decoder), so by default the "pretrained LLM"
-    # is the random initialisation, saved and loaded like any base LLM.
-    # Measured, not kept (2026-11-22): a stand-in LLM that reads the scene given as words ("letter K left, red circle
-    # middle.") in place of each <image> of the toy's conversations. At lr 5e-4 it learns to read (letters 0.99,
-    # position 0.74 after 200 steps; at 1e-3 or 2e-3 letters stayed at chance after 600), and stage 1's caption loss
-    # falls to 0.8-1.0 instead of 5.4. With 300 such steps, a cosine tower head (stage0_vision) and lr 5e-4 in stages
-    # 1.5 and 2 (800 steps): seed 1 0.85 after stage 2 (shape 1.00, letter 1.00), seed 0 0.79 (letter 0.77), but
-    # ~650 s in all. Cut to 200 and 640 steps to fit 10 minutes, seed 0 fell to 0.60 (letter 0.19). Code: 3ddc910.
+    # steps per stage (batch 32); the runs behind these numbers are in toy-measurements.md
+    stage0_vision_steps: int = 300  # until the per-patch labels are all right (loss ~0): 0.62 held-out vs 0.44 at 150
+    # 0: the "pretrained LLM" is the random initialisation, saved and loaded like any base LLM. Pretraining it on the
+    # toy's text without the images slowed its learning to look; a stand-in that reads the scene given as words
+    # helped binding but did not fit 10 minutes (commit 3ddc910)
     stage0_text_steps: int = 0
     stage1_steps: int = 40
-    # measured: 300 steps of detailed captions (which give every object's third) and 560 in stage 2 gave 0.59 held-out;
-    # the captions still named the wrong third (0.24 of the objects named) and position stayed at chance (0.34)
     stage15_steps: int = 60
-    # Measured, not kept: stage 2 with batch 16 for 1600 steps (twice the optimizer steps at the same samples) took
-    # 740 s instead of 380 s. After stage 2:
-    #   seed 0: 0.81 (colour 0.99, shape 0.82, letter 0.96);
-    #   seed 1: 0.67 (shape 0.88, now rescued, but letters 0.16).
     stage2_steps: int = 800
     interleave_steps: int = 60
     batch: int = 32
@@ -84,9 +70,7 @@ def tower_config(run: ToyRun) -> VisionConfig:
 
 
 def text_config(run: ToyRun, vocab_size: int) -> TextConfig:
-    # Measured, not kept: 6 key/value heads instead of 2 rescued seed 1, with shape 0.85 and letters 1.00 after
-    # stage 2 instead of 0.38 and 0.17. But it sank seed 0 to letters 0.49 and shape 0.80. Which run learns to look
-    # at one object is a matter of luck at this size, with either head count.
+    # 6 key/value heads instead of 2 only moved which seed learns to bind (toy-measurements.md)
     return TextConfig(vocab_size=vocab_size, hidden_size=run.text_width, intermediate_size=4 * run.text_width // 3 * 2,
                       num_layers=run.text_layers, num_heads=6, num_kv_heads=2, head_dim=run.text_width // 6,
                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=1024)
@@ -101,46 +85,9 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
     LLaVA will read), then save it as a CLIP vision-model folder.
 
     Only the crops are labelled, so the tower cannot say which third of the image a patch lies in, and the position
-    question stays at chance (0.34).
-
-    Measured, not kept:
-    - Probes on the base view too (whose 3 patch columns are the thirds): multi-label colour x shape / letter
-      presence per patch plus a column head, converged with 900 steps. Position stayed at 0.35 and letters fell to
-      chance (0.99 -> 0.21), 0.59 held-out.
-    - Linear probes on this tower's features find no patch column: 0.37 on crops and 0.38 on the base view
-      (chance 0.33).
-    - An extra 9-way "which patch of its view" head on crops and base views teaches the column: the probes reach
-      0.87-0.96. Once learned, though, the patch index takes 0.55-0.95 of the feature variance. Position stayed at
-      chance: 0.32-0.38 overall, and 0.28-0.48 on the 46 questions about 48x96 scenes, where a crop's column is
-      the third itself. Trained on position questions alone for 200 steps, it stayed at chance as well. Shape fell
-      to 0.32-0.36 in those runs, but the seed alone can do that (below).
-    - A multi-label head naming the (colour, shape) objects in each base-view patch, after 800 stage-2 steps on 500
-      held-out questions:
-      - seed 0: colour 1.00, shape 0.84, count 1.00, letter 0.99, position 0.36;
-      - seed 1: colour 0.82, shape 0.36, count 0.90, letter 0.63, position 0.39.
-    - One cosine-similarity head (CLIP-style) over each cell's content, nothing / 12 (colour, shape) pairs / 6
-      letters. It separates classes by direction: seed 1's letter tokens have cosine 0.97 with the background under
-      the linear heads (0.16 in seed 0, though linear probes read letters at 1.00 in both), 0.03 with it. Alone it
-      did not rescue seed 1's letters (0.21); see ToyRun.stage0_text_steps for the run that used it.
-
-    What the decoder can use for position (later on 2026-11-22). Stage 2 on position questions alone, 200 steps from
-    the default stage-1.5 model, with a fixed code added to image tokens in LLM space: each grid token's third ->
-    position 0.77; its column within its crop -> 0.51 (0.66 on 48x96 scenes, where that column is the third); the
-    base tokens' column only -> 0.31-0.38. So crop tokens that carry "where" are read; the token layout (rows of
-    cells, then a newline) and the base view are not, within this budget (these on the first 500 held-out questions).
-    Tried on that lead, full runs, seed 0, not kept (the first two on all 1,000 held-out questions, the rest on 500):
-    - scenes one crop wide (48x96, 48x144, so a crop's column is the third) and a 3-way "column in its crop" head,
-      the position embedding initialised at std 0.5 or 0.1 (at 0.02 the head stays at chance for 300 steps):
-      position 0.55 / 0.47, but shape 0.33-0.34 and letters 0.17-0.19 (0.54 held-out). The same scenes without the
-      column head fail the same way (shape 0.36, letters 0.17, position 0.28), and lr 5e-4 in stage 2 gives shape
-      0.78, letters 0.16, position 0.33;
-    - the default scenes with the column head (std 0.1): shape 0.33, letters 0.22, position 0.37, where the default
-      tower's run gets shape 0.95 and letters 0.99.
-
-    A likely reason, not proven: colour and count can be read from the image tokens taken together. Shape and
-    position need attention fixed on one object's tokens, and this decoder forms that attention within the budget
-    only in some runs. Seed 0 does (shape 0.95). Seed 1 does not: shape 0.38, letters 0.17, and a stage-2 loss of
-    0.38 against 0.20."""
+    question stays at chance (0.34). toy-measurements.md lists what was tried about that (base-view heads, column
+    heads, one-crop-wide scenes, a cosine head) and what the decoder was measured to use: a "where" code on the
+    objects' own tokens, not the token layout or the base view."""
     labels = np.load(data / "stage0.npz")
     cfg = LlavaConfig(vision=tower_config(run), image_aspect_ratio="anyres", grid_pinpoints=json.loads(GRID_PINPOINTS))
     tower = init_fresh(_meta(VisionTower, cfg.vision))
