@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 import toy
 from anyres import candidate_resolutions, select_best_resolution
 from data import IGNORE_INDEX, conversation_of, render_prompt, tokenize, tokenize_conversation
+from lifecycle import GRID_PINPOINTS
 from model import IMAGE_TOKEN
 
 CFG = toy.ToyConfig()
@@ -77,7 +78,7 @@ def test_records_follow_the_llava_format(out, scenes):
 
 
 def test_image_sizes_are_anyres_canvases_so_nothing_is_padded(scenes):
-    canvases = candidate_resolutions([[48, 96], [96, 48], [96, 96]], "original")
+    canvases = candidate_resolutions(json.loads(GRID_PINPOINTS), "original")  # the life cycle's
     sizes = {tuple(s["size"]) for s in scenes.values()}
     assert sizes == set(CFG.sizes)
     assert all(select_best_resolution(size, canvases) == size for size in sizes)
@@ -148,6 +149,31 @@ def test_eval_answers_are_answer_words_in_equal_shares(out):
         assert max(counts.values()) - min(counts.get(w, 0) for w in words[kind]) <= 1
 
 
+def turn_shares(cfg: toy.ToyConfig, n: int = 2000):
+    """Share of the instruct turns of each question type over n training samples, and whether every scene with a
+    letter was asked about it. A turn's type is told by its answer: the answer words of the types are disjoint."""
+    type_of = {w: kind for kind, words in toy.answer_words(cfg).items() for w in words}
+    turns, letter_asked = Counter(), []
+    for i in range(n):
+        _, _, scene, records = toy.train_sample(5, i, cfg)
+        kinds = [type_of[t["value"]] for t in records["instruct"]["conversations"][1::2]]
+        turns.update(kinds)
+        if scene["letter"]:
+            letter_asked.append("letter" in kinds)
+    return {k: c / sum(turns.values()) for k, c in turns.items()}, letter_asked
+
+
+def test_stage_2_asks_each_question_type_about_as_often():
+    # letters are in half of the scenes, so drawing the types uniformly gives them half the others' share (measured:
+    # stage 2 then answered one letter to every letter question in most runs); the default asks whenever it can
+    shares, letter_asked = turn_shares(CFG)
+    assert all(letter_asked) and len(letter_asked) > 800
+    assert set(shares) == set(toy.QUESTION_TYPES)
+    assert all(0.15 < share < 0.30 for share in shares.values()), shares
+    uniform, letter_asked = turn_shares(toy.ToyConfig(always_ask_letter=False))
+    assert uniform["letter"] < 0.13 and not all(letter_asked)
+
+
 def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     assert [tok.token_to_id(s) for s in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
@@ -174,7 +200,7 @@ def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):
 def test_stage0_labels_match_the_pixels(out, scenes):
     z = np.load(out / "stage0.npz")
     assert list(z["color_names"]) == ["none", *CFG.colors] and list(z["letter_names"]) == ["none", *CFG.letters]
-    assert z["color"].shape == (N_TRAIN, 6, 6) and z["color"].dtype == np.int8
+    assert z["color"].shape == (N_TRAIN, 9, 9) and z["color"].dtype == np.int8
     c = CFG.cell
     for n, path in enumerate(z["image"]):
         pixels = np.asarray(Image.open(out / path)).astype(int)
