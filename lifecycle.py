@@ -117,7 +117,8 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
             contents.append(rearrange(content, "(r i) (c j) -> (r c) (i j)", i=3, j=3))
             columns.append(rearrange(where, "(r i) (c j) -> (r c) (i j)", i=3, j=3))
         features = tower(torch.cat(pixels))  # (crops, 9, D)
-        logits = 16.0 * F.normalize(features, dim=-1) @ F.normalize(classes, dim=-1).T  # (crops, 9, K); 16 ~ CLIP's initial 1/0.07
+        # (crops, 9, K) cosines at a fixed scale of 16, about CLIP's initial 1/0.07
+        logits = 16.0 * F.normalize(features, dim=-1) @ F.normalize(classes, dim=-1).T
         loss = F.cross_entropy(logits.flatten(0, 1), torch.cat(contents).flatten())
         loss = loss + F.cross_entropy(column(features).flatten(0, 1), torch.cat(columns).flatten())
         loss.backward()
@@ -197,7 +198,7 @@ def visuals(record, cfg, folder: Path, blank: bool):
 def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, batch: int = 50):
     """Share of one-word answers right, greedy, overall and per question type; `blank` swaps each image for a black
     one of the same size (same token count), which no model can answer from. Prompts go `batch` at a time through
-    infer.generate_batch (left-padded, the same greedy answers as one at a time, about 3x faster here)."""
+    infer.generate_batch (left-padded, the same greedy answers as one at a time, about 2x faster here)."""
     from infer import generate_batch
 
     model.eval()

@@ -322,7 +322,8 @@ def train_sample(seed: int, i: int, cfg: ToyConfig):
     # measured (with base-view probes in stage 0): one more position turn in half the conversations (23% -> 32% of
     # turns) left position at chance (0.35)
     first = ["letter"] if cfg.always_ask_letter and "letter" in types else []
-    picked = first + rng.sample([t for t in types if t not in first], rng.randint(1, min(cfg.max_turns, len(types))) - len(first))
+    turns = rng.randint(1, min(cfg.max_turns, len(types)))
+    picked = first + rng.sample([t for t in types if t not in first], turns - len(first))
     rng.shuffle(picked)
     records = {
         "pretrain": {"id": sid, "image": path,
