@@ -563,7 +563,8 @@ def contact_sheet(out_dir, n: int = 16, scale: int = 4) -> Path:
     out = Path(out_dir)
     records = json.loads((out / "eval.json").read_text())[:n]
     font = ImageFont.load_default()
-    tile_w, tile_h, per_row = 96 * scale + 16, 144 * scale + 48, 4  # room for the question under a 48x144 strip
+    tallest = max(h for _, h in json.loads((out / "manifest.json").read_text())["config"]["sizes"])  # this set's scenes
+    tile_w, tile_h, per_row = 96 * scale + 16, tallest * scale + 48, 4  # room for the question under the image
     sheet = Image.new("RGB", (per_row * tile_w, -(-len(records) // per_row) * tile_h), (60, 60, 60))
     draw = ImageDraw.Draw(sheet)
     for k, r in enumerate(records):
@@ -571,7 +572,7 @@ def contact_sheet(out_dir, n: int = 16, scale: int = 4) -> Path:
         x, y = (k % per_row) * tile_w + 8, (k // per_row) * tile_h + 8
         sheet.paste(image.resize((image.width * scale, image.height * scale), Image.NEAREST), (x, y))
         q = r["conversations"][0]["value"].replace("<image>\n", "")
-        draw.text((x, y + 144 * scale + 4), f"{q}\n-> {r['answer']}", fill=(255, 255, 255), font=font)
+        draw.text((x, y + tallest * scale + 4), f"{q}\n-> {r['answer']}", fill=(255, 255, 255), font=font)
     sheet.save(out / "contact_sheet.png")
     return out / "contact_sheet.png"
 
