@@ -4,9 +4,27 @@ prints the line other scripts read, and infer.py answers from its result."""
 import json
 import re
 
-from lifecycle import ToyRun, life_cycle
+import torch
+
+from lifecycle import ToyRun, life_cycle, patch_targets
 
 import infer
+
+
+def test_stage0_targets_mark_each_objects_third_in_the_crops_and_in_the_base_view():
+    # a 48x96 strip, 3 x 6 cells = 2 crops: a red circle at (col 0, row 1), a blue square at (2, 4), a letter at (1, 5)
+    # (class k is label k + 1: red 1, blue 3; circle 1, square 2; the letter's label 4 of 6)
+    color, shape, letter = (torch.zeros(6, 3, dtype=torch.int64) for _ in range(3))
+    color[1, 0], shape[1, 0] = 1, 1
+    color[4, 2], shape[4, 2] = 3, 2
+    letter[5, 1] = 4
+    content, where, base_where = patch_targets(color, shape, letter, n_colors=5, n_shapes=4)
+    empty = [0] * 9
+    assert content.tolist() == [empty[:3] + [1 * 4 + 1] + empty[4:], empty[:5] + [3 * 4 + 2, 0, 5 * 4 + 4, 0]]
+    x = -100  # only objects have a column: not the letter, not the empty cells
+    assert where.tolist() == [[x, x, x, 0, x, x, x, x, x], [x, x, x, x, x, 2, x, x, x]]
+    # the base view squeezes 6 rows into 3: rows 0-1, 2-3, 4-5; its columns are the thirds, as the crops' are
+    assert base_where.tolist() == [0, x, x, x, x, x, x, x, 2]
 
 
 def test_toy_life_cycle_end_to_end(tmp_path, capsys):
