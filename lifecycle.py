@@ -95,7 +95,7 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
       reads a "where" code on the objects' own tokens, and the same code on every token drowned the contents. With
       crops alone labelled, the base view's object tokens carried a code of their own (a probe trained on crops read
       them at 0.43-0.47). In seed 2 the column was then 0.6% of the object features' variance and position stayed at
-      chance; with both views labelled, 29% and 0.72 (toy-measurements.md, "Position").
+      chance; with both views labelled, 29% and 0.72 (toy-measurements.md, "Tried after the default was set").
     The position embedding starts at std 0.1 instead of 0.02: at 0.02 the column head stayed at chance for 300 steps."""
     labels = np.load(data / "stage0.npz")
     cfg = LlavaConfig(vision=tower_config(run), image_aspect_ratio="anyres", grid_pinpoints=json.loads(GRID_PINPOINTS))
