@@ -21,6 +21,7 @@ half-written one, and --resume continues bit-identically.
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -86,6 +87,7 @@ class TrainConfig:
     num_workers: int = 0  # data-loading processes per rank
     quiet: bool = False  # no progress bar
     peak_tflops: float = 0.0  # for MFU: the accelerator's dense bf16 peak per device (0: looked up for known GPUs)
+    device: str = ""  # "cpu" or "cuda"; "": cuda when there is one (each rank takes cuda:LOCAL_RANK)
 
 
 # Published recipes (facts §8). Data: `hub` is a dataset repo fetched with huggingface_hub; `json` the file in it;
@@ -128,12 +130,13 @@ RECIPES = {
 # Distributed set-up
 
 
-def setup_distributed():
+def setup_distributed(kind: str = ""):
     """(rank, world size, device). torchrun sets the environment; on CPU the gloo backend is used."""
+    cuda = kind == "cuda" or (kind == "" and torch.cuda.is_available())
     if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
@@ -299,11 +302,13 @@ def step_flops(model, batches) -> int:
     """Model FLOPs of this rank's micro-batches, forward + backward (x3: the backward needs the gradients of both
     activations and weights). The tower's backward runs only when it learns; padding is not counted."""
     text, dec = model.cfg.text, model.language_model
-    dec_weights = sum(p.numel() for p in dec.layers.parameters()) + model.output_embeddings().numel()
+    dec_weights = sum(p.numel() for p in dec.layers.parameters())
     flops = 0
     for b in batches:
         for T in b["padding_mask"].sum(1).tolist():
             flops += 3 * forward_flops(dec_weights, text.num_layers, text.hidden_size, T)
+        # the output head runs only where a label is learned (Llava.forward's logits_at)
+        flops += 3 * 2 * model.output_embeddings().numel() * int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         if b["images"]:
             v, tower = model.cfg.vision, model.vision_tower
             tower_factor = 3 if any(p.requires_grad for p in tower.parameters()) else 1
@@ -320,9 +325,28 @@ def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[l
     return [slots[a * world + rank] for a in range(len(slots) // world)]
 
 
+def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, rank: int, world: int, pad_id: int):
+    """This rank's collated micro-batches from step `start` to `total`, in order. The order is a pure function of
+    (seed, epoch) and each sample of its index, so --num-workers N (processes that read, tile and tokenise ahead
+    of the GPU) gives the same batches as 0, and a resumed run picks up exactly where the killed one was."""
+    from torch.utils.data import DataLoader
+
+    steps_per_epoch = len(lengths) // cfg.global_batch_size
+    plan, schedules = [], {}
+    for step in range(start, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in schedules:
+            schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length)}
+        plan += micro_batches(schedules[epoch][index], rank, world, cfg.micro_batch_size)
+    if cfg.num_workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
+    return iter(DataLoader(dataset, batch_sampler=plan, collate_fn=functools.partial(collate, pad_id=pad_id),
+                           num_workers=cfg.num_workers, prefetch_factor=4 if cfg.num_workers else None))
+
+
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
-    rank, world, device = setup_distributed()
+    rank, world, device = setup_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer = build_model(cfg, device)
@@ -358,6 +382,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         out.mkdir(parents=True, exist_ok=True)
         keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] if metrics_path.exists() and start else []
         metrics_path.write_text("".join(l + "\n" for l in keep))
+    loader = batch_loader(dataset, lengths, cfg, start, total, rank, world, pad_id)
     bar = None
     if rank == 0 and not cfg.quiet:
         from tqdm import tqdm
@@ -365,14 +390,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     peak = peak_flops(device, cfg)
-    schedule, schedule_epoch = None, None
     step = start
     for step in range(start, total):
-        epoch, index = divmod(step, steps_per_epoch)
-        if schedule_epoch != epoch:
-            schedule, schedule_epoch = global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length), epoch
         t0 = time.perf_counter()
-        batches = [collate([dataset[i] for i in part], pad_id) for part in micro_batches(schedule[index], rank, world, cfg.micro_batch_size)]
+        batches = [next(loader) for _ in range(accumulation)]
         account(batches, counters, cfg, device, rank)
         # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count
         targets = all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device)
@@ -384,11 +405,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
                 ddp_model.set_requires_gradient_sync(sync)
             elif world > 1 and not sync:
                 context = ddp_model.no_sync()
+            labels = b["labels"].to(device)
+            learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
             with context, autocast:
                 logits = ddp_model(b["input_ids"].to(device), b["images"] or None,
-                                   padding_mask=b["padding_mask"].to(device))
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten().to(device),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+                                   padding_mask=b["padding_mask"].to(device), logits_at=learned)  # (N, V)
+                loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
             (loss * world / max(targets, 1)).backward()  # DDP and FSDP average over ranks; this undoes it
             loss_sum += loss.item()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
@@ -401,12 +423,16 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         loss_value = all_sum(loss_sum, device) / max(targets, 1)
         tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), device)
         flops = all_sum(step_flops(model, batches), device) if peak else 0
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels have finished: dt is the step's time, not its launch
         dt = time.perf_counter() - t0
         if rank == 0:
             record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
                       "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
             if peak:
                 record["mfu"] = flops / dt / (peak * world)
+            if device.type == "cuda":
+                record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9  # peak so far, this rank
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if bar is not None:
@@ -533,6 +559,10 @@ def main(argv=None):
         train(cfg)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
+    except torch.OutOfMemoryError:
+        raise SystemExit(f"error: out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: lower it (the global "
+                         f"batch stays {cfg.global_batch_size}, through more accumulation steps), add "
+                         f"--gradient-checkpointing, or shard across GPUs with --fsdp") from None
     if dist.is_initialized():
         dist.destroy_process_group()
 

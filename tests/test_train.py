@@ -39,7 +39,7 @@ def config(dataset, tmp_path, **overrides):
     root, model = dataset
     values = dict(model=str(model), data=str(root / "data.json"), image_folder=str(root / "images"),
                   output_dir=str(tmp_path / "run"), global_batch_size=8, micro_batch_size=2, lr=1e-3, epochs=2,
-                  save_every=4, quiet=True, template="qwen_1_5", max_len=512)
+                  save_every=4, quiet=True, template="qwen_1_5", max_len=512, device="cpu")
     values.update(overrides)
     return TrainConfig(**values)
 
@@ -80,11 +80,17 @@ def test_killed_and_resumed_run_ends_bit_identical(dataset, tmp_path):
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
 
 
+def test_data_loading_processes_give_the_same_batches(dataset, tmp_path):
+    train(config(dataset, tmp_path / "a", max_steps=3))
+    train(config(dataset, tmp_path / "b", max_steps=3, num_workers=2))  # read, tiled and tokenised in 2 processes
+    assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
+
+
 def run_torchrun(dataset, tmp_path, *flags):
     root, model = dataset
     args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
             "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-            "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5", "--max-len", "512", *flags]
+            "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5", "--max-len", "512", "--device", "cpu", *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(29500 + os.getpid() % 1000), "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
@@ -167,7 +173,8 @@ def test_mfu_counts_the_flops_torch_counts(dataset, freeze):
     batches[0]["padding_mask"][:] = 1  # torch counts the padded positions too
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    learned = torch.nn.functional.pad(batches[0]["labels"][:, 1:] != -100, (0, 1))
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):  # plain matmuls torch can count
-        model(batches[0]["input_ids"], batches[0]["images"]).sum().backward()
+        model(batches[0]["input_ids"], batches[0]["images"], logits_at=learned).sum().backward()
     counted = counter.get_total_flops()
     assert abs(step_flops(model, batches) - counted) <= 0.05 * counted, (step_flops(model, batches), counted)
