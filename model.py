@@ -393,7 +393,7 @@ class Llava(nn.Module):
         padding_mask (B, S) marks real tokens (1) over the cache positions plus these T; it is needed only for
         padded batches. position_ids default to past + arange(T). Training asks for logits only where a label is
         learned: image and prompt positions never reach the (V, D) head, whose logits would otherwise be the
-        largest tensor of the step (8 samples of 1,750 tokens at Qwen's 152k vocabulary: 8.5 GB in fp32).
+        largest tensor of the step (8 samples of 1,850 tokens at Qwen's 152k vocabulary: 8.4 GiB in fp32).
         """
         B, T = input_ids.shape
         x = self.embed(input_ids, images)

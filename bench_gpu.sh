@@ -1,0 +1,80 @@
+# GPU figures (run by hand on one CUDA GPU, about 7 minutes; README, "Speed"): train.py's step on a random
+# LLaVA-NeXT (bench.py's CLIP-L/336 + Qwen2-0.5B-sized checkpoint) under each fast-path flag, with tokens/s, MFU and
+# peak GPU memory, then batch-1 bf16 decode, eager and compiled, of that model and of a Mistral-7B-sized decoder.
+#   bash bench_gpu.sh            logs of each training run go to $OUT (default /tmp/bench_gpu)
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/bench_gpu}; mkdir -p $OUT
+cd "$(dirname "$0")"
+python3 - <<'PY'
+import shutil
+from pathlib import Path
+import bench, toy
+f = bench.checkpoint(Path("/tmp/bench"), False)
+toy.write_dataset(Path("/tmp/benchdata"), n_train=1200, n_eval=20, seed=0)
+shutil.copy("/tmp/benchdata/tokenizer.json", f / "tokenizer.json")
+PY
+M=/tmp/bench/llava-next-clip-l-qwen2-0.5b
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
+run() {  # name, steps, flags...
+  name=$1; steps=$2; shift 2
+  t0=$(date +%s); rm -rf /tmp/run_$name
+  python3 train.py --model $M --data /tmp/benchdata/instruct.json --image-folder /tmp/benchdata --template qwen_1_5 \
+    --max-steps 1000 --stop-after $steps --global-batch-size 32 --micro-batch-size 8 --save-every 100000 --quiet \
+    --lr 1e-5 --vision-lr 2e-6 --output-dir /tmp/run_$name "$@" > $OUT/train_$name.log 2>&1 || echo "FAILED $name"
+  echo "$name wall $(( $(date +%s) - t0 )) s"
+  python3 - $name <<'PY'
+import json, statistics, sys
+name = sys.argv[1]
+m = [json.loads(l) for l in open(f"/tmp/run_{name}/metrics.jsonl")]
+if not m:
+    sys.exit(f"{name}: no step finished (see its log)")
+late = m[3:] or m
+print(f"{name}: steps {len(m)}, loss {m[0]['loss']:.4f} -> {m[-1]['loss']:.4f}, tokens/s {statistics.median(x['tokens_per_s'] for x in late):.0f}, "
+      f"mfu {statistics.median(x.get('mfu', 0) for x in late):.3f}, peak GPU memory {max(x['gpu_memory_gb'] for x in m):.1f} GB")
+PY
+}
+run fp32 6
+run bf16 10 --bf16
+run bf16_compile 10 --bf16 --compile
+run bf16_ckpt 10 --bf16 --gradient-checkpointing
+run bf16_compile_ckpt 10 --bf16 --compile --gradient-checkpointing
+run bf16_frozen_tower 10 --bf16 --freeze-vision-tower
+python3 - <<'PY'
+import statistics, time, torch
+import infer
+from convert import load_pretrained
+model, _ = load_pretrained("/tmp/bench/llava-next-clip-l-qwen2-0.5b", dtype=torch.bfloat16, device="cuda")
+prompt = list(range(100, 132))
+def rate(compile):
+    stamps = []
+    for _ in infer.generate(model, prompt, max_new_tokens=256, compile=compile):
+        torch.cuda.synchronize(); stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+for compile in (False, True):
+    rates = [rate(compile) for _ in range(3)]
+    print(f"decode bf16 batch 1, 256 tokens, compile={compile}: {[round(r) for r in rates]} tok/s")
+weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith(("vision_tower", "projector", "language_model.embed")))
+weights += model.output_embeddings().numel() * 2
+print(f"decoder bytes read per token {weights/1e9:.2f} GB -> bound {3.35e12/weights:.0f} tok/s at 3.35 TB/s")
+PY
+python3 - <<'PY'
+import time, torch
+import infer
+from model import Llava, LlavaConfig, TextConfig, init_fresh
+# a Mistral-7B-sized decoder (LLaVA-1.6-Mistral's), random bf16 weights on the GPU: decode is bandwidth-bound
+cfg = LlavaConfig(vision=None, text=TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                  num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768))
+with torch.device("meta"):
+    model = Llava(cfg)
+model = init_fresh(model, device="cuda", dtype=torch.bfloat16).eval()
+prompt = list(range(100, 132))
+def rate(compile):
+    stamps = []
+    for _ in infer.generate(model, prompt, max_new_tokens=256, compile=compile):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+for compile in (False, True):
+    print(f"7B decode bf16 batch 1, 256 tokens, compile={compile}: {[round(rate(compile), 1) for _ in range(3)]} tok/s")
+nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+print(f"7B bytes read per token {nbytes/1e9:.2f} GB (+ KV cache) -> bound {3.35e12/nbytes:.0f} tok/s at 3.35 TB/s")
+PY
