@@ -325,13 +325,13 @@ def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[l
     return [slots[a * world + rank] for a in range(len(slots) // world)]
 
 
-def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, rank: int, world: int, pad_id: int):
+def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, steps_per_epoch: int, rank: int, world: int,
+                 pad_id: int):
     """This rank's collated micro-batches from step `start` to `total`, in order. The order is a pure function of
     (seed, epoch) and each sample of its index, so --num-workers N (processes that read, tile and tokenise ahead
     of the GPU) gives the same batches as 0, and a resumed run picks up exactly where the killed one was."""
     from torch.utils.data import DataLoader
 
-    steps_per_epoch = len(lengths) // cfg.global_batch_size
     plan, schedules = [], {}
     for step in range(start, total):
         epoch, index = divmod(step, steps_per_epoch)
@@ -382,7 +382,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         out.mkdir(parents=True, exist_ok=True)
         keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] if metrics_path.exists() and start else []
         metrics_path.write_text("".join(l + "\n" for l in keep))
-    loader = batch_loader(dataset, lengths, cfg, start, total, rank, world, pad_id)
+    loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
     bar = None
     if rank == 0 and not cfg.quiet:
         from tqdm import tqdm

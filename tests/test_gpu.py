@@ -3,14 +3,11 @@ and the compiled blocks track fp32, one torchrun process trains over NCCL, and g
 compiled decode step with CUDA graphs) gives the CPU's greedy tokens. Skipped where there is no GPU (CI)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, photo
-from test_train import config, dataset, losses  # noqa: F401  (dataset is a fixture)
+from conftest import photo
+from test_train import config, dataset, losses, run_torchrun  # noqa: F401  (dataset is a fixture)
 
 import infer
 from anyres import process_image
@@ -70,16 +67,9 @@ def test_fast_paths_track_fp32(dataset, tmp_path, flags):  # noqa: F811
 def test_one_torchrun_process_trains_over_nccl(dataset, tmp_path):  # noqa: F811
     """torchrun on one GPU: the NCCL process group, the all-reduced loss and token counts, the same losses as
     without torchrun. (Two ranks need two GPUs: DDP and FSDP2 across ranks are checked on gloo in test_train.py.)"""
-    root, model = dataset
     train(config(dataset, tmp_path / "plain", max_steps=4, device="cuda"))
-    args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
-            "--output-dir", str(tmp_path / "nccl" / "run"), "--global-batch-size", "8", "--micro-batch-size", "2",
-            "--lr", "1e-3", "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5",
-            "--max-len", "512", "--device", "cuda"]
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
-                           str(29500 + os.getpid() % 1000), "train.py", *args], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-6000:]
-    one, two = losses(tmp_path / "plain" / "run"), losses(tmp_path / "nccl" / "run")
+    nccl = run_torchrun(dataset, tmp_path / "nccl", nproc=1, device="cuda")
+    one, two = losses(tmp_path / "plain" / "run"), losses(nccl)
     assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(one, two)), (one, two)
 
 

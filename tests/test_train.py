@@ -86,13 +86,15 @@ def test_data_loading_processes_give_the_same_batches(dataset, tmp_path):
     assert losses(tmp_path / "a" / "run") == losses(tmp_path / "b" / "run")
 
 
-def run_torchrun(dataset, tmp_path, *flags):
+def run_torchrun(dataset, tmp_path, *flags, nproc=2, device="cpu"):
+    """The same run as config(...) with max_steps 4, through torchrun's command line on `nproc` processes."""
     root, model = dataset
     args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
             "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-            "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5", "--max-len", "512", "--device", "cpu", *flags]
+            "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
+            "--device", device, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                            str(29500 + os.getpid() % 1000), "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-6000:]
     return tmp_path / "run"
