@@ -87,7 +87,7 @@ class HigherAnyRes:
     pool_images: bool = field(default=False, metadata={
         "help": "pool image crops (base and grid) too, not only video frames (an ablation; no release does)"})
     # the original trains several images padded, and transformers' OneVision processor agrees; its LLaVA-NeXT
-    # processor tiles every image (compat="transformers" follows it, see `tiles`)
+    # processor tiles every image (compat="transformers" follows it, see `tiles_with_anyres`)
     multi_image: str = field(default="pad", metadata={
         "help": "several images in one prompt: pad each to a mean-colour square, one crop (730 tokens at 384 px), "
                 "or tile each with AnyRes like a single image"})
@@ -132,8 +132,10 @@ def parse_grid_pinpoints(value, crop_size: int) -> list[list[int]]:
     """Pinpoints from a config: a list, its string form, or the training range syntax "(1x1),...,(6x6)".
 
     The range form expands to every (i, j) pair, i outer and j inner, times the crop size; this is the list
-    OneVision's config.json holds (36 pairs from 384x384 to 2304x2304).
+    OneVision's config.json holds (36 pairs from 384x384 to 2304x2304). Empty or missing: no pinpoints.
     """
+    if not value:
+        return []
     if isinstance(value, str):
         ranges = re.findall(r"\((\d+)x(\d+)\)", value)
         if ranges:
@@ -195,7 +197,7 @@ def token_threshold(cfg) -> int | None:
     return None if N is None else N * feature_side(cfg) ** 2
 
 
-def tiles(cfg, num_images: int) -> bool:
+def tiles_with_anyres(cfg, num_images: int) -> bool:
     """Whether an image gets AnyRes tiles: a lone image does when the model uses AnyRes; one of several does only
     under multi_image="anyres", or in compat="transformers" for LLaVA-NeXT (its processor tiles every image,
     while its OneVision processor pads several as the original does)."""
@@ -271,10 +273,10 @@ def to_pixels(image: Image.Image, kind: str) -> torch.Tensor:
 
 def process_image(image: Image.Image, cfg, num_images: int = 1) -> ProcessedImage:
     """One PIL image -> the crops the tower sees, per the model's `image_aspect_ratio` and `compat` mode and the
-    number of images in its prompt (see `tiles`)."""
+    number of images in its prompt (see `tiles_with_anyres`)."""
     image = image.convert("RGB")
     size, vision, C = image.size, cfg.vision, cfg.vision.image_size
-    if tiles(cfg, num_images):
+    if tiles_with_anyres(cfg, num_images):
         cols, rows = grid_shape(image.size, cfg)
         # the "global" view: the whole image squashed (not padded) to C x C, first in the list; then the crops.
         # The two resizes are independent and Pillow lets go of the GIL while resampling, so they run side by side
@@ -362,7 +364,7 @@ def tokens_per_crop(cfg) -> int:
 def num_image_tokens(image_size, cfg, num_images: int = 1) -> int:
     """LLM positions one image of size (W, H) fills; equal to what `merge_image_features` returns."""
     newline = int(cfg.has_newline)
-    if not tiles(cfg, num_images):
+    if not tiles_with_anyres(cfg, num_images):
         return tokens_per_crop(cfg) + newline
     grid = grid_shape(image_size, cfg)
     if cfg.merge_type == "flat":

@@ -1,6 +1,6 @@
 """Released checkpoints in: the preset table, config.json -> LlavaConfig, key names -> ours, and loading.
 
-Three layouts exist for the same weights (facts §6), all read here:
+Three layouts exist for the same weights, all read here:
 
     original (liuhaotian / lmms-lab)   flat LLM config + mm_* keys;  model.layers.*, model.mm_projector.{0,2}.*,
                                        model.image_newline, model.vision_tower.vision_tower.vision_model.*
@@ -27,10 +27,10 @@ from anyres import HigherAnyRes, anyres_max_crops, parse_grid_pinpoints
 from model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
-# Presets: every released checkpoint of the family, by short name (facts §1). `repo` is what the short name
-# downloads: the llava-hf conversion, except for Interleave, whose llava-hf conversion drops AnyRes and the
-# newline (facts §2.15) and so is not the model that was trained. `tokenizer` names a repo with a tokenizer.json
-# for originals that ship only SentencePiece files.
+# Presets: every released checkpoint of the family, by short name (the model cards of liuhaotian, lmms-lab and
+# llava-hf). `repo` is what the short name downloads: the llava-hf conversion, except for Interleave, whose llava-hf
+# conversion drops AnyRes and the newline vector and so is not the model that was trained. `hf` also serves the
+# tokenizer.json of originals that ship only SentencePiece files (same vocabulary).
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,11 @@ class Preset:
     original: str | None
     hf: str | None
     template: str
+
+
+def find_preset(source: str) -> Preset | None:
+    """The preset of a short name, or of either of its hub repo ids."""
+    return PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
 
 
 def _preset(original, hf, template, use_original=False):
@@ -66,7 +71,7 @@ PRESETS = {
 }
 DEFAULT_MODEL = "llava-onevision-qwen2-0.5b-ov"  # the smallest release: runs on a laptop CPU
 
-# The two vision towers the releases use, as their hub configs describe them (facts §4), so that original-layout
+# The two vision towers the releases use, as their hub configs describe them, so that original-layout
 # checkpoints, which only name their tower, load without fetching its config.
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, layer_norm_eps=1e-5),
@@ -155,7 +160,7 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
     KNOWN_TOWERS; returns vision=None for a plain causal LM (a base LLM for training, or a text-only check)."""
     model_type = raw.get("model_type", "")
     if model_type in HF_DEFAULT_TOWER and "mm_vision_tower" not in raw:  # llava-hf layout (lmms-lab edited some
-        # original configs to say "llava" too, facts §1.1)
+        # original configs to say "llava" too)
         if raw.get("projector_hidden_act", "gelu") != "gelu" or not raw.get("multimodal_projector_bias", True):
             raise CheckpointError(f"{where}: only the gelu projector with biases (mlp2x_gelu) is supported")
         strategy = raw.get("vision_feature_select_strategy", "full" if model_type == "llava_onevision" else "default")
@@ -168,7 +173,7 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
         aspect = {"llava": "pad", "llava_next": "anyres", "llava_onevision": raw.get("vision_aspect_ratio", "anyres_max_9")}[model_type]
         pinpoints = raw.get("image_grid_pinpoints") or ([] if model_type == "llava" else HF_DEFAULT_PINPOINTS[model_type])
         return LlavaConfig(vision=vision, text=text_config(text_raw, where), projector_type="mlp2x_gelu",
-                           image_aspect_ratio=aspect, grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
+                           image_aspect_ratio=aspect, grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size),
                            merge_type="flat" if model_type == "llava" else "spatial_unpad", compat=compat,
                            higher_anyres=higher_anyres(raw, where))
     text = text_config(raw, where)
@@ -181,7 +186,7 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
     vision, total = vision_config(tower, "full", where)
     if vision.kind == "siglip":
         # the original SigLIP wrapper deletes the last layer and returns its new last hidden state, ignoring
-        # mm_vision_select_layer (facts §4.2)
+        # mm_vision_select_layer
         vision.num_layers = total - 1
     else:
         vision.num_layers = layers_for_feature(raw.get("mm_vision_select_layer", -2), total, where)
@@ -192,7 +197,7 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
     pinpoints = raw.get("image_grid_pinpoints")
     return LlavaConfig(vision=vision, text=text, projector_type=raw.get("mm_projector_type", "linear"),
                        image_aspect_ratio=raw.get("image_aspect_ratio", "square"),
-                       grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size) if pinpoints else [],
+                       grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size),
                        merge_type=merge, compat=compat, higher_anyres=higher_anyres(raw, where))
 
 
@@ -396,13 +401,13 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
     text_raw = json.loads((llm_folder / "config.json").read_text())
     tower_raw = json.loads((tower_folder / "config.json").read_text())
     vision, total = vision_config(tower_raw, "patch", str(tower_folder / "config.json"))
-    vision.num_layers = total - 1  # hidden state -2 for CLIP; SigLIP drops its last layer (facts §4)
+    vision.num_layers = total - 1  # hidden state -2 for CLIP; SigLIP drops its last layer (both releases' mm_vision_select_layer)
     if vision.kind == "siglip":
         vision.select_feature = "full"
     anyres = image_aspect_ratio.startswith("anyres")
     cfg = LlavaConfig(vision=vision, text=text_config(text_raw, str(llm_folder / "config.json")), projector_type=projector_type,
                       image_aspect_ratio=image_aspect_ratio,
-                      grid_pinpoints=parse_grid_pinpoints(grid_pinpoints, vision.image_size) if grid_pinpoints else [],
+                      grid_pinpoints=parse_grid_pinpoints(grid_pinpoints, vision.image_size),
                       merge_type=merge_type or ("spatial_unpad" if anyres else "flat"))
     with torch.device("meta"):
         model = Llava(cfg)
@@ -517,7 +522,7 @@ def load_tokenizer(folder: Path, source: str):
 
     if (folder / "tokenizer.json").exists():
         return Tokenizer.from_file(str(folder / "tokenizer.json"))
-    preset = PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
+    preset = find_preset(source)
     if preset and preset.hf and preset.hf != source:
         from huggingface_hub import hf_hub_download
 
@@ -546,7 +551,7 @@ def eos_token_ids(folder: Path) -> set[int]:
 def default_template(source: str, tokenizer) -> str:
     """The preset's template, or a guess from the tokenizer's special tokens for other checkpoints (--template
     overrides it)."""
-    preset = PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
+    preset = find_preset(source)
     if preset:
         return preset.template
     if tokenizer.token_to_id("<|im_start|>") is not None:

@@ -8,7 +8,7 @@
                                   (one image, several interleaved or in front, or a video's sampled frames)
     samples                       --collate / global_batches-->  right-padded batches in a (seed, epoch)-fixed order
 
-The strings are exactly the ones the released models were trained with (facts §7.1); one table serves inference and
+The strings are exactly the ones the released models were trained with (the original `llava/conversation.py`); one table serves inference and
 training, and labels are read off the same tokenisation inference uses, so the two never see different ids.
 """
 
@@ -142,7 +142,7 @@ def tokenize_conversation(tokenizer, template: str, messages, image_tokens=()):
     are IGNORE_INDEX elsewhere, images included. The ids are exactly what inference would see for the same turns.
 
     Raises SampleError("tokenization mismatch") if an answer's labelled tokens do not spell that answer, the
-    original's silent zero-loss failure (facts §7.5) made loud."""
+    original's silent zero-loss failure (its preprocess_* functions only warn and set every label to -100) made loud."""
     text, targets = render_conversation(template, messages)
     ids, ends = encode(tokenizer, text, image_tokens)
     labels = [IGNORE_INDEX] * len(ids)
@@ -225,7 +225,7 @@ PLACEMENTS = ("interleaved", "front", "mixed")
 
 def place_images(messages, placement: str = "interleaved", key=0):
     """Where the `<image>` placeholders go. A lone image always leads the first user turn as "<image>\n" + text,
-    as the released models were trained (facts §7.2). Several stay where the text puts them ("interleaved"), all
+    as the released models were trained (the original `preprocess_multimodal` moves it there). Several stay where the text puts them ("interleaved"), all
     move to the front of the first user turn ("front", NeXT-Interleave's "in-the-front" format), or either, drawn
     per sample from `key` ("mixed": the Interleave blog finds that training on both formats helps both)."""
     count = sum(text.count("<image>") for _, text in messages)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
 from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
-from data import TEMPLATES, SampleError, load_video, render_prompt, stop_token_ids, tokenize
+from data import TEMPLATES, SampleError, load_image, load_video, render_prompt, stop_token_ids, tokenize
 from model import KVCache
 
 
@@ -39,7 +39,7 @@ def sample(logits, temperature: float, top_p: float, generator) -> int:
 def generate(model, input_ids: list[int], images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
              stop_ids=(), seed=0, compile=False):
     """Yields new token ids one at a time (the stop token included, if reached)."""
-    for step in decode(model, [input_ids], [images or []], max_new_tokens=max_new_tokens, temperature=temperature,
+    for step in generation_loop(model, [input_ids], [images or []], max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed, compile=compile):
         yield step[0]
         if step[0] in stop_ids:
@@ -51,7 +51,7 @@ def generate_batch(model, prompts: list[list[int]], images: list[list] | None = 
     """Several prompts in one batch, each with its own images (a list per prompt, possibly empty) -> the new ids of
     each prompt (its stop token included, if reached). Greedy results equal `generate` run on each prompt alone."""
     outs, done = [[] for _ in prompts], [False] * len(prompts)
-    for step in decode(model, prompts, images or [[] for _ in prompts], max_new_tokens=max_new_tokens,
+    for step in generation_loop(model, prompts, images or [[] for _ in prompts], max_new_tokens=max_new_tokens,
                        temperature=temperature, top_p=top_p, seed=seed, compile=compile):
         for i, token in enumerate(step):
             if not done[i]:
@@ -63,7 +63,7 @@ def generate_batch(model, prompts: list[list[int]], images: list[list] | None = 
 
 
 @torch.inference_mode()
-def decode(model, prompts, images, *, max_new_tokens, temperature, top_p, seed, compile=False):
+def generation_loop(model, prompts, images, *, max_new_tokens, temperature, top_p, seed, compile=False):
     """The generation loop for a batch of B prompts: yields B new token ids per step, until stopped from outside.
 
     Prompts are left-padded to one length T, so every row's next token is written at the same cache slot:
@@ -158,7 +158,7 @@ def compiled_decode_step(device):
     return _compiled_steps[kind]
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, then the prompt (put <image> where an image belongs; "
                                               "images without a placeholder go before the text)")
@@ -182,39 +182,31 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
     add_knob_flags(p)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
+    """(prompt with one <image> per visual, images, video frames or None, kinds in prompt order) from the command
+    line; an unreadable file is a one-line error."""
     *image_paths, prompt = args.inputs
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
-    from PIL import Image, UnidentifiedImageError
-
-    images = []
-    for path in image_paths:
-        try:
-            images.append(Image.open(path).convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-            sys.exit(f"error: cannot read image {path!r}: {e}")
-
-    frames = None
-    if args.video:
-        try:
-            frames = load_video(args.video, args.frames)
-        except SampleError as e:
-            sys.exit(f"error: cannot read video: {e}")
     try:
+        images = [load_image(path) for path in image_paths]
+        frames = load_video(args.video, args.frames) if args.video else None
         prompt, kinds = place_visuals(prompt, len(images), frames is not None)
+    except SampleError as e:
+        sys.exit(f"error: {e}")
     except ValueError as e:
         sys.exit(f"error: {e}")
+    return prompt, images, frames, kinds
 
-    timings = {}
-    t0 = time.perf_counter()
+
+def load_model(args, device: str, dtype, kinds):
+    """(model, tokenizer, checkpoint folder, template) with the command line's token-budget knobs applied."""
     try:
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat)
         tokenizer = load_tokenizer(folder, args.model)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    timings["load_s"] = time.perf_counter() - t0
     if kinds and model.vision_tower is None:
         sys.exit(f"error: {args.model} is a text-only model; it cannot take images or videos")
     if knobs := knobs_from_flags(args):
@@ -222,10 +214,39 @@ def main(argv=None):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    template = args.template or default_template(args.model, tokenizer)
+    return model, tokenizer, folder, args.template or default_template(args.model, tokenizer)
+
+
+def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float | None]:
+    """Consume the generated tokens, writing the text to stdout as it grows when `show`; (ids, seconds to the first)."""
+    out, shown, first = [], "", None
+    t0 = time.perf_counter()
+    for token in tokens:
+        if not out:
+            first = time.perf_counter() - t0
+        out.append(token)
+        if show and token not in stop:
+            text = tokenizer.decode([t for t in out if t not in stop])
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+    return out, first
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    prompt, images, frames, kinds = read_visuals(args)
+
+    timings = {}
+    t0 = time.perf_counter()
+    model, tokenizer, folder, template = load_model(args, device, dtype, kinds)
+    timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stills = iter(process_images(images, model.cfg))  # several images: each padded to a square (anyres.tiles)
+    stills = iter(process_images(images, model.cfg))  # several images: each padded to a square (anyres.tiles_with_anyres)
     processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
     input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed])
     timings["preprocess_s"] = time.perf_counter() - t0
@@ -234,20 +255,10 @@ def main(argv=None):
           + (f" and a video of {len(frames)} frames" if frames else "") + ")", file=sys.stderr)
 
     stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos_token_ids(folder))
-    out, shown = [], ""
     t0 = time.perf_counter()
-    for token in generate(model, input_ids, processed, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, top_p=args.top_p, stop_ids=stop, seed=args.seed,
-                          compile=args.compile):
-        if not out:
-            timings["first_token_s"] = time.perf_counter() - t0
-        out.append(token)
-        if not args.json and token not in stop:
-            text = tokenizer.decode([t for t in out if t not in stop])
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
-                sys.stdout.flush()
-                shown = text
+    tokens = generate(model, input_ids, processed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_p=args.top_p, stop_ids=stop, seed=args.seed, compile=args.compile)
+    out, timings["first_token_s"] = stream_answer(tokenizer, tokens, stop, show=not args.json)
     total = time.perf_counter() - t0
     timings["decode_tok_per_s"] = (len(out) - 1) / (total - timings["first_token_s"]) if len(out) > 1 else None
     answer = tokenizer.decode([t for t in out if t not in stop]).strip()

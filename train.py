@@ -4,7 +4,7 @@
     micro-batch (B, T) --Llava--> logits --cross-entropy over answer tokens, / answer tokens in the global batch-->
     backward per micro-batch (gradients sync on the last) -> clip -> AdamW, one learning rate per module -> cosine
 
-The stages (facts §8; which parameters learn is `set_trainable`):
+The stages (which parameters learn is `set_trainable`):
     1    alignment: only the projector learns, on image-caption pairs (LCS-558K with the `plain` template)
     1.5  the whole model, on high-quality detailed captions (OneVision's "mid" stage)
     2    the whole model, on instructions; --freeze-vision-tower keeps the tower fixed (LLaVA-1.5, Interleave)
@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from anyres import add_knob_flags, knobs_from_flags
+from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
 from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
 
@@ -90,20 +90,19 @@ class TrainConfig:
     device: str = ""  # "cpu" or "cuda"; "": cuda when there is one (each rank takes cuda:LOCAL_RANK)
 
 
-# Published recipes (facts §8). Data: `hub` is a dataset repo fetched with huggingface_hub; `json` the file in it;
-# images come from `images` (an archive in the repo, unpacked once) or from --image-folder.
+# Published recipes (the official scripts: LLaVA-1.5's scripts/v1_5/*.sh, LLaVA-NeXT's scripts/train/*.sh). Data:
+# `data_hub` is a dataset repo fetched with huggingface_hub; `data_json` the file in it; images come from
+# `data_images` (an archive in the repo, unpacked once) or from --image-folder.
+STAGE1_CLIP_VICUNA = dict(stage="1", llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
+                          template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
+                          micro_batch_size=32, max_len=2048,
+                          data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip")
 RECIPES = {
-    "llava-v1.5-stage1": dict(stage="1", llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
-                              template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
-                              micro_batch_size=32, max_len=2048,
-                              data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip"),
+    "llava-v1.5-stage1": STAGE1_CLIP_VICUNA,
     "llava-v1.5-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
                               micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
                               data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
-    "llava-next-stage1": dict(stage="1", llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
-                              template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
-                              micro_batch_size=32, max_len=2048,
-                              data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip"),
+    "llava-next-stage1": STAGE1_CLIP_VICUNA,  # LLaVA-NeXT reuses LLaVA-1.5's alignment stage
     "llava-next-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
                               grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-5,
                               vision_lr=2e-6, global_batch_size=128, micro_batch_size=4, max_len=4096,
@@ -118,7 +117,7 @@ RECIPES = {
     "onevision-0.5b-stage2": dict(stage="2", template="qwen_1_5", image_aspect_ratio="anyres_max_9",
                                   grid_pinpoints="(1x1),...,(6x6)", lr=1e-5, vision_lr=2e-6, global_batch_size=256,
                                   micro_batch_size=1, max_len=32768),
-    # NeXT-Interleave: continue a stage-2 model (--model) on M4-Instruct with the tower frozen (facts §8.5), several
+    # NeXT-Interleave: continue a stage-2 model (--model) on M4-Instruct with the tower frozen (the Interleave blog), several
     # images per sample padded to squares, in the interleaved and the in-the-front formats mixed half and half
     "interleave-continue": dict(stage="2", template="qwen_1_5", lr=1e-5, freeze_vision_tower=True, global_batch_size=128,
                                 micro_batch_size=1, max_len=32768, image_placement="mixed",
@@ -250,15 +249,13 @@ def build_model(cfg: TrainConfig, device):
     if cfg.image_aspect_ratio:
         model.cfg.image_aspect_ratio = cfg.image_aspect_ratio
     if cfg.grid_pinpoints:
-        from anyres import parse_grid_pinpoints
-
         model.cfg.grid_pinpoints = parse_grid_pinpoints(cfg.grid_pinpoints, model.cfg.vision.image_size)
     if cfg.knobs:  # saved with the checkpoints, so inference reads the budget the model was trained with
         model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **cfg.knobs)
     return model, tokenizer
 
 
-def wrap(model, cfg: TrainConfig, device, world: int):
+def parallelize(model, cfg: TrainConfig, device, world: int):
     """DDP, or FSDP2 sharding each decoder and vision block and then the rest; optionally compile each block."""
     if cfg.compile:  # fast path: compile the repeated blocks, keep the data-dependent splicing eager
         for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
@@ -357,17 +354,9 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
         raise SystemExit(f"error: global batch {cfg.global_batch_size} is not a multiple of micro batch "
                          f"{cfg.micro_batch_size} x {world} ranks")
+    dataset, lengths, steps_per_epoch, total = build_dataset(cfg, model, tokenizer)
 
-    records = load_records(cfg.data)
-    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len,
-                                video_folder=cfg.video_folder, num_frames=cfg.frames, image_placement=cfg.image_placement)
-    lengths = dataset.modality_lengths()
-    steps_per_epoch = len(records) // cfg.global_batch_size
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, fewer than one global batch ({cfg.global_batch_size})")
-
-    ddp_model = wrap(model, cfg, device, world)
+    ddp_model = parallelize(model, cfg, device, world)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
     start, counters = 0, {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
     if cfg.resume and (ckpt := latest_checkpoint(cfg)):
@@ -376,89 +365,125 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
 
     pad_id = tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>") or tokenizer.token_to_id("<unk>") or 0
-    out = Path(cfg.output_dir)
-    metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] <= start] if metrics_path.exists() and start else []
-        metrics_path.write_text("".join(l + "\n" for l in keep))
     loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
-    bar = None
-    if rank == 0 and not cfg.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    peak = peak_flops(device, cfg)
-    step = start
+    log = StepLog(cfg, start, total, device, world, rank)
     for step in range(start, total):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accumulation)]
-        account(batches, counters, cfg, device, rank)
-        # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count
-        targets = all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device)
-        loss_sum = 0.0
-        for a, b in enumerate(batches):
-            sync = a == len(batches) - 1
-            context = nullcontext()
-            if world > 1 and cfg.fsdp:
-                ddp_model.set_requires_gradient_sync(sync)
-            elif world > 1 and not sync:
-                context = ddp_model.no_sync()
-            labels = b["labels"].to(device)
-            learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
-            with context, autocast:
-                logits = ddp_model(b["input_ids"].to(device), b["images"] or None,
-                                   padding_mask=b["padding_mask"].to(device), logits_at=learned)  # (N, V)
-                loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
-            (loss * world / max(targets, 1)).backward()  # DDP and FSDP average over ranks; this undoes it
-            loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+        count_bad_samples(batches, counters, cfg, device, rank)
         factor = lr_factor(step, total, cfg.warmup_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss_value = all_sum(loss_sum, device) / max(targets, 1)
-        tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), device)
-        flops = all_sum(step_flops(model, batches), device) if peak else 0
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the step's kernels have finished: dt is the step's time, not its launch
-        dt = time.perf_counter() - t0
-        if rank == 0:
-            record = {"step": step + 1, "loss": loss_value, "lr": cfg.lr * factor, "grad_norm": float(grad_norm),
-                      "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
-            if peak:
-                record["mfu"] = flops / dt / (peak * world)
-            if device.type == "cuda":
-                record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9  # peak so far, this rank
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{cfg.lr * factor:.2e}", tok_s=f"{tokens / dt:.0f}",
-                                **({"mfu": f"{record['mfu']:.1%}"} if peak else {}))
-                bar.update(1)
+        loss, grad_norm = optimizer_step(ddp_model, model, optimizer, batches, cfg, factor, device, world)
+        log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
         done = step + 1
         if done % cfg.save_every == 0 or done == total:
             save_checkpoint(cfg, ddp_model, optimizer, done, counters, tokenizer, rank)
-        if done == total and rank == 0:  # the stage's result, for infer.py and the next stage: output_dir/final
-            final, tmp = out / "final", out / ".tmp-final"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(latest_checkpoint(cfg), tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+        if done == total and rank == 0:
+            publish_final(cfg)
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
-    if bar is not None:
-        bar.close()
+    log.close()
     if rank == 0 and counters["bad"]:
         print(f"skipped {sum(counters['bad'].values())} unusable samples: {counters['bad']}; "
               f"first ids: {counters['bad_ids'][:10]}", file=sys.stderr)
     return model
 
 
-def account(batches, counters, cfg: TrainConfig, device, rank: int):
+def build_dataset(cfg: TrainConfig, model, tokenizer):
+    """(dataset, per-sample modality lengths, steps per epoch, total steps) of --data."""
+    records = load_records(cfg.data)
+    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len,
+                                video_folder=cfg.video_folder, num_frames=cfg.frames, image_placement=cfg.image_placement)
+    steps_per_epoch = len(records) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, fewer than one global batch ({cfg.global_batch_size})")
+    return dataset, dataset.modality_lengths(), steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.epochs
+
+
+def optimizer_step(ddp_model, model, optimizer, batches, cfg: TrainConfig, factor: float, device, world: int):
+    """Forward and backward over this rank's micro-batches, then clip and one AdamW step at lr x `factor`.
+    Returns (mean loss per answer token over the global batch, gradient norm)."""
+    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count
+    targets = all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    loss_sum = 0.0
+    for a, b in enumerate(batches):
+        sync = a == len(batches) - 1
+        context = nullcontext()
+        if world > 1 and cfg.fsdp:
+            ddp_model.set_requires_gradient_sync(sync)
+        elif world > 1 and not sync:
+            context = ddp_model.no_sync()
+        labels = b["labels"].to(device)
+        learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
+        with context, autocast:
+            logits = ddp_model(b["input_ids"].to(device), b["images"] or None,
+                               padding_mask=b["padding_mask"].to(device), logits_at=learned)  # (N, V)
+            loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
+        (loss * world / max(targets, 1)).backward()  # DDP and FSDP average over ranks; this undoes it
+        loss_sum += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return all_sum(loss_sum, device) / max(targets, 1), grad_norm
+
+
+class StepLog:
+    """metrics.jsonl (one line per step, cut back to the resumed step) and the progress bar, on rank 0."""
+
+    def __init__(self, cfg: TrainConfig, start: int, total: int, device, world: int, rank: int):
+        self.device, self.world, self.rank, self.peak = device, world, rank, peak_flops(device, cfg)
+        self.path = Path(cfg.output_dir) / "metrics.jsonl"
+        self.bar = None
+        if rank != 0:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start] if self.path.exists() and start else []
+        self.path.write_text("".join(l + "\n" for l in keep))
+        if not cfg.quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
+
+    def step(self, step: int, model, batches, loss: float, grad_norm, lr: float, counters, t0: float):
+        tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), self.device)
+        flops = all_sum(step_flops(model, batches), self.device) if self.peak else 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the step's kernels have finished: dt is the step's time, not its launch
+        dt = time.perf_counter() - t0
+        if self.rank != 0:
+            return
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+                  "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
+        if self.peak:
+            record["mfu"] = flops / dt / (self.peak * self.world)
+        if self.device.type == "cuda":
+            record["gpu_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9  # peak so far, this rank
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
+                                 **({"mfu": f"{record['mfu']:.1%}"} if self.peak else {}))
+            self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def publish_final(cfg: TrainConfig):
+    """The stage's result, for infer.py and the next stage: the newest checkpoint without its trainer state, as
+    output_dir/final (copied to a temporary name, then renamed)."""
+    out = Path(cfg.output_dir)
+    final, tmp = out / "final", out / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(latest_checkpoint(cfg), tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
     """Count (and report by id) the samples that could not be used; stop when they are too many."""
     for b in batches:
         counters["samples"] += b["size"] + len(b["bad"])
@@ -551,9 +576,9 @@ def fetch_recipe_data(recipe: dict, args) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        import lifecycle
+        from toy.lifecycle import life_cycle
 
-        return lifecycle.life_cycle()
+        return life_cycle(trainer=sys.modules[__name__])
     cfg = parse_args(argv)
     try:
         train(cfg)

@@ -44,7 +44,7 @@ def test_range_syntax_expands_i_outer_j_inner():
 
 
 def test_select_best_resolution_worked_example():
-    # facts §2.17: 640x480 in LLaVA-1.6 picks the 672x672 canvas (2 x 2 crops)
+    # 640x480 in LLaVA-1.6 picks the 672x672 canvas (2 x 2 crops)
     assert select_best_resolution((640, 480), [tuple(p) for p in NEXT_PINPOINTS]) == (672, 672)
     assert grid_shape((640, 480), llava_16()) == (2, 2)
     assert grid_shape((1920, 1080), onevision()) == (5, 3)
@@ -71,7 +71,7 @@ def test_token_counts_of_the_worked_examples(cfg, size, tokens):
 
 
 def test_unpad_rounding_differs_between_compat_modes():
-    # the grid held fixed (2 rows x 1 col for 55x176 in LLaVA-1.6): int() keeps 1296, round-to-7 keeps 1392 (facts §2.10)
+    # the grid held fixed (2 rows x 1 col for 55x176 in LLaVA-1.6): int() keeps 1296, round-to-7 keeps 1392
     # 55 * 48/176 = 14.999999999999998: int() gives 14 columns of image, round-to-7 gives 15
     assert unpad_bounds(48, 24, (55, 176), "original") == (0, 48, 5, 19)  # 14 columns kept
     assert unpad_bounds(48, 24, (55, 176), "transformers") == (0, 48, 4, 20)  # 16 columns kept
@@ -131,7 +131,7 @@ def knobs(cfg, **values):
 
 
 def test_several_images_are_padded_to_one_crop_each():
-    # facts §2.14: 27 * 27 + 1 newline = 730 per image at 384; 576 + 1 for LLaVA-1.6's CLIP
+    # 27 * 27 + 1 newline = 730 per image at 384; 576 + 1 for LLaVA-1.6's CLIP
     assert num_image_tokens((640, 480), onevision(), num_images=2) == 730
     assert num_image_tokens((640, 480), llava_16(), num_images=3) == 577
     # transformers' OneVision processor agrees; its LLaVA-NeXT processor tiles every image
@@ -149,7 +149,7 @@ def test_several_images_are_padded_to_one_crop_each():
 
 
 def test_video_tokens_are_196_per_frame_plus_one_newline():
-    # facts §2.13: bilinear 27 -> ceil(27 / 2) = 14 per side after the projector, one newline per video
+    # bilinear 27 -> ceil(27 / 2) = 14 per side after the projector, one newline per video
     assert video_tokens(32, onevision()) == 196 * 32 + 1 == 6273
     assert video_tokens(8, onevision()) == 1569
     # NeXT-Video's average pooling drops the ragged edge: floor(27 / 2) = 13

@@ -125,7 +125,7 @@ def test_llava_hf_configs_written_sparsely_fall_back_to_class_defaults():
 
 
 def test_original_onevision_config():
-    # lmms-lab/llava-onevision-qwen2-7b-ov (facts §1): SigLIP named, not described; range-syntax pinpoints expanded
+    # lmms-lab/llava-onevision-qwen2-7b-ov: SigLIP named, not described; range-syntax pinpoints expanded
     raw = {"model_type": "llava", "architectures": ["LlavaQwenForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
            "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
            "rms_norm_eps": 1e-6, "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768,

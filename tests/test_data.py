@@ -29,7 +29,7 @@ def test_templates_equal_the_original_llava_conversation_code(original_llava, na
     assert render_prompt(name, TWO_ROUNDS) == conv.get_prompt()
 
 
-def test_qwen_1_5_string():  # NeXT's conv_qwen (facts §7.1)
+def test_qwen_1_5_string():  # NeXT's conv_qwen
     assert render_prompt("qwen_1_5", TWO_ROUNDS) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         "<|im_start|>user\n<image>\nWhat is this?<|im_end|>\n<|im_start|>assistant\nA cat.<|im_end|>\n"

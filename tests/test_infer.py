@@ -51,7 +51,7 @@ def test_stdout_carries_only_the_streamed_answer(tiny, image_file):
 
 
 def test_missing_image_is_one_clear_line(tiny, tmp_path):
-    with pytest.raises(SystemExit, match=r"cannot read image '.*nope.jpg'"):
+    with pytest.raises(SystemExit, match=r"missing image: .*nope.jpg"):
         infer.main([str(tmp_path / "nope.jpg"), "Hi", "--model", str(tiny("next_llama"))])
 
 

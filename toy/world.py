@@ -33,7 +33,7 @@ Files under out_dir (byte-identical for the same arguments):
     stage0_eval.npz stand-in for a pretrained CLIP), and the same for the eval images:
                         image (N,) str, size (N, 2) int16 as (w, h), and color / shape / letter (N, 9, 9) int8 indexed
                         [row, col] over 16x16 cells: 0 = none, k = class k-1 of cfg.colors / cfg.shapes / cfg.letters,
-                        IGNORE (-100, torch's default ignore_index) for cells outside the image
+                        IGNORE_INDEX (-100, torch's default ignore_index) for cells outside the image
     scenes.json     {image path: scene dict} for every image, for tests and debugging
     manifest.json   what the set was made with (config, sizes, seed); written last, so its presence means complete
     tokenizer.json  byte-level BPE (~500 tokens) trained on every string the qwen_1_5 template and the data produce;
@@ -45,7 +45,7 @@ Every answer is fixed by the image; by symmetry the answers of each question typ
 training, and exactly so in eval.json, so a model that cannot see the image scores chance(cfg) there: 1/4 colour,
 1/3 shape, count and position, 1/6 letter. Answers are single tokens of tokenizer.json.
 
-    python toy.py OUT_DIR [--n-train 200] [--n-eval 50] [--seed 0]   writes a small set, prints samples, draws a
+    python -m toy.world OUT_DIR [--n-train 200] [--n-eval 50] [--seed 0]   writes a small set, prints samples, draws a
                                                                     contact sheet OUT_DIR/contact_sheet.png
 """
 
@@ -63,7 +63,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-IGNORE = -100  # label of a cell outside the image (torch.nn.functional.cross_entropy's default ignore_index)
+from data import IGNORE_INDEX
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 of tokenizer.json
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
 POSITIONS = ["left", "middle", "right"]  # thirds of the image width
@@ -178,7 +179,7 @@ def cell_labels(scene: dict, cfg: ToyConfig):
     module docstring."""
     w, h = scene["size"]
     grid = max(max(size) for size in cfg.sizes) // cfg.cell
-    maps = [np.full((grid, grid), IGNORE, np.int8) for _ in range(3)]
+    maps = [np.full((grid, grid), IGNORE_INDEX, np.int8) for _ in range(3)]
     for m in maps:
         m[: h // cfg.cell, : w // cfg.cell] = 0
     color, shape, letter = maps

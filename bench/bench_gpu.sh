@@ -1,14 +1,15 @@
 # GPU figures (run by hand on one CUDA GPU, about 7 minutes; README, "Speed"): train.py's step on a random
 # LLaVA-NeXT (bench.py's CLIP-L/336 + Qwen2-0.5B-sized checkpoint) under each fast-path flag, with tokens/s, MFU and
 # peak GPU memory, then batch-1 bf16 decode, eager and compiled, of that model and of a Mistral-7B-sized decoder.
-#   bash bench_gpu.sh            logs of each training run go to $OUT (default /tmp/bench_gpu)
+#   bash bench/bench_gpu.sh            logs of each training run go to $OUT (default /tmp/bench_gpu)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench_gpu}; mkdir -p $OUT
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root
 python3 - <<'PY'
 import shutil
 from pathlib import Path
-import bench, toy
+from bench import bench
+from toy import world as toy
 f = bench.checkpoint(Path("/tmp/bench"), False)
 toy.write_dataset(Path("/tmp/benchdata"), n_train=1200, n_eval=20, seed=0)
 shutil.copy("/tmp/benchdata/tokenizer.json", f / "tokenizer.json")

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from tokenizers import Tokenizer
 
-import toy
+from toy import world as toy
 from anyres import candidate_resolutions, select_best_resolution
 from data import IGNORE_INDEX, conversation_of, render_prompt, tokenize, tokenize_conversation
-from lifecycle import GRID_PINPOINTS
+from toy.lifecycle import GRID_PINPOINTS
 from model import IMAGE_TOKEN
 
 CFG = toy.ToyConfig()
@@ -210,7 +210,7 @@ def test_stage0_labels_match_the_pixels(out, scenes):
             for col in range(6):
                 color, shape, letter = (int(z[k][n, row, col]) for k in ("color", "shape", "letter"))
                 if row >= h // c or col >= w // c:
-                    assert color == shape == letter == toy.IGNORE
+                    assert color == shape == letter == IGNORE_INDEX
                     continue
                 block = pixels[row * c:(row + 1) * c, col * c:(col + 1) * c]
                 if color:

@@ -1,8 +1,8 @@
 """Benchmark: this code against transformers, and both against what the machine can do. Run by hand, not in CI.
 
-    python bench.py                  # CLIP-L/336 tower + Qwen2-0.5B-sized decoder (random weights, fp32, CPU)
-    python bench.py --small          # a tiny model: the same measurements in about a minute
-    python bench.py --json out.json  # also write the figures as one JSON object
+    python bench/bench.py                  # CLIP-L/336 tower + Qwen2-0.5B-sized decoder (random weights, fp32, CPU)
+    python bench/bench.py --small          # a tiny model: the same measurements in about a minute
+    python bench/bench.py --json out.json  # also write the figures as one JSON object
 
 Both sides load the same random LLaVA-NeXT checkpoint in the llava-hf layout, written once by transformers into
 --cache-dir: ours with convert.load_pretrained(compat="transformers"), theirs with
@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model import IMAGE_TOKEN
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
+from model import IMAGE_TOKEN  # noqa: E402
 
 IMAGE_TOKEN_ID = 151646  # the id llava-hf's Qwen checkpoints give <image>; any id inside the vocabulary works
 
