@@ -9,7 +9,7 @@ The stages (which parameters learn is `set_trainable`):
     1.5  the whole model, on high-quality detailed captions (OneVision's "mid" stage)
     2    the whole model, on instructions; --freeze-vision-tower keeps the tower fixed (LLaVA-1.5, Interleave)
 
-    python train.py                                  the toy life cycle on CPU (lifecycle.py; data from toy.py)
+    python train.py                                  the toy life cycle on CPU (toy/lifecycle.py; data from toy/world.py)
     python train.py --recipe llava-v1.5-stage1       a real stage (RECIPES below; flags override its values)
     torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final
              --data mix.json --image-folder /data --fsdp --bf16
@@ -552,7 +552,7 @@ def fetch_recipe_data(recipe: dict, args) -> dict:
         raise SystemExit("error: this recipe has no public dataset; pass --data and --image-folder")
     if "data_json" not in recipe:
         raise SystemExit(f"error: {recipe['data_hub']} has no single JSON file in the LLaVA format that this recipe "
-                         f"can name; download it (README, 'Train on the real data') and pass --data / --image-folder")
+                         f"can name; download it (README, 'Training') and pass --data / --image-folder")
     from huggingface_hub import snapshot_download
 
     patterns = [recipe["data_json"]] + ([recipe["data_images"]] if "data_images" in recipe else [])

@@ -12,7 +12,7 @@ on a shared machine.
 
     P1  decode tok/s: batch 1, greedy, 64 new tokens after a 32-token text prompt (time from the first to the
         last new token). Ours eager (infer.py's default); with --compile also the compiled decode step
-        (infer.py --compile), printed beside it (on CPU it does not pay: see README, "Speed").
+        (infer.py --compile), printed beside it (on CPU it does not pay: see docs/results/2026-11-22-speed.md).
         Roofline: every weight the decoder reads per token (all non-embedding matrices + the output head + the
         KV cache) / the machine's copy bandwidth.
     P2  time to first token for a 672x672 image (pixels already processed: preprocessing is P3): vision tower,

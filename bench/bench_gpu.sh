@@ -1,4 +1,4 @@
-# GPU figures (run by hand on one CUDA GPU, about 7 minutes; README, "Speed"): train.py's step on a random
+# GPU figures (run by hand on one CUDA GPU, about 7 minutes; results in docs/results): train.py's step on a random
 # LLaVA-NeXT (bench.py's CLIP-L/336 + Qwen2-0.5B-sized checkpoint) under each fast-path flag, with tokens/s, MFU and
 # peak GPU memory, then batch-1 bf16 decode, eager and compiled, of that model and of a Mistral-7B-sized decoder.
 #   bash bench/bench_gpu.sh            logs of each training run go to $OUT (default /tmp/bench_gpu)

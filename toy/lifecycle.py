@@ -1,6 +1,6 @@
 """The LLaVA life cycle in miniature: `python train.py` with no arguments, on a laptop CPU in minutes.
 
-    world.write_dataset          shapes-world images, captions and VQA in the LLaVA JSON format (runs/toy/data)
+    world.write_dataset        shapes-world images, captions and VQA in the LLaVA JSON format (runs/toy/data)
     stage 0 (stand-ins)        a tiny CLIP-style tower learns what each patch holds (and, on objects, which third
                                of the image it lies in) and a tiny Llama-style decoder (by default left at its
                                random initialisation, see ToyRun): the "pretrained encoders" real LLaVA starts from,
@@ -48,15 +48,14 @@ class ToyRun:
     vision_layers: int = 3  # used by LLaVA; the saved tower has one more, as CLIP's hidden state -2 implies
     text_width: int = 192
     text_layers: int = 4
-    # steps per stage (batch 32); the runs behind these numbers are in toy-measurements.md
-    stage0_vision_steps: int = 300  # until the per-patch labels are all right (loss ~0): 0.62 held-out vs 0.44 at 150
-    # 0: the "pretrained LLM" is the random initialisation, saved and loaded like any base LLM. Pretraining it on the
-    # toy's text without the images slowed its learning to look; a stand-in that reads the scene given as words
-    # helped binding but did not fit 10 minutes (commit 3ddc910)
+    # steps per stage (batch 32), chosen by the runs in docs/toy-results.md
+    stage0_vision_steps: int = 300  # until the per-patch labels are all right (loss ~0)
+    # 0: the "pretrained LLM" is the random initialisation, saved and loaded like any base LLM (pretraining it on
+    # the toy's text alone slowed its learning to look: docs/toy-results.md)
     stage0_text_steps: int = 0
     stage1_steps: int = 40
     stage15_steps: int = 60
-    stage2_steps: int = 750  # 800 took 457-484 s on the shared build machine: 655 s in all, over 10 minutes
+    stage2_steps: int = 750  # the most that keeps the whole life cycle under 10 minutes on 2 cores
     interleave_steps: int = 30
     batch: int = 32
 
@@ -70,7 +69,6 @@ def tower_config(run: ToyRun) -> VisionConfig:
 
 
 def decoder_config(run: ToyRun, vocab_size: int) -> TextConfig:
-    # 6 key/value heads instead of 2 only moved which seed learns to bind (toy-measurements.md)
     return TextConfig(vocab_size=vocab_size, hidden_size=run.text_width, intermediate_size=4 * run.text_width // 3 * 2,
                       num_layers=run.text_layers, num_heads=6, num_kv_heads=2, head_dim=run.text_width // 6,
                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=1024)
@@ -83,19 +81,16 @@ def decoder_config(run: ToyRun, vocab_size: int) -> TextConfig:
 def stage0_vision(run: ToyRun, data: Path, folder: Path, lr_factor):
     """Train the tower as the stand-in for a pretrained CLIP, then save it as a CLIP vision-model folder.
 
-    Two heads read the features LLaVA will use, on the crops (each patch is one cell of the scene) and, for the
-    column, on the base view too:
-    - content, CLIP-style: a patch's feature must point at the embedding of what its cell holds (nothing, one of the
-      12 colour-shape objects, or one of the 6 letters) more than at any other, by cosine, as CLIP's image embedding
-      points at its caption's. Linear probes per attribute left letters nearly parallel to the background in some
-      seeds (cosine 0.97);
-    - column: which of its view's 3 patch columns an object lies in. The scenes are one crop wide, so in a crop and
-      in the base view alike that is the object's third of the image. Only object patches are labelled: the decoder
-      reads a "where" code on the objects' own tokens, and the same code on every token drowned the contents. With
-      crops alone labelled, the base view's object tokens carried a code of their own (a probe trained on crops read
-      them at 0.43-0.47). In seed 2 the column was then 0.6% of the object features' variance and position stayed at
-      chance; with both views labelled, 29% and 0.72 (toy-measurements.md, "Tried after the default was set").
-    The position embedding starts at std 0.1 instead of 0.02: at 0.02 the column head stayed at chance for 300 steps."""
+    This is the toy's own stand-in, not LLaVA: real LLaVA starts from a CLIP or SigLIP that already sees. Two heads
+    read the features LLaVA will use:
+    - content, CLIP-style: a crop patch's feature must point at the embedding of what its cell holds (nothing, one
+      of the 12 colour-shape objects, or one of the 6 letters) more than at any other, by cosine, as CLIP's image
+      embedding points at its caption's;
+    - column: which of its view's 3 patch columns an object lies in, on the crops and on the base view (the scenes
+      are one crop wide, so in both views that is the object's third of the image). Only object patches are
+      labelled, so that the "where" code rides on the objects' own tokens.
+    The position embedding starts at std 0.1 instead of 0.02, so that the column head can learn within 300 steps.
+    Why each choice: docs/toy-results.md."""
     labels = np.load(data / "stage0.npz")
     cfg = LlavaConfig(vision=tower_config(run), image_aspect_ratio="anyres", grid_pinpoints=json.loads(GRID_PINPOINTS))
     tower = init_fresh(_meta(VisionTower, cfg.vision))
@@ -214,7 +209,7 @@ def visuals(record, cfg, folder: Path, blank: bool):
 def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, batch: int = 50):
     """Share of one-word answers right, greedy, overall and per question type; `blank` swaps each image for a black
     one of the same size (same token count), which no model can answer from. Prompts go `batch` at a time through
-    infer.generate_batch (left-padded, the same greedy answers as one at a time, about 2x faster here)."""
+    infer.generate_batch (left-padded: the same greedy answers as one at a time, in fewer passes)."""
     from infer import generate_batch
 
     model.eval()
@@ -263,12 +258,11 @@ def life_cycle(trainer, run: ToyRun = ToyRun()):
         trainer.TrainConfig(stage="1", llm=str(out / "stage0" / "llm"), vision_tower=str(out / "stage0" / "tower"),
                     data=str(data / "pretrain.json"), template="plain", lr=2e-3, max_steps=run.stage1_steps,
                     output_dir=str(out / "stage1"), **common),
-        # the tower stays frozen from here on: trained in stage 1.5 (vision lr 2e-4), it lost the column code (from 16%
-        # of the object features' variance to 0.4%), and in stage 2 it cost 0.08 held-out (toy-measurements.md)
+        # the tower stays frozen from here on: trained further, it washed the column code out (docs/toy-results.md)
         trainer.TrainConfig(stage="1.5", model=str(out / "stage1" / "final"), data=str(data / "recap.json"), template="qwen_1_5",
                     lr=1e-3, freeze_vision_tower=True, max_steps=run.stage15_steps, output_dir=str(out / "stage1.5"),
                     **common),
-        # lr 5e-4: at 1e-3 these runs learned position or shape, not both (toy-measurements.md)
+        # lr 5e-4: at 1e-3 the decoder learned position or shape, not both (docs/toy-results.md)
         trainer.TrainConfig(stage="2", model=str(out / "stage1.5" / "final"), data=str(data / "instruct.json"), template="qwen_1_5",
                     lr=5e-4, freeze_vision_tower=True, max_steps=run.stage2_steps, output_dir=str(out / "stage2"),
                     **common),

@@ -75,8 +75,7 @@ WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the righ
 class ToyConfig:
     cell: int = 16  # px per cell = the ViT patch
     # (w, h), exactly the AnyRes canvases [[48,96],[48,144]]. One crop wide, so that a cell's third of the width
-    # (left / middle / right) is its column in its crop, which the tower can see. With 96-px-wide scenes the third
-    # has to be worked out from the token layout, and position stayed at chance in every run (toy-measurements.md)
+    # (left / middle / right) is its column in its crop, which the tower can see (wider scenes: docs/toy-results.md)
     sizes: tuple = ((48, 96), (48, 144))
     colors: dict = field(default_factory=lambda: {
         "red": (255, 0, 0), "green": (0, 220, 0), "blue": (30, 90, 255), "yellow": (255, 230, 0)})
@@ -89,8 +88,7 @@ class ToyConfig:
     max_background: int = 24  # the background is grey level 0..max_background
     max_turns: int = 3  # VQA turns per instruct conversation: 1..max_turns
     # Ask the letter question in every scene that has a letter, so that it gets about the share of turns each other
-    # type gets (25% against 19%) instead of half of it (10% against 22%). Measured: with 10% of the turns, stage 2
-    # answered one letter to every letter question in most runs (toy-measurements.md)
+    # type gets (25% against 19%) instead of half of it (docs/toy-results.md, "Letters")
     always_ask_letter: bool = True
     p_text_only: float = 0.05  # share of instruct records that are text-only trivia
     # the Interleave stage's data (interleave.json), per training image: two-image records ("which has more
@@ -320,8 +318,6 @@ def train_sample(seed: int, i: int, cfg: ToyConfig):
     path, sid = f"images/train_{i:06d}.png", f"train_{i:06d}"
     # the types this scene can answer (a throwaway rng: only whether each can be asked matters here)
     types = [t for t, ask in QUESTION_TYPES.items() if ask(random.Random(0), scene, cfg) is not None]
-    # measured (with base-view probes in stage 0): one more position turn in half the conversations (23% -> 32% of
-    # turns) left position at chance (0.35)
     first = ["letter"] if cfg.always_ask_letter and "letter" in types else []
     turns = rng.randint(1, min(cfg.max_turns, len(types)))
     picked = first + rng.sample([t for t in types if t not in first], turns - len(first))
