@@ -101,34 +101,73 @@ def stop_token_ids(tokenizer, template: str, extra=()) -> set[int]:
     return ids | set(extra)
 
 
-def encode(tokenizer, text: str, image_tokens=()):
+def encode(tokenizer, text: str, image_tokens=(), compat: str = "original"):
     """(ids, ends): token ids of `text` with each `<image>` replaced by `image_tokens[i]` copies of IMAGE_TOKEN, and
     each token's end offset in `text` (None for image positions and the tokenizer's own BOS).
 
-    Like the original `tokenizer_image_token`, each piece between placeholders is tokenised on its own and only the
-    first keeps the tokenizer's BOS. A BOS the text already spells out (Llama-3's template) is not doubled.
+    The two readings differ for SentencePiece-style tokenizers (a Metaspace pre-tokenizer, as the LLaVA-1.5/1.6
+    Vicuna, Mistral and 34B tokenizers are), which put a word-start "▁" before a text that does not start with one:
+      "original"      each piece between placeholders is tokenised on its own, as the original
+                      `tokenizer_image_token` does, so a piece after an image gains that "▁" token ("<image>\nWhat"
+                      -> IMG ▁ <0x0A> What); only the first piece keeps the tokenizer's BOS
+      "transformers"  the whole text is tokenised at once with `<image>` an added special token, as the llava-hf
+                      processor does: only the text's very start gets the "▁" (-> IMG <0x0A> What)
+    Byte-level tokenizers (Qwen, Llama-3) give the same ids either way. A BOS the text already spells out
+    (Llama-3's template) is not doubled.
     """
     pieces = text.split("<image>")
     if len(pieces) - 1 != len(image_tokens):
         raise ValueError(f"the prompt has {len(pieces) - 1} <image> placeholders but {len(image_tokens)} images were given")
-    ids, ends, offset = [], [], 0
-    for i, piece in enumerate(pieces):
-        if i:
-            ids += [IMAGE_TOKEN] * image_tokens[i - 1]
-            ends += [None] * image_tokens[i - 1]
-            offset += len("<image>")
-        enc = tokenizer.encode(piece, add_special_tokens=i == 0)
-        ids += enc.ids
-        ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
-        offset += len(piece)
+    ids, ends = [], []
+    if compat == "transformers":
+        tok, image_id = with_image_token(tokenizer)
+        enc, counts = tok.encode(text), iter(image_tokens)
+        for token, (_, end), special in zip(enc.ids, enc.offsets, enc.special_tokens_mask):
+            if token == image_id:
+                n = next(counts)
+                ids += [IMAGE_TOKEN] * n
+                ends += [None] * n
+            else:
+                ids.append(token)
+                ends.append(None if special else end)
+    else:
+        offset = 0
+        for i, piece in enumerate(pieces):
+            if i:
+                ids += [IMAGE_TOKEN] * image_tokens[i - 1]
+                ends += [None] * image_tokens[i - 1]
+                offset += len("<image>")
+            enc = tokenizer.encode(piece, add_special_tokens=i == 0)
+            ids += enc.ids
+            ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
+            offset += len(piece)
     if len(ids) >= 2 and ids[0] == ids[1] != IMAGE_TOKEN and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>"):
         ids, ends = ids[1:], ends[1:]
     return ids, ends
 
 
-def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
+_IMAGE_AWARE = {}  # id(tokenizer) -> (the tokenizer, held so that its id is not reused; its copy with <image>)
+
+
+def with_image_token(tokenizer):
+    """(tokenizer, id of `<image>`) where `<image>` is an added special token, as in every llava-hf tokenizer.json;
+    for a tokenizer without it (the original checkpoints'), a copy with it added (its id is never emitted)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    for token_id, added in tokenizer.get_added_tokens_decoder().items():
+        if added.content == "<image>":
+            return tokenizer, token_id
+    if id(tokenizer) not in _IMAGE_AWARE:
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        copy.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+        _IMAGE_AWARE[id(tokenizer)] = (tokenizer, copy)
+    copy = _IMAGE_AWARE[id(tokenizer)][1]
+    return copy, copy.token_to_id("<image>")
+
+
+def tokenize(tokenizer, text: str, image_tokens=(), compat: str = "original") -> list[int]:
     """Token ids of a prompt, images expanded to their token counts (see `encode`)."""
-    return encode(tokenizer, text, image_tokens)[0]
+    return encode(tokenizer, text, image_tokens, compat)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,14 +176,14 @@ def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
 IGNORE_INDEX = -100  # label of every position the loss skips
 
 
-def tokenize_conversation(tokenizer, template: str, messages, image_tokens=()):
+def tokenize_conversation(tokenizer, template: str, messages, image_tokens=(), compat: str = "original"):
     """(ids, labels) of a whole conversation: labels copy the ids of the answer spans (render_conversation) and
     are IGNORE_INDEX elsewhere, images included. The ids are exactly what inference would see for the same turns.
 
     Raises SampleError("tokenization mismatch") if an answer's labelled tokens do not spell that answer, the
     original's silent zero-loss failure (its preprocess_* functions only warn and set every label to -100) made loud."""
     text, targets = render_conversation(template, messages)
-    ids, ends = encode(tokenizer, text, image_tokens)
+    ids, ends = encode(tokenizer, text, image_tokens, compat)
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in targets:
         inside = [i for i, e in enumerate(ends) if e is not None and start < e <= end]
@@ -354,7 +393,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 images = [process_video(load_video(self.video_folder / video, self.num_frames), self.model_cfg)]
             else:
                 images = process_images([load_image(self.image_folder / f) for f in files], self.model_cfg)
-            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images])
+            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images],
+                                               self.model_cfg.compat)
             note = None
             if len(ids) > self.max_len:
                 if IMAGE_TOKEN in ids[self.max_len - 1:]:

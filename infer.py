@@ -248,7 +248,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     stills = iter(process_images(images, model.cfg))  # several images: each padded to a square (anyres.tiles_with_anyres)
     processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
-    input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed])
+    input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed],
+                         model.cfg.compat)
     timings["preprocess_s"] = time.perf_counter() - t0
     print(f"{args.model}: template {template}, {len(input_ids)} prompt tokens "
           f"({sum(im.num_tokens for im in processed)} for {len(images)} images"
@@ -264,7 +265,7 @@ def main(argv=None):
     answer = tokenizer.decode([t for t in out if t not in stop]).strip()
     if args.json:
         # each image appears once, as IMAGE_TOKEN (-200), like the original code's prompts
-        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed))
+        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed), model.cfg.compat)
         print(json.dumps({"answer": answer, "prompt_token_ids": compact, "output_token_ids": out,
                           "image_tokens": [im.num_tokens for im in processed], "timings": timings}))
     else:
