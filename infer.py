@@ -11,9 +11,11 @@ The answer streams to stdout; everything else goes to stderr. --json prints one 
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -182,13 +184,64 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
     add_knob_flags(p)
+    p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the request, each ending the program with one line that names the flag and what it takes
+
+
+def check_flags(args) -> str:
+    """Refuse generation flags out of range before anything is loaded; returns the device to run on."""
+    checks = [
+        (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1"),
+        (math.isfinite(args.temperature) and args.temperature >= 0,
+         f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)"),
+        (0 < args.top_p <= 1, f"--top-p {args.top_p}: expected 0 < p <= 1 (1 = sample from every token)"),
+        (args.frames >= 1, f"--frames {args.frames}: expected an integer >= 1 (frames sampled from --video)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            sys.exit(f"error: {message}")
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"error: --device {args.device!r}: not a device name; use cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        sys.exit(f"error: --device {args.device}: this torch ({torch.__version__}) sees no such device; use --device cpu")
+    return args.device
+
+
+def fit_context(args, model, input_ids, processed) -> int:
+    """How many tokens to generate: --max-new-tokens, cut to what is left of the context window (said on stderr).
+    A prompt that fills the window on its own is refused: the model was never trained on positions past it."""
+    window, n = model.cfg.text.max_position_embeddings, len(input_ids)
+    if n >= window:
+        visual = sum(im.num_tokens for im in processed)
+        sys.exit(f"error: the prompt is {n} tokens ({visual} of them for the images and video) but {args.model} reads "
+                 f"at most {window} (max_position_embeddings); shorten the prompt, give fewer or smaller images, "
+                 f"fewer --frames, or lower the image token budget (--max-grid, --token-threshold)")
+    if n + args.max_new_tokens > window:
+        print(f"note: {n} prompt tokens + --max-new-tokens {args.max_new_tokens} pass the context window of {window}; "
+              f"generating at most {window - n}", file=sys.stderr)
+    return min(args.max_new_tokens, window - n)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
     """(prompt with one <image> per visual, images, video frames or None, kinds in prompt order) from the command
     line; an unreadable file is a one-line error."""
     *image_paths, prompt = args.inputs
+    if Path(prompt).suffix.lower() in IMAGE_SUFFIXES and Path(prompt).is_file():
+        sys.exit(f"error: the last argument {prompt!r} is an image file, but the prompt goes last: "
+                 f"python infer.py IMAGE... \"PROMPT\"")
     try:
         images = [load_image(path) for path in image_paths]
         frames = load_video(args.video, args.frames) if args.video else None
@@ -236,7 +289,7 @@ def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_flags(args)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     prompt, images, frames, kinds = read_visuals(args)
 
@@ -255,9 +308,10 @@ def main(argv=None):
           f"({sum(im.num_tokens for im in processed)} for {len(images)} images"
           + (f" and a video of {len(frames)} frames" if frames else "") + ")", file=sys.stderr)
 
+    max_new_tokens = fit_context(args, model, input_ids, processed)
     stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos_token_ids(folder))
     t0 = time.perf_counter()
-    tokens = generate(model, input_ids, processed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    tokens = generate(model, input_ids, processed, max_new_tokens=max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, stop_ids=stop, seed=args.seed, compile=args.compile)
     out, timings["first_token_s"] = stream_answer(tokenizer, tokens, stop, show=not args.json)
     total = time.perf_counter() - t0
