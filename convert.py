@@ -128,6 +128,8 @@ def text_config(raw: dict, where: str) -> TextConfig:
     names = (raw.get("model_type", "") + " ".join(raw.get("architectures") or [])).lower()
     family = "qwen2" if "qwen" in names else "mistral" if "mistral" in names else "llama"
     c = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None}}
+    positive_ints(c, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings"), where)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise CheckpointError(f"{where}: rope scaling {rope} is not supported (no released LLaVA model uses it)")
@@ -148,6 +150,13 @@ def text_config(raw: dict, where: str) -> TextConfig:
     )
 
 
+def positive_ints(c: dict, keys, where: str):
+    for key in keys:
+        if type(c[key]) is not int or c[key] < 1:
+            raise CheckpointError(f"{where}: {key} {c[key]!r}: expected a positive integer; compare it with the "
+                                  f"released config.json")
+
+
 def vision_config(raw: dict, select_feature: str, where: str) -> tuple[VisionConfig, int]:
     """The tower's config and its total layer count; the caller decides how many of them LLaVA runs."""
     raw = raw.get("vision_config", raw)  # a full CLIPConfig nests it
@@ -156,6 +165,8 @@ def vision_config(raw: dict, select_feature: str, where: str) -> tuple[VisionCon
     if kind is None:
         raise CheckpointError(f"{where}: vision tower type {model_type!r} is not supported (CLIP or SigLIP)")
     c = {**HF_DEFAULTS[f"{kind}_vision_model"], **raw}
+    positive_ints(c, ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_hidden_layers"), where)
     return VisionConfig(kind=kind, image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
                         intermediate_size=c["intermediate_size"], num_heads=c["num_attention_heads"], num_layers=0,
                         layer_norm_eps=c["layer_norm_eps"], select_feature=select_feature), c["num_hidden_layers"]
@@ -398,7 +409,7 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
         cfg = llava_config(raw, str(config_path), compat, tower_raw)
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a field missing, or of the wrong type
+    except (KeyError, TypeError, ValueError, AttributeError, SyntaxError) as e:  # a field missing or malformed
         raise CheckpointError(f"{config_path}: cannot be read as a LLaVA or LLM config ({type(e).__name__}: {e}); "
                               f"compare it with the released config.json") from None
     files = checkpoint_files(folder)

@@ -358,7 +358,8 @@ def load_image(path):
     except IsADirectoryError:
         raise SampleError("unreadable image", f"{path} is a folder, not an image file") from None
     except Image.DecompressionBombError as e:  # Pillow's own limit (twice its warning size), met before ours
-        raise SampleError("image too large", f"{path}: {e}") from None
+        raise SampleError("image too large", f"{path}: {e} This program decodes at most {MAX_IMAGE_PIXELS:,} "
+                          f"pixels; resize it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # Pillow's plugins raise all of these
         raise SampleError("unreadable image", f"{path}: {e}; is it a complete image file (JPEG, PNG, WebP, ...)?") from None
 

@@ -254,10 +254,10 @@ def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
 
 
 def load_model(args, device: str, dtype, kinds):
-    """(model, tokenizer, checkpoint folder, template) with the command line's token-budget knobs applied."""
+    """(model, tokenizer, its eos ids, template) with the command line's token-budget knobs applied."""
     try:
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat)
-        tokenizer = load_tokenizer(folder, args.model)
+        tokenizer, eos = load_tokenizer(folder, args.model), eos_token_ids(folder)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if kinds and model.vision_tower is None:
@@ -267,7 +267,7 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, folder, args.template or default_template(args.model, tokenizer)
+    return model, tokenizer, eos, args.template or default_template(args.model, tokenizer)
 
 
 def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float | None]:
@@ -295,7 +295,7 @@ def main(argv=None):
 
     timings = {}
     t0 = time.perf_counter()
-    model, tokenizer, folder, template = load_model(args, device, dtype, kinds)
+    model, tokenizer, eos, template = load_model(args, device, dtype, kinds)
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -309,7 +309,7 @@ def main(argv=None):
           + (f" and a video of {len(frames)} frames" if frames else "") + ")", file=sys.stderr)
 
     max_new_tokens = fit_context(args, model, input_ids, processed)
-    stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos_token_ids(folder))
+    stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos)
     t0 = time.perf_counter()
     tokens = generate(model, input_ids, processed, max_new_tokens=max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, stop_ids=stop, seed=args.seed, compile=args.compile)
