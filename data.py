@@ -215,9 +215,9 @@ def load_records(path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SystemExit(f"error: --data {path}: no such file; give a LLaVA JSON / JSONL file or a mixture spec") from None
+        raise SystemExit(f"error: {path}: no such file; --data takes a LLaVA JSON / JSONL file or a mixture spec") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: --data {path}: cannot be read as a UTF-8 text file ({type(e).__name__}); give a "
+        raise SystemExit(f"error: {path}: cannot be read as a UTF-8 text file ({type(e).__name__}); --data takes a "
                          f"LLaVA JSON / JSONL file or a mixture spec") from None
     if path.suffix == ".jsonl":
         records = [parse_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -243,7 +243,8 @@ def parse_json(text: str, path, line: int = 0):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}:{line or e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix that line or regenerate the file") from None
+        raise SystemExit(f"error: {path}:{line or e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix that line or "
+                         f"regenerate the file") from None
 
 
 def load_mixture(spec: dict, path: Path) -> list[dict]:
@@ -365,6 +366,7 @@ def load_image(path):
 
 
 def check_size(size: tuple[int, int], path):
+    """Refuse an image whose header declares more than MAX_IMAGE_PIXELS."""
     width, height = size
     if width * height > MAX_IMAGE_PIXELS:
         raise SampleError("image too large", f"{path} declares {width} x {height} pixels, more than the "

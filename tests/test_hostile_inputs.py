@@ -244,7 +244,7 @@ def test_a_split_checkpoint_with_every_shard_loads(tiny, tmp_path, capsys):
 
 
 DATA_CASES = [  # (case, file name, content, words)
-    ("missing file", None, None, ["--data", "no such file"]),
+    ("missing file", None, None, ["absent.json", "no such file", "--data takes"]),
     ("JSON broken on line 3", "data.json", '[\n {"id": 1},\n {"id": 2,,}\n]', ["data.json:3:", "not valid JSON"]),
     ("JSONL broken on line 2", "data.jsonl", '{"id": 1}\n{"id": 2\n{"id": 3}\n', ["data.jsonl:2:", "not valid JSON"]),
     ("a JSON number", "data.json", "42", ["data.json", "expected a JSON list of samples", "found a int"]),
