@@ -413,12 +413,14 @@ def load_video(path, num_frames: int):
                 raise SampleError("unreadable video", f"{path}: a folder of frames holds no {sorted(FRAME_SUFFIXES)} files")
             return [load_image(files[i]) for i in uniform_indices(len(files), num_frames)]
         if path.suffix.lower() in ANIMATED_SUFFIXES:
-            with Image.open(path) as clip:
-                check_size(clip.size, path)
-                frames = []
-                for i in uniform_indices(getattr(clip, "n_frames", 1), num_frames):  # only the sampled frames
-                    clip.seek(i)
-                    frames.append(clip.convert("RGB"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size decides instead
+                with Image.open(path) as clip:
+                    check_size(clip.size, path)
+                    frames = []
+                    for i in uniform_indices(getattr(clip, "n_frames", 1), num_frames):  # only the sampled frames
+                        clip.seek(i)
+                        frames.append(clip.convert("RGB"))
             return frames
         try:
             import av
