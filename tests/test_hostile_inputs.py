@@ -158,7 +158,7 @@ def test_generation_stops_at_the_context_window(tiny, tmp_path, capsys):
     infer.main(["Hi", "--model", str(folder), "--json", "--max-new-tokens", "10", "--ignore-eos"])
     out = capsys.readouterr()
     assert len(json.loads(out.out)["output_token_ids"]) == 2
-    assert f"generating at most 2" in out.err
+    assert "generating at most 2" in out.err
 
 
 # ----------------------------------------------------------------------------------------------------------------
