@@ -157,6 +157,24 @@ def test_original_compat_gives_tokenizer_image_token_ids(original_llava, tiny_pa
         assert tok.id_to_token(ours[after]) == "▁" and tok.id_to_token(ours[after + 1]) == "<0x0A>"
 
 
+def test_transformers_compat_without_an_image_token_in_the_tokenizer():
+    """The original checkpoints' tokenizers have no <image> token: compat="transformers" reads them as the llava-hf
+    conversion (the same tokenizer plus <image>) would, and leaves the tokenizer itself unchanged."""
+    import json
+
+    import tiny_checkpoints as tc
+
+    full = tc.make_tokenizer("next_mistral")
+    spec = json.loads(full.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<image>"]
+    del spec["model"]["vocab"]["<image>"]
+    bare = Tokenizer.from_str(json.dumps(spec))
+    prompt = render_prompt("mistral_instruct", [("user", "<image>\nwhat is<image>it")])
+    assert tokenize(bare, prompt, [2, 3], "transformers") == tokenize(full, prompt, [2, 3], "transformers")
+    assert tokenize(bare, prompt, [2, 3], "original") == tokenize(full, prompt, [2, 3], "original")
+    assert bare.token_to_id("<image>") is None
+
+
 @pytest.mark.parametrize("compat", ["original", "transformers"])
 @pytest.mark.parametrize("name, template", [("llava15_llama", "vicuna_v1"), ("next_mistral", "mistral_instruct")])
 def test_sentencepiece_labels_spell_the_answers(tiny_parts, name, template, compat):
