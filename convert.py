@@ -104,6 +104,21 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as it is; the message names the file and what to do."""
 
 
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file (config.json, an index), or CheckpointError naming the file and the line where it
+    stops being JSON, before anything is built from it."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix the file "
+                              f"or download it again") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a JSON text file ({type(e).__name__}); download it again") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, found a {type(raw).__name__}; download it again")
+    return raw
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # config.json -> LlavaConfig
 
@@ -113,6 +128,8 @@ def text_config(raw: dict, where: str) -> TextConfig:
     names = (raw.get("model_type", "") + " ".join(raw.get("architectures") or [])).lower()
     family = "qwen2" if "qwen" in names else "mistral" if "mistral" in names else "llama"
     c = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None}}
+    positive_ints(c, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings"), where)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise CheckpointError(f"{where}: rope scaling {rope} is not supported (no released LLaVA model uses it)")
@@ -133,6 +150,13 @@ def text_config(raw: dict, where: str) -> TextConfig:
     )
 
 
+def positive_ints(c: dict, keys, where: str):
+    for key in keys:
+        if type(c[key]) is not int or c[key] < 1:
+            raise CheckpointError(f"{where}: {key} {c[key]!r}: expected a positive integer; compare it with the "
+                                  f"released config.json")
+
+
 def vision_config(raw: dict, select_feature: str, where: str) -> tuple[VisionConfig, int]:
     """The tower's config and its total layer count; the caller decides how many of them LLaVA runs."""
     raw = raw.get("vision_config", raw)  # a full CLIPConfig nests it
@@ -141,6 +165,8 @@ def vision_config(raw: dict, select_feature: str, where: str) -> tuple[VisionCon
     if kind is None:
         raise CheckpointError(f"{where}: vision tower type {model_type!r} is not supported (CLIP or SigLIP)")
     c = {**HF_DEFAULTS[f"{kind}_vision_model"], **raw}
+    positive_ints(c, ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_attention_heads",
+                      "num_hidden_layers"), where)
     return VisionConfig(kind=kind, image_size=c["image_size"], patch_size=c["patch_size"], hidden_size=c["hidden_size"],
                         intermediate_size=c["intermediate_size"], num_heads=c["num_attention_heads"], num_layers=0,
                         layer_norm_eps=c["layer_norm_eps"], select_feature=select_feature), c["num_hidden_layers"]
@@ -271,8 +297,15 @@ def checkpoint_files(folder: Path) -> list[Path]:
     """The weight shards of a folder: safetensors preferred, torch .bin otherwise (index files honoured)."""
     for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).exists():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-            return [folder / f for f in dict.fromkeys(weight_map.values())]
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{folder / index}: no \"weight_map\" object of key -> shard file; download it again")
+            files = [folder / f for f in dict.fromkeys(weight_map.values())]
+            if missing := [f.name for f in files if not f.is_file()]:
+                raise CheckpointError(f"{folder / index} names the shard {missing[0]}, which is not in {folder}"
+                                      f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; download the "
+                                      f"checkpoint again (huggingface-cli download resumes)")
+            return files
         if (folder / single).exists():
             return [folder / single]
     return []
@@ -281,9 +314,14 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def read_tensors(path: Path):
     """(key, tensor) pairs of one shard, memory-mapped; .bin files only through torch.load(weights_only=True)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        try:
+            f = safe_open(str(path), framework="pt")  # reads and checks the header against the file's length
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a complete safetensors file ({e}); the download was probably cut "
+                                  f"short: download it again") from None
+        with f:
             for key in f.keys():
                 yield key, f.get_tensor(key)
     else:
@@ -361,13 +399,19 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
-    raw = json.loads(config_path.read_text())
+    raw = read_json(config_path)
     tower_name = raw.get("mm_vision_tower")
     tower_folder = None
     if tower_name and tower_name not in KNOWN_TOWERS:
         tower_folder = resolve(tower_name, what="tower")
-    tower_raw = json.loads((tower_folder / "config.json").read_text()) if tower_folder else None
-    cfg = llava_config(raw, str(config_path), compat, tower_raw)
+    tower_raw = read_json(tower_folder / "config.json") if tower_folder else None
+    try:
+        cfg = llava_config(raw, str(config_path), compat, tower_raw)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, SyntaxError) as e:  # a field missing or malformed
+        raise CheckpointError(f"{config_path}: cannot be read as a LLaVA or LLM config ({type(e).__name__}: {e}); "
+                              f"compare it with the released config.json") from None
     files = checkpoint_files(folder)
     if not files:
         raise CheckpointError(f"{folder}: no model.safetensors / pytorch_model.bin (or their index) found")
@@ -398,8 +442,8 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
     from model import init_fresh
 
     llm_folder, tower_folder = resolve(llm, what="LLM"), resolve(tower, what="tower")
-    text_raw = json.loads((llm_folder / "config.json").read_text())
-    tower_raw = json.loads((tower_folder / "config.json").read_text())
+    text_raw = read_json(llm_folder / "config.json")
+    tower_raw = read_json(tower_folder / "config.json")
     vision, total = vision_config(tower_raw, "patch", str(tower_folder / "config.json"))
     vision.num_layers = total - 1  # hidden state -2 for CLIP; SigLIP drops its last layer (both releases' mm_vision_select_layer)
     if vision.kind == "siglip":
@@ -521,7 +565,11 @@ def load_tokenizer(folder: Path, source: str):
     from tokenizers import Tokenizer
 
     if (folder / "tokenizer.json").exists():
-        return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises a plain Exception for any malformed file
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer.json ({str(e)[:200]}); "
+                                  f"download it again") from None
     preset = find_preset(source)
     if preset and preset.hf and preset.hf != source:
         from huggingface_hub import hf_hub_download
@@ -542,7 +590,7 @@ def eos_token_ids(folder: Path) -> set[int]:
     ids = set()
     for name in ("config.json", "generation_config.json"):
         if (folder / name).exists():
-            raw = json.loads((folder / name).read_text())
+            raw = read_json(folder / name)
             for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
                 ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
     return ids

@@ -14,6 +14,7 @@ training, and labels are read off the same tokenisation inference uses, so the t
 
 import json
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,34 +102,73 @@ def stop_token_ids(tokenizer, template: str, extra=()) -> set[int]:
     return ids | set(extra)
 
 
-def encode(tokenizer, text: str, image_tokens=()):
+def encode(tokenizer, text: str, image_tokens=(), compat: str = "original"):
     """(ids, ends): token ids of `text` with each `<image>` replaced by `image_tokens[i]` copies of IMAGE_TOKEN, and
     each token's end offset in `text` (None for image positions and the tokenizer's own BOS).
 
-    Like the original `tokenizer_image_token`, each piece between placeholders is tokenised on its own and only the
-    first keeps the tokenizer's BOS. A BOS the text already spells out (Llama-3's template) is not doubled.
+    The two readings differ for SentencePiece-style tokenizers (a Metaspace pre-tokenizer, as the LLaVA-1.5/1.6
+    Vicuna, Mistral and 34B tokenizers are), which put a word-start "▁" before a text that does not start with one:
+      "original"      each piece between placeholders is tokenised on its own, as the original
+                      `tokenizer_image_token` does, so a piece after an image gains that "▁" token ("<image>\nWhat"
+                      -> IMG ▁ <0x0A> What); only the first piece keeps the tokenizer's BOS
+      "transformers"  the whole text is tokenised at once with `<image>` an added special token, as the llava-hf
+                      processor does: only the text's very start gets the "▁" (-> IMG <0x0A> What)
+    Byte-level tokenizers (Qwen, Llama-3) give the same ids either way. A BOS the text already spells out
+    (Llama-3's template) is not doubled.
     """
     pieces = text.split("<image>")
     if len(pieces) - 1 != len(image_tokens):
         raise ValueError(f"the prompt has {len(pieces) - 1} <image> placeholders but {len(image_tokens)} images were given")
-    ids, ends, offset = [], [], 0
-    for i, piece in enumerate(pieces):
-        if i:
-            ids += [IMAGE_TOKEN] * image_tokens[i - 1]
-            ends += [None] * image_tokens[i - 1]
-            offset += len("<image>")
-        enc = tokenizer.encode(piece, add_special_tokens=i == 0)
-        ids += enc.ids
-        ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
-        offset += len(piece)
+    ids, ends = [], []
+    if compat == "transformers":
+        tok, image_id = with_image_token(tokenizer)
+        enc, counts = tok.encode(text), iter(image_tokens)
+        for token, (_, end), special in zip(enc.ids, enc.offsets, enc.special_tokens_mask):
+            if token == image_id:
+                n = next(counts)
+                ids += [IMAGE_TOKEN] * n
+                ends += [None] * n
+            else:
+                ids.append(token)
+                ends.append(None if special else end)
+    else:
+        offset = 0
+        for i, piece in enumerate(pieces):
+            if i:
+                ids += [IMAGE_TOKEN] * image_tokens[i - 1]
+                ends += [None] * image_tokens[i - 1]
+                offset += len("<image>")
+            enc = tokenizer.encode(piece, add_special_tokens=i == 0)
+            ids += enc.ids
+            ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
+            offset += len(piece)
     if len(ids) >= 2 and ids[0] == ids[1] != IMAGE_TOKEN and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>"):
         ids, ends = ids[1:], ends[1:]
     return ids, ends
 
 
-def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
+_IMAGE_AWARE = {}  # id(tokenizer) -> (the tokenizer, held so that its id is not reused; its copy with <image>)
+
+
+def with_image_token(tokenizer):
+    """(tokenizer, id of `<image>`) where `<image>` is an added special token, as in every llava-hf tokenizer.json;
+    for a tokenizer without it (the original checkpoints'), a copy with it added (its id is never emitted)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    for token_id, added in tokenizer.get_added_tokens_decoder().items():
+        if added.content == "<image>":
+            return tokenizer, token_id
+    if id(tokenizer) not in _IMAGE_AWARE:
+        copy = Tokenizer.from_str(tokenizer.to_str())
+        copy.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
+        _IMAGE_AWARE[id(tokenizer)] = (tokenizer, copy)
+    copy = _IMAGE_AWARE[id(tokenizer)][1]
+    return copy, copy.token_to_id("<image>")
+
+
+def tokenize(tokenizer, text: str, image_tokens=(), compat: str = "original") -> list[int]:
     """Token ids of a prompt, images expanded to their token counts (see `encode`)."""
-    return encode(tokenizer, text, image_tokens)[0]
+    return encode(tokenizer, text, image_tokens, compat)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,14 +177,14 @@ def tokenize(tokenizer, text: str, image_tokens=()) -> list[int]:
 IGNORE_INDEX = -100  # label of every position the loss skips
 
 
-def tokenize_conversation(tokenizer, template: str, messages, image_tokens=()):
+def tokenize_conversation(tokenizer, template: str, messages, image_tokens=(), compat: str = "original"):
     """(ids, labels) of a whole conversation: labels copy the ids of the answer spans (render_conversation) and
     are IGNORE_INDEX elsewhere, images included. The ids are exactly what inference would see for the same turns.
 
     Raises SampleError("tokenization mismatch") if an answer's labelled tokens do not spell that answer, the
     original's silent zero-loss failure (its preprocess_* functions only warn and set every label to -100) made loud."""
     text, targets = render_conversation(template, messages)
-    ids, ends = encode(tokenizer, text, image_tokens)
+    ids, ends = encode(tokenizer, text, image_tokens, compat)
     labels = [IGNORE_INDEX] * len(ids)
     for start, end in targets:
         inside = [i for i, e in enumerate(ends) if e is not None and start < e <= end]
@@ -166,45 +206,94 @@ class SampleError(Exception):
 
 def load_records(path) -> list[dict]:
     """A LLaVA JSON list, a JSONL file, or a mixture spec {"datasets": [{"json_path", "sampling_strategy"}]} whose
-    strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%")."""
+    strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%").
+
+    A file that cannot be used ends the program with one line naming the file (and the line, for JSON that does
+    not parse): nothing can be trained from it. A record that is not an object is refused the same way; records
+    with missing or malformed fields are bad samples, counted and reported by id when drawn."""
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SystemExit(f"error: {path}: no such file; --data takes a LLaVA JSON / JSONL file or a mixture spec") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot be read as a UTF-8 text file ({type(e).__name__}); --data takes a "
+                         f"LLaVA JSON / JSONL file or a mixture spec") from None
     if path.suffix == ".jsonl":
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
-    data = json.loads(text)
-    if isinstance(data, list):
-        return data
-    if not isinstance(data, dict) or "datasets" not in data:
-        raise ValueError(f"{path}: expected a JSON list of samples or a mixture {{\"datasets\": [...]}}")
+        records = [parse_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    else:
+        data = parse_json(text, path)
+        if isinstance(data, dict) and "datasets" in data:
+            records = load_mixture(data, path)
+        elif isinstance(data, list):
+            records = data
+        else:
+            raise SystemExit(f"error: {path}: expected a JSON list of samples or a mixture {{\"datasets\": [...]}}, found "
+                             f"a {type(data).__name__}")
+    for i, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise SystemExit(f"error: {path}: sample {i} is a {type(record).__name__}, expected an object with "
+                             f"\"conversations\" (the LLaVA format); fix the file")
+    return records
+
+
+def parse_json(text: str, path, line: int = 0):
+    """json.loads, or the program's end with file:line:column and what the parser expected there (`line`: the
+    line of a JSONL file that `text` is)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}:{line or e.lineno}:{e.colno}: not valid JSON ({e.msg}); fix that line or "
+                         f"regenerate the file") from None
+
+
+def load_mixture(spec: dict, path: Path) -> list[dict]:
+    """The records a mixture spec draws from each of its files."""
     records = []
-    for entry in data["datasets"]:
+    for i, entry in enumerate(spec["datasets"] if isinstance(spec["datasets"], list) else [None]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("json_path"), str):
+            raise SystemExit(f"error: {path}: datasets[{i}] needs a \"json_path\" naming a LLaVA JSON / JSONL file")
         part = load_records(path.parent / entry["json_path"])
-        strategy, _, amount = entry.get("sampling_strategy", "all").partition(":")
-        n = len(part) if strategy == "all" else (len(part) * int(amount[:-1]) // 100 if amount.endswith("%") else int(amount))
+        rule = entry.get("sampling_strategy", "all")
+        strategy, _, amount = str(rule).partition(":")
+        try:
+            n = len(part) if strategy == "all" else (len(part) * int(amount[:-1]) // 100 if amount.endswith("%") else int(amount))
+        except ValueError:
+            n = -1
+        if strategy not in ("all", "first", "end", "random") or not 0 <= n <= len(part):
+            raise SystemExit(f"error: {path}: datasets[{i}] sampling_strategy {rule!r}: expected \"all\", \"first:N\", "
+                             f"\"end:N\" or \"random:N\" with 0 <= N <= {len(part)} (or N%)")
         if strategy in ("all", "first"):
             part = part[:n]
         elif strategy == "end":
             part = part[len(part) - n:]
-        elif strategy == "random":
-            part = random.Random(0).sample(part, n)
         else:
-            raise ValueError(f"{path}: unknown sampling_strategy {entry['sampling_strategy']!r}")
+            part = random.Random(0).sample(part, n)
         records += part
     return records
 
 
 def conversation_of(record) -> list[tuple[str, str]]:
     """The record's turns as [("user" | "assistant", text)], from either {"from", "value"} or {"role", "content"}."""
-    turns = record.get("conversations") or record.get("messages") or []
+    key = "conversations" if "conversations" in record else "messages"
+    turns = record.get(key)
+    if turns is None:
+        raise SampleError("missing conversations", 'the record has no "conversations" list')
+    if not isinstance(turns, list):
+        raise SampleError("malformed turn", f'"{key}" is a {type(turns).__name__}, expected a list of turns')
     if not turns:
         raise SampleError("empty conversation")
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     messages = []
-    for turn in turns:
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise SampleError("malformed turn", f"{key}[{i}] is a {type(turn).__name__}, expected an object")
         role = roles.get(turn.get("from", turn.get("role")))
         text = turn.get("value", turn.get("content"))
-        if role is None or not isinstance(text, str):
-            raise SampleError("malformed turn", f"{turn!r}")
+        if role is None:
+            raise SampleError("malformed turn", f'{key}[{i}] has no "from" of human / gpt (or "role" user / assistant)')
+        if not isinstance(text, str):
+            raise SampleError("malformed turn", f'{key}[{i}] has no "value" (or "content") string')
         messages.append((role, text))
     if messages[0][0] != "user":
         raise SampleError("first turn not human", "a conversation must start with the human's turn")
@@ -217,7 +306,10 @@ def conversation_of(record) -> list[tuple[str, str]]:
 
 def image_files_of(record) -> list[str]:
     image = record.get("image")
-    return [] if image is None else [image] if isinstance(image, str) else list(image)
+    files = [] if image is None else [image] if isinstance(image, str) else image
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise SampleError("malformed image field", f'"image" is {image!r}; expected a file name or a list of them')
+    return files
 
 
 PLACEMENTS = ("interleaved", "front", "mixed")
@@ -240,17 +332,56 @@ def place_images(messages, placement: str = "interleaved", key=0):
     return moved
 
 
+MAX_IMAGE_PIXELS = 1 << 27  # 134M pixels (16384 x 8192; 400 MB once decoded): larger ones are refused unread
+
+
 def load_image(path):
-    """An RGB PIL image, or SampleError("missing image" | "unreadable image")."""
-    from PIL import Image, UnidentifiedImageError
+    """An RGB PIL image, turned upright as its EXIF orientation says (what a viewer shows; transformers' load_image
+    does it, the original code does not), or SampleError("missing image" | "unreadable image" | "image too large").
+
+    The size is read from the header and checked before anything is decoded, so a decompression bomb (a small file
+    declaring a huge image) costs nothing. Every mode Pillow reads becomes 8-bit RGB: 16-bit greyscale is scaled
+    down (a plain convert would clip it to white), palette transparency goes through RGBA."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")  # decodes now, so a truncated file fails here and not in a worker later
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size below decides instead
+            with Image.open(path) as image:
+                check_size(image.size, path)
+                try:
+                    image = ImageOps.exif_transpose(image)
+                except Exception:  # a damaged EXIF block: keep the image as stored
+                    pass
+                return to_rgb(image)  # decodes now, so a truncated file fails here and not in a worker later
     except FileNotFoundError:
-        raise SampleError("missing image", str(path)) from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise SampleError("unreadable image", f"{path}: {e}") from None
+        raise SampleError("missing image", f"{path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise SampleError("unreadable image", f"{path} is a folder, not an image file") from None
+    except Image.DecompressionBombError as e:  # Pillow's own limit (twice its warning size), met before ours
+        raise SampleError("image too large", f"{path}: {e} This program decodes at most {MAX_IMAGE_PIXELS:,} "
+                          f"pixels; resize it first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # Pillow's plugins raise all of these
+        raise SampleError("unreadable image", f"{path}: {e}; is it a complete image file (JPEG, PNG, WebP, ...)?") from None
+
+
+def check_size(size: tuple[int, int], path):
+    """Refuse an image whose header declares more than MAX_IMAGE_PIXELS."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise SampleError("image too large", f"{path} declares {width} x {height} pixels, more than the "
+                          f"{MAX_IMAGE_PIXELS:,} this program decodes; resize it first")
+
+
+def to_rgb(image):
+    """Any Pillow mode -> 8-bit RGB."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # 16-bit ("I;16*") or 32-bit integer greyscale holding 16-bit values
+        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
 
 
 def uniform_indices(total: int, k: int) -> list[int]:
@@ -282,11 +413,14 @@ def load_video(path, num_frames: int):
                 raise SampleError("unreadable video", f"{path}: a folder of frames holds no {sorted(FRAME_SUFFIXES)} files")
             return [load_image(files[i]) for i in uniform_indices(len(files), num_frames)]
         if path.suffix.lower() in ANIMATED_SUFFIXES:
-            with Image.open(path) as clip:
-                frames = []
-                for i in uniform_indices(getattr(clip, "n_frames", 1), num_frames):  # only the sampled frames
-                    clip.seek(i)
-                    frames.append(clip.convert("RGB"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_size decides instead
+                with Image.open(path) as clip:
+                    check_size(clip.size, path)
+                    frames = []
+                    for i in uniform_indices(getattr(clip, "n_frames", 1), num_frames):  # only the sampled frames
+                        clip.seek(i)
+                        frames.append(clip.convert("RGB"))
             return frames
         try:
             import av
@@ -332,8 +466,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         """A cheap length estimate per record (words), negative for text-only ones: what the grouped sampler needs."""
         lengths = []
         for r in self.records:
-            words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in r.get("conversations") or [])
-            lengths.append(words if image_files_of(r) or r.get("video") else -max(words, 1))
+            turns = r.get("conversations") if isinstance(r.get("conversations"), list) else []  # bad ones fail later
+            words = sum(len(str(t.get("value", t.get("content", ""))).split()) for t in turns if isinstance(t, dict))
+            lengths.append(words if r.get("image") or r.get("video") else -max(words, 1))
         return lengths
 
     def __getitem__(self, index: int) -> dict:
@@ -343,6 +478,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
             messages = place_images(conversation_of(record), self.image_placement, key=sample_id)
             files, video = image_files_of(record), record.get("video")
             placeholders = sum(text.count("<image>") for _, text in messages)
+            if video is not None and not isinstance(video, str):
+                raise SampleError("malformed video field", f'"video" is {video!r}; expected a file or folder name')
             if video is not None and files:
                 raise SampleError("image count mismatch", "a sample holds either images or one video, not both")
             if placeholders != (1 if video is not None else len(files)):
@@ -354,7 +491,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 images = [process_video(load_video(self.video_folder / video, self.num_frames), self.model_cfg)]
             else:
                 images = process_images([load_image(self.image_folder / f) for f in files], self.model_cfg)
-            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images])
+            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images],
+                                               self.model_cfg.compat)
             note = None
             if len(ids) > self.max_len:
                 if IMAGE_TOKEN in ids[self.max_len - 1:]:

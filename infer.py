@@ -11,9 +11,11 @@ The answer streams to stdout; everything else goes to stderr. --json prints one 
 import argparse
 import dataclasses
 import json
+import math
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -182,13 +184,64 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
     add_knob_flags(p)
+    p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
     return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the request, each ending the program with one line that names the flag and what it takes
+
+
+def check_flags(args) -> str:
+    """Refuse generation flags out of range before anything is loaded; returns the device to run on."""
+    checks = [
+        (args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: expected an integer >= 1"),
+        (math.isfinite(args.temperature) and args.temperature >= 0,
+         f"--temperature {args.temperature}: expected a number >= 0 (0 = greedy)"),
+        (0 < args.top_p <= 1, f"--top-p {args.top_p}: expected 0 < p <= 1 (1 = sample from every token)"),
+        (args.frames >= 1, f"--frames {args.frames}: expected an integer >= 1 (frames sampled from --video)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            sys.exit(f"error: {message}")
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        sys.exit(f"error: --device {args.device!r}: not a device name; use cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        sys.exit(f"error: --device {args.device}: this torch ({torch.__version__}) sees no such device; use --device cpu")
+    return args.device
+
+
+def fit_context(args, model, input_ids, processed) -> int:
+    """How many tokens to generate: --max-new-tokens, cut to what is left of the context window (said on stderr).
+    A prompt that fills the window on its own is refused: the model was never trained on positions past it."""
+    window, n = model.cfg.text.max_position_embeddings, len(input_ids)
+    if n >= window:
+        visual = sum(im.num_tokens for im in processed)
+        sys.exit(f"error: the prompt is {n} tokens ({visual} of them for the images and video) but {args.model} reads "
+                 f"at most {window} (max_position_embeddings); shorten the prompt, give fewer or smaller images, "
+                 f"fewer --frames, or lower the image token budget (--max-grid, --token-threshold)")
+    if n + args.max_new_tokens > window:
+        print(f"note: {n} prompt tokens + --max-new-tokens {args.max_new_tokens} pass the context window of {window}; "
+              f"generating at most {window - n}", file=sys.stderr)
+    return min(args.max_new_tokens, window - n)
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
     """(prompt with one <image> per visual, images, video frames or None, kinds in prompt order) from the command
     line; an unreadable file is a one-line error."""
     *image_paths, prompt = args.inputs
+    if Path(prompt).suffix.lower() in IMAGE_SUFFIXES and Path(prompt).is_file():
+        sys.exit(f"error: the last argument {prompt!r} is an image file, but the prompt goes last: "
+                 f"python infer.py IMAGE... \"PROMPT\"")
     try:
         images = [load_image(path) for path in image_paths]
         frames = load_video(args.video, args.frames) if args.video else None
@@ -201,10 +254,10 @@ def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
 
 
 def load_model(args, device: str, dtype, kinds):
-    """(model, tokenizer, checkpoint folder, template) with the command line's token-budget knobs applied."""
+    """(model, tokenizer, its eos ids, template) with the command line's token-budget knobs applied."""
     try:
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat)
-        tokenizer = load_tokenizer(folder, args.model)
+        tokenizer, eos = load_tokenizer(folder, args.model), eos_token_ids(folder)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
     if kinds and model.vision_tower is None:
@@ -214,7 +267,7 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, folder, args.template or default_template(args.model, tokenizer)
+    return model, tokenizer, eos, args.template or default_template(args.model, tokenizer)
 
 
 def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float | None]:
@@ -236,27 +289,29 @@ def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_flags(args)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     prompt, images, frames, kinds = read_visuals(args)
 
     timings = {}
     t0 = time.perf_counter()
-    model, tokenizer, folder, template = load_model(args, device, dtype, kinds)
+    model, tokenizer, eos, template = load_model(args, device, dtype, kinds)
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     stills = iter(process_images(images, model.cfg))  # several images: each padded to a square (anyres.tiles_with_anyres)
     processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
-    input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed])
+    input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed],
+                         model.cfg.compat)
     timings["preprocess_s"] = time.perf_counter() - t0
     print(f"{args.model}: template {template}, {len(input_ids)} prompt tokens "
           f"({sum(im.num_tokens for im in processed)} for {len(images)} images"
           + (f" and a video of {len(frames)} frames" if frames else "") + ")", file=sys.stderr)
 
-    stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos_token_ids(folder))
+    max_new_tokens = fit_context(args, model, input_ids, processed)
+    stop = set() if args.ignore_eos else stop_token_ids(tokenizer, template, eos)
     t0 = time.perf_counter()
-    tokens = generate(model, input_ids, processed, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    tokens = generate(model, input_ids, processed, max_new_tokens=max_new_tokens, temperature=args.temperature,
                       top_p=args.top_p, stop_ids=stop, seed=args.seed, compile=args.compile)
     out, timings["first_token_s"] = stream_answer(tokenizer, tokens, stop, show=not args.json)
     total = time.perf_counter() - t0
@@ -264,7 +319,7 @@ def main(argv=None):
     answer = tokenizer.decode([t for t in out if t not in stop]).strip()
     if args.json:
         # each image appears once, as IMAGE_TOKEN (-200), like the original code's prompts
-        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed))
+        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed), model.cfg.compat)
         print(json.dumps({"answer": answer, "prompt_token_ids": compact, "output_token_ids": out,
                           "image_tokens": [im.num_tokens for im in processed], "timings": timings}))
     else:

@@ -484,7 +484,12 @@ def publish_final(cfg: TrainConfig):
 
 
 def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
-    """Count (and report by id) the samples that could not be used; stop when they are too many."""
+    """Count (and report by id) the samples that could not be used; stop when they are too many.
+
+    Checked after every global batch, from the first on: the run stops once the bad samples seen are more than a
+    data set with exactly --max-bad-fraction bad ones would show by chance (its mean plus three standard
+    deviations, binomially), so a mostly broken data set stops at its first batch, while one unlucky batch of a
+    healthy set does not end a long run; with many samples this is the plain fraction."""
     for b in batches:
         counters["samples"] += b["size"] + len(b["bad"])
         counters["truncated"] += len(b["notes"])
@@ -496,9 +501,12 @@ def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
                 print(f"skipping sample {sample_id!r}: {detail}", file=sys.stderr)
     seen = all_sum(counters["samples"], device)
     bad = all_sum(sum(counters["bad"].values()), device)
-    if seen >= 100 and bad / seen > cfg.max_bad_fraction:
+    f = cfg.max_bad_fraction
+    if bad > f * seen + 3 * math.sqrt(seen * f * (1 - f)):
+        recent = "; ".join([f"{sample_id!r}: {kind}" for b in batches for sample_id, kind, _ in b["bad"]][:10])
         raise SystemExit(f"error: {int(bad)} of {int(seen)} samples could not be used ({counters['bad']}), more than "
-                         f"--max-bad-fraction {cfg.max_bad_fraction}; first ids: {counters['bad_ids'][:10]}")
+                         f"--max-bad-fraction {f} allows; fix the data or raise the flag. First ids: "
+                         f"{counters['bad_ids'][:10]}; in the last batch: {recent}")
 
 
 def resume_from(ckpt: Path, model, optimizer, device):

@@ -80,6 +80,114 @@ def test_llama_3_stops_on_eot_and_end_of_text():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tokenisation against the two oracles, on the tiny checkpoints' real tokenizer.json files: SentencePiece-style
+# (Metaspace, like the llava-hf LLaVA-1.5 / 1.6 Llama and Mistral repos) and byte-level (Qwen2, and a Llama-family one)
+
+# (checkpoint, template, user turn): one image in front, several images, images mid-text and back to back
+PROMPTS = [
+    ("llava15_llama", "vicuna_v1", "<image>\nWhat is shown in this image?"),
+    ("llava15_llama", "vicuna_v1", "What is <image> and what is<image>?"),
+    ("next_mistral", "mistral_instruct", "<image>\nDescribe the picture."),
+    ("next_mistral", "mistral_instruct", "Left <image>\nright <image><image> the cat"),
+    ("next_mistral", "plain", "<image>\nDescribe."),
+    ("next_llama", "llava_v1", "<image>\nWhat is shown in this image?"),
+    ("next_llama", "llava_v1", "Compare <image> with<image>\nnow"),
+    ("next_qwen2", "qwen_1_5", "<image>\nWhat is in the image?"),
+    ("next_qwen2", "qwen_1_5", "one <image>two<image> three"),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_parts(tiny):
+    from convert import load_pretrained, load_tokenizer
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            folder = tiny(name)
+            model, _ = load_pretrained(str(folder), compat="transformers")
+            cache[name] = folder, model.cfg, load_tokenizer(folder, str(folder))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name, template, text", PROMPTS)
+def test_transformers_compat_gives_the_processor_ids(tiny_parts, name, template, text):
+    """compat="transformers": exactly the input_ids of transformers' own LlavaProcessor / LlavaNextProcessor on the
+    same prompt string and images, images expanded to the same counts."""
+    from conftest import photo
+
+    import tiny_checkpoints as tc
+    from anyres import process_images
+
+    folder, cfg, tok = tiny_parts(name)
+    prompt = render_prompt(template, [("user", text)])
+    images = [photo(45, 30, seed=1), photo(30, 70, seed=2), photo(40, 40, seed=3)][: prompt.count("<image>")]
+    theirs = tc.load_full_processor(folder)(images=images, text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+    counts = [im.num_tokens for im in process_images(images, cfg)]
+    ours = tokenize(tok, prompt, counts, compat="transformers")
+    assert [tc.IMAGE_TOKEN_ID[name] if t == IMAGE_TOKEN else t for t in ours] == theirs
+
+
+@pytest.mark.parametrize("name, template, text", PROMPTS)
+def test_original_compat_gives_tokenizer_image_token_ids(original_llava, tiny_parts, name, template, text):
+    """compat="original": exactly the original `tokenizer_image_token` (llava/mm_utils.py) with a transformers
+    tokenizer read from the same tokenizer.json. With SentencePiece-style tokenizers it tokenises each piece after
+    an image on its own and so gains one word-start "▁" per image whose text does not start with a space; with
+    byte-level ones both readings agree."""
+    from transformers import AutoTokenizer, LlamaTokenizerFast
+
+    import tiny_checkpoints as tc
+
+    folder, _, tok = tiny_parts(name)
+    prompt = render_prompt(template, [("user", text)])
+    # the class the original code loads for Llama-family checkpoints; the byte-level files name their own class
+    hf_tok = (LlamaTokenizerFast if name in tc.METASPACE else AutoTokenizer).from_pretrained(str(folder))
+    theirs = original_llava.mm_utils.tokenizer_image_token(prompt, hf_tok)
+    n = prompt.count("<image>")
+    ours = tokenize(tok, prompt, [1] * n, compat="original")
+    assert ours == theirs
+    pieces_without_space = sum(piece[:1] not in ("", " ") for piece in prompt.split("<image>")[1:])
+    extra = pieces_without_space if name in tc.METASPACE else 0
+    assert len(ours) == len(tokenize(tok, prompt, [1] * n, compat="transformers")) + extra
+    if name in tc.METASPACE and "<image>\n" in prompt:  # the word-start piece the original puts after the image
+        after = ours.index(IMAGE_TOKEN) + 1
+        assert tok.id_to_token(ours[after]) == "▁" and tok.id_to_token(ours[after + 1]) == "<0x0A>"
+
+
+def test_transformers_compat_without_an_image_token_in_the_tokenizer():
+    """The original checkpoints' tokenizers have no <image> token: compat="transformers" reads them as the llava-hf
+    conversion (the same tokenizer plus <image>) would, and leaves the tokenizer itself unchanged."""
+    import json
+
+    import tiny_checkpoints as tc
+
+    full = tc.make_tokenizer("next_mistral")
+    spec = json.loads(full.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] != "<image>"]
+    del spec["model"]["vocab"]["<image>"]
+    bare = Tokenizer.from_str(json.dumps(spec))
+    prompt = render_prompt("mistral_instruct", [("user", "<image>\nwhat is<image>it")])
+    assert tokenize(bare, prompt, [2, 3], "transformers") == tokenize(full, prompt, [2, 3], "transformers")
+    assert tokenize(bare, prompt, [2, 3], "original") == tokenize(full, prompt, [2, 3], "original")
+    assert bare.token_to_id("<image>") is None
+
+
+@pytest.mark.parametrize("compat", ["original", "transformers"])
+@pytest.mark.parametrize("name, template", [("llava15_llama", "vicuna_v1"), ("next_mistral", "mistral_instruct")])
+def test_sentencepiece_labels_spell_the_answers(tiny_parts, name, template, compat):
+    """Training labels with a Metaspace tokenizer: the answers and their </s>, nothing else, in both readings, and
+    the ids are the inference tokenisation of the same turns."""
+    _, _, tok = tiny_parts(name)
+    chat = [("user", "<image>\nwhat is it"), ("assistant", "a cat"), ("user", "and this"), ("assistant", "the dog")]
+    ids, labels = tokenize_conversation(tok, template, chat, [3], compat)
+    assert tok.decode([l for l in labels if l != IGNORE_INDEX], skip_special_tokens=False).replace(" ", "") == "acat</s>thedog</s>"
+    assert ids == tokenize(tok, render_prompt(template, chat, add_generation_prompt=False), [3], compat)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Label masking: what a model learns from each template
 
 SPECIALS = ["<s>", "</s>", "[INST]", "[/INST]", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
@@ -208,7 +316,8 @@ def test_a_run_counts_bad_samples_and_stops_when_there_are_too_many(bad_records,
     data = folder / "data.json"
     data.write_text(json.dumps([records[0]] * 20 + records[1:3]))  # 2 bad samples in 22
     cfg = TrainConfig(model=str(tiny("next_qwen2")), data=str(data), image_folder=str(folder), output_dir=str(tmp_path / "run"),
-                      global_batch_size=22, micro_batch_size=11, max_steps=1, max_len=512, save_every=10, group_by_modality_length=False)
+                      global_batch_size=22, micro_batch_size=11, max_steps=1, max_len=512, save_every=10, group_by_modality_length=False,
+                      max_bad_fraction=0.1)  # allows up to 0.1 * 22 + 3 standard deviations = 6.4 bad samples in 22
     train(cfg)
     err = capsys.readouterr().err
     assert "skipping sample 'missing'" in err and "skipping sample 'truncated'" in err
@@ -216,7 +325,8 @@ def test_a_run_counts_bad_samples_and_stops_when_there_are_too_many(bad_records,
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["bad_samples"] == 2
     data.write_text(json.dumps([records[0]] * 80 + records[1:6] * 4))  # 20 bad of 100
     cfg.global_batch_size, cfg.micro_batch_size, cfg.output_dir = 100, 50, str(tmp_path / "run2")
-    with pytest.raises(SystemExit, match=r"20 of 100 samples could not be used .* more than --max-bad-fraction 0.01"):
+    cfg.max_bad_fraction = 0.05  # allows 5 + 3 * 2.18 = 11.5 in 100
+    with pytest.raises(SystemExit, match=r"20 of 100 samples could not be used .* more than --max-bad-fraction 0.05"):
         train(cfg)
 
 

@@ -162,6 +162,30 @@ def test_greedy_tokens_match_over_12_steps(models, name):
     assert mine == theirs and len(mine) == 12
 
 
+@pytest.mark.parametrize("name, template", [("llava15_llama", "vicuna_v1"), ("next_mistral", "mistral_instruct")])
+def test_sentencepiece_prompt_end_to_end_equals_transformers(models, tiny, name, template):
+    """A real prompt through a SentencePiece-style (Metaspace) tokenizer.json, as the llava-hf LLaVA-1.5 and 1.6
+    Mistral repos ship: our ids (compat "transformers") equal the transformers processor's, and so do the logits
+    and 8 greedy tokens. Two images, the second mid-text, so a word-start piece after an image would show."""
+    from convert import load_tokenizer
+    from data import render_prompt, tokenize
+
+    ref, _, ours = models(name)
+    images = [photo(45, 30, seed=1), photo(30, 70, seed=2)]
+    prompt = render_prompt(template, [("user", "<image>\nWhat is this and<image>?")])
+    inputs = dict(tc.load_full_processor(tiny(name))(images=images, text=prompt, return_tensors="pt"))
+    processed = process_images(images, ours.cfg)
+    mine = tokenize(load_tokenizer(tiny(name), name), prompt, [p.num_tokens for p in processed], "transformers")
+    assert [tc.IMAGE_TOKEN_ID[name] if t == IMAGE_TOKEN else t for t in mine] == inputs["input_ids"][0].tolist()
+    check_pixels(name, processed, inputs)
+    with torch.no_grad():
+        theirs = ref(**inputs).logits
+        assert (ours(torch.tensor([mine]), processed) - theirs).abs().max() <= TOL
+        reference = ref.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+    assert list(generate(ours, mine, processed, max_new_tokens=8)) == reference[0, len(mine):].tolist()
+
+
 @pytest.mark.parametrize("name", ["next_mistral", "next_qwen2"])
 def test_kv_cache_equals_full_recompute(models, name):
     _, _, ours = models(name)

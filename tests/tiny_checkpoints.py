@@ -4,7 +4,9 @@ What this module holds
 ----------------------
 * ``build(name, out_dir, seed=0)`` -- builds a tiny RANDOM transformers checkpoint (fp32) for one of
   ``NAMES`` and writes it with ``save_pretrained`` together with a pil-backend image processor and a
-  tiny byte-level-BPE ``tokenizer.json`` (+ ``tokenizer_config.json`` / ``special_tokens_map.json``).
+  tiny ``tokenizer.json`` (+ ``tokenizer_config.json`` / ``special_tokens_map.json``): SentencePiece-style
+  (``METASPACE``: a Metaspace pre-tokenizer with prepend_scheme "first" and byte fallback, as the llava-hf
+  LLaVA-1.5 / 1.6-Vicuna / -Mistral / -34B repos ship) or byte-level BPE (the others, as Qwen2 and Llama-3).
 * ``make_model(name, seed)`` / ``randomize_(model, seed)`` -- the same model in memory, without saving.
 * ``load_reference(path)`` -- loads such a folder back with the matching transformers class (the oracle).
 * ``make_processor(name)`` / ``load_processor(path)`` -- the pil-backend image processor.
@@ -34,7 +36,8 @@ A standalone ``CLIPVisionModel.save_pretrained`` writes ``vision_model.*`` (used
 Token ids (text vocab size is 320 for every model)
 --------------------------------------------------
 llama / mistral: 0 ``<unk>``, 1 ``<s>``, 2 ``</s>``, 3..258 byte alphabet, 259..317 BPE merges,
-318 ``<pad>``, 319 ``<image>``.
+318 ``<pad>``, 319 ``<image>``. In the Metaspace kind, 3..258 are the byte-fallback tokens ``<0x00>``..``<0xFF>``
+(Llama's own layout), 259..285 ``▁`` and a..z, 286..317 merges learned over them.
 qwen2: 0..255 byte alphabet, 256..314 merges, 315 ``<|endoftext|>``, 316 ``<|im_start|>``,
 317 ``<|im_end|>``, 318 ``<image>``, 319 ``<video>`` (the latter only registered for OneVision;
 unused row in next_qwen2).
@@ -63,6 +66,7 @@ from pathlib import Path
 import torch
 
 NAMES = ("llava15_llama", "next_llama", "next_mistral", "next_qwen2", "onevision_qwen2")
+METASPACE = ("llava15_llama", "next_mistral")  # SentencePiece-style tokenizers, like their real counterparts
 
 VOCAB_SIZE = 320
 CLIP_IMAGE_SIZE = 28  # patch 4 -> 7x7 patches
@@ -278,9 +282,69 @@ def _learn_merges(alphabet_map: dict[int, str], n_merges: int) -> list[tuple[str
     return merges
 
 
-def make_tokenizer(name: str):
-    """A tiny byte-level BPE `tokenizers.Tokenizer` whose special-token ids match the model config."""
+def _learn_piece_merges(letters: list[str], n_merges: int) -> list[tuple[str, str]]:
+    """Deterministic SentencePiece-style BPE learner over _BPE_CORPUS, restricted to `letters` (other characters
+    fall back to bytes): words start with "▁", most frequent pair first, ties -> smallest pair."""
+    from tokenizers import pre_tokenizers
+
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    words = Counter(w for w, _ in pre.pre_tokenize_str(_BPE_CORPUS))
+    seqs = {w: list(w) for w in words}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < n_merges:
+        pairs: Counter = Counter()
+        for w, c in words.items():
+            s = seqs[w]
+            for a, b in zip(s, s[1:]):
+                if all(ch in letters for ch in a + b):
+                    pairs[(a, b)] += c
+        best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        merges.append(best)
+        for w in words:
+            s, out, i = seqs[w], [], 0
+            while i < len(s):
+                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                    out.append(s[i] + s[i + 1])
+                    i += 2
+                else:
+                    out.append(s[i])
+                    i += 1
+            seqs[w] = out
+    return merges
+
+
+def make_metaspace_tokenizer(name: str):
+    """A tiny SentencePiece-style `tokenizers.Tokenizer` laid out like the llava-hf Llama / Mistral tokenizer.json:
+    BPE with byte fallback, a Metaspace pre-tokenizer (prepend_scheme "first", no split), no normalizer, the
+    SentencePiece decoder chain and a "<s> $A" post-processor; same special-token ids as the byte-level kind."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if name not in METASPACE:
+        raise ValueError(f"{name} has a byte-level tokenizer; Metaspace ones: {METASPACE}")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    letters = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    merges = _learn_piece_merges(letters, LLAMA_TOKENS["<pad>"] - len(vocab) - len(letters))
+    for piece in letters + [a + b for a, b in merges]:
+        vocab[piece] = len(vocab)
+    vocab.update({"<pad>": LLAMA_TOKENS["<pad>"], "<image>": LLAMA_TOKENS["<image>"]})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(LLAMA_TOKENS, key=LLAMA_TOKENS.get)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    for t, idx in LLAMA_TOKENS.items():
+        assert tok.token_to_id(t) == idx, (t, tok.token_to_id(t), idx)
+    return tok
+
+
+def make_tokenizer(name: str):
+    """The tiny `tokenizers.Tokenizer` of a checkpoint: Metaspace for METASPACE, else byte-level BPE; special-token
+    ids match the model config."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    if name in METASPACE:
+        return make_metaspace_tokenizer(name)
 
     family = "llama" if _family(name) in ("llama", "mistral") else "qwen2"
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # 256 printable stand-ins for bytes
@@ -333,7 +397,9 @@ def _write_tokenizer(name: str, out_dir: Path, model_max_length: int) -> None:
             extra["video_token"] = "<video>"
         add_bos = False
     cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
+        # the llava-hf Llama / Mistral repos name the SentencePiece class, with legacy off (prepend only at the start)
+        **({"tokenizer_class": "LlamaTokenizer", "legacy": False} if name in METASPACE
+           else {"tokenizer_class": "PreTrainedTokenizerFast"}),
         "model_max_length": model_max_length,
         "padding_side": "right",
         "add_bos_token": add_bos,
