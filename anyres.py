@@ -27,6 +27,9 @@ change nothing, so a released checkpoint behaves exactly as released.
 
 Two readings of the released configs exist (README, "Divergences"): `compat="original"` does what the code the
 weights were trained with does; `compat="transformers"` does what the Hugging Face processor does.
+
+`python anyres.py` prints the budget table of the releases; `python anyres.py IMAGE --model NAME --save grid.png`
+prints where one image's tokens come from and draws it (anyres_picture.py); `--video CLIP` does a video's frames.
 """
 
 import argparse
