@@ -3,11 +3,9 @@ match counts worked out by hand; the canvas panel has its crop boundaries, unpad
 arithmetic puts them. Only config.json is read: the model folders here hold nothing else."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-from conftest import ROOT, photo
+from conftest import photo
 from PIL import Image
 
 import anyres
@@ -40,7 +38,7 @@ def test_printed_rows_worked_out_by_hand(models, tmp_path, capsys):
     # LLaVA-1.6: 672 x 672 keeps the most pixels (2 x 2 crops); 48 x 48 features, of which unpad keeps
     # int(600 * 48 / 1000) = 28 rows; 576 + 28 * 48 + 28 newlines
     assert run([tmp_path / "wide.png", "--model", models / "next"], capsys) == [576, 1344, 28, 1948]
-    photo(2000, 1500).save(tmp_path / "big.png")
+    Image.new("RGB", (2000, 1500), (90, 140, 200)).save(tmp_path / "big.png")  # only its size matters here
     # OneVision: 2304 x 1536 (6 x 4 crops of 384), 108 x 162 features, unpad keeps 108 x int(2000 * 108 / 1500) = 144;
     # anyres_max_9 shrinks by t = sqrt(108 * 144 / (9 * 729)) = 1.54 to 70 x 93; 729 + 70 * 93 + 70
     assert run([tmp_path / "big.png", "--model", models / "onevision"], capsys) == [729, 6510, 70, 7309]
@@ -85,10 +83,10 @@ def test_canvas_panel(models):
     assert px[678, 300] == anyres_picture.NEWLINE_BLUE and px[678, 100] == (255, 255, 255)
 
 
-def test_single_crop_panel_and_saved_picture(models, tmp_path):
+def test_single_crop_panel_and_saved_picture(models, tmp_path, capsys):
     photo(500, 300).save(tmp_path / "x.png")
-    subprocess.run([sys.executable, "anyres.py", str(tmp_path / "x.png"), "--model", str(models / "onevision"),
-                    "--images", "2", "--save", str(tmp_path / "pic.png")], cwd=ROOT, check=True, capture_output=True)
+    anyres.main([str(tmp_path / "x.png"), "--model", str(models / "onevision"), "--images", "2", "--save", str(tmp_path / "pic.png")])
+    assert rows_of(capsys.readouterr().out) == [729, 1, 730]
     picture = Image.open(tmp_path / "pic.png")
     # the image (fitted in 300 px), the padded 384 crop (shown at 460 px) side by side; no base view, no grid
     assert picture.width >= 20 + 300 + 40 + 460 and picture.height >= 50 + 460
@@ -98,18 +96,19 @@ def test_single_crop_panel_and_saved_picture(models, tmp_path):
     assert panel.getpixel((192, 10)) == (127, 127, 127)  # SigLIP's mean colour above the image
 
 
-def test_no_image_prints_the_budget_table():
-    done = subprocess.run([sys.executable, "anyres.py"], cwd=ROOT, check=True, capture_output=True, text=True)
-    assert done.stdout.splitlines()[0].startswith("| setting |") and "OneVision" in done.stdout
+def test_no_image_prints_the_budget_table(capsys):
+    anyres.main([])
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("| setting |") and "OneVision" in out
 
 
 @pytest.mark.parametrize("args, message", [
-    (["{tmp}/missing.png", "--model", "{models}/next"], "error: missing image: "),
+    (["{tmp}/missing.png", "--model", "{models}/next"], "missing image: "),
     (["{tmp}/x.png", "--model", "{tmp}/empty"], "no config.json; is this a model folder?"),
 ])
 def test_bad_input_is_one_line(models, tmp_path, args, message):
     photo(50, 50).save(tmp_path / "x.png")
     (tmp_path / "empty").mkdir()
-    args = [a.format(tmp=tmp_path, models=models) for a in args]
-    done = subprocess.run([sys.executable, "anyres.py", *args], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1 and message in done.stderr
+    with pytest.raises(SystemExit) as exit:
+        anyres.main([a.format(tmp=tmp_path, models=models) for a in args])
+    assert str(exit.value).startswith("error: ") and message in str(exit.value) and "\n" not in str(exit.value)

@@ -2,11 +2,9 @@
 panel per quantity; a missing metrics file or a missing matplotlib is one clear line."""
 
 import json
-import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
 from PIL import Image
 
 import plot
@@ -52,11 +50,9 @@ def test_same_folder_names_get_their_paths(tmp_path):
 
 def test_missing_metrics_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
-    done = subprocess.run([sys.executable, "train.py", "--plot", str(tmp_path / "empty"), "--save", str(tmp_path / "c.png")],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode != 0
-    assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'empty'}: no metrics.jsonl (expected a train.py "
-                                                "--output-dir, or the file itself)"]
+    with pytest.raises(SystemExit) as exit:
+        train.main(["--plot", str(tmp_path / "empty"), "--save", str(tmp_path / "c.png")])
+    assert str(exit.value) == f"error: {tmp_path / 'empty'}: no metrics.jsonl (expected a train.py --output-dir, or the file itself)"
 
 
 def test_without_matplotlib_is_one_line(tmp_path, monkeypatch):
