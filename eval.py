@@ -91,7 +91,8 @@ def exact_match(prediction: str, answers: list[str]) -> float:
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """The VQAv2 rule over the (usually 10) annotators' answers: for each annotator left out, the prediction earns
     min(#remaining annotators who gave it / 3, 1); the mean over the leave-one-out subsets. GT = 3 x "2" and
-    7 x "3": "2" earns (3 * 2/3 + 7 * 1) / 10 = 0.9."""
+    7 x "3": "2" earns (3 * 2/3 + 7 * 1) / 10 = 0.9. Every answer is normalised, as TextVQA and lmms-eval do; the VQAv2
+    server skips normalising the annotators' answers when all ten agree (they are clean there already)."""
     pred, gold = normalize_vqa(prediction), [normalize_vqa(a) for a in answers]
     matches = sum(g == pred for g in gold)
     # leaving out a matching annotator leaves matches - 1 of them, leaving out another leaves all of them
@@ -142,8 +143,9 @@ def relaxed_accuracy(prediction: str, answers: list[str], tolerance: float = 0.0
 def extract_choice(text: str, options: list[str] | None = None, num_options: int | None = None) -> str | None:
     """The option letter an answer names, by MMBench's rule (which also reads the ScienceQA and AI2D formats):
     with .()[],:;!*#{} turned into spaces, exactly one option letter among the words ("B", "(B)", "B. dog", "The
-    answer is B."); a lone lower-case letter ("b") too; else exactly one option's text inside the answer; else None."""
-    letters = string.ascii_uppercase[:num_options or (len(options) if options else 26)]
+    answer is B."); a lone lower-case letter ("b") too; else exactly one option's text inside the answer; else None.
+    Without options the letters are A to E, the most these benchmarks offer (so "I think B" still reads as B)."""
+    letters = string.ascii_uppercase[:num_options or (len(options) if options else 5)]
     words = re.sub(r"[.()\[\],:;!*#{}]", " ", text).split()
     named = {w for w in words if w in letters}
     if len(named) == 1:

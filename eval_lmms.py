@@ -26,6 +26,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 try:
     from lmms_eval.api.model import lmms
@@ -91,7 +92,7 @@ class LlavaScratch(lmms):
         groups = {}
         for i, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1], sort_keys=True, default=str), []).append(i)
-        answers = [None] * len(requests)
+        answers, bar = [None] * len(requests), tqdm(total=len(requests), desc=MODEL_NAME, disable=self.rank != 0)
         for indices in groups.values():
             gen = dict(requests[indices[0]].args[1])
             until = gen.pop("until", [])
@@ -107,6 +108,8 @@ class LlavaScratch(lmms):
                 outs = generate_batch(self.model, [ids for ids, _ in encoded], [vis for _, vis in encoded], **options)
                 for i, out in zip(chunk, outs):
                     answers[i] = cut_at(self.tokenizer.decode([t for t in out if t not in self.stop]), until).strip()
+                bar.update(len(chunk))
+        bar.close()
         return answers
 
     @torch.inference_mode()

@@ -84,6 +84,10 @@ def test_extract_choice(answer, letter):
     assert ev.extract_choice(answer, OPTIONS) == letter
 
 
+def test_extract_choice_without_options():
+    assert [ev.extract_choice(a) for a in ("I think B", "E.", "F", "(c)")] == ["B", "E", None, "C"]
+
+
 def test_pope_counts_by_hand():
     pairs = [("Yes", "yes"), ("yes", "yes"), ("No", "yes"), ("Yes.", "no"), ("no", "no"),
              ("Yes, there is a dog.", "yes"), ("There is no dog.", "no"), ("Nope", "no")]
