@@ -519,7 +519,8 @@ def main(argv=None):
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub repo id or folder (only config.json is read)")
     p.add_argument("--video", help="a video file, animated GIF/WebP or folder of frames, instead of an image")
     p.add_argument("--frames", type=int, default=32, help="frames sampled from --video")
-    p.add_argument("--images", type=int, default=1, help="images in the prompt (several are padded, not tiled)")
+    p.add_argument("--images", type=int, default=1,
+                   help="images in the prompt (several: each padded to one crop, unless --multi-image anyres)")
     p.add_argument("--compat", choices=["original", "transformers"], default="original")
     p.add_argument("--save", help="write the picture to this PNG")
     add_knob_flags(p)
