@@ -51,6 +51,7 @@ class LlavaScratch(lmms):
                  max_new_tokens: int = 1024, frames: int = 32, **unused):
         super().__init__()
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = None if dtype in (None, "None", "auto") else dtype  # lmms-eval's parser passes None as "None"
         dtype = getattr(torch, dtype or ("bfloat16" if str(device).startswith("cuda") else "float32"))
         try:
             self.model, folder = load_pretrained(str(pretrained), dtype=dtype, device=device, compat=compat)
