@@ -248,9 +248,12 @@ def score_file(answers_path, annotations_path, metric: str) -> dict:
     if metric not in METRICS:
         raise EvalError(f"--metric {metric!r}: expected one of {', '.join(METRICS)}")
     gold = {question_id(r, annotations_path, i): r for i, r in enumerate(read_rows(annotations_path), 1)}
-    by_category, unannotated = {}, []
+    by_category, unannotated, seen = {}, [], set()
     for i, row in enumerate(read_rows(answers_path), 1):
         qid = question_id(row, answers_path, i)
+        if qid in seen:
+            raise EvalError(f"{answers_path}: question_id {qid} is answered twice (row {i}); keep one answer per question")
+        seen.add(qid)
         if qid not in gold:
             unannotated.append(qid)
             continue

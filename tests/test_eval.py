@@ -151,6 +151,8 @@ def test_choice_file_uses_the_options(tmp_path):
     ('{"question_id": 1, "answer": "x"}\n', '{"question_id": 1, "answer": "x"}\n', r'question 1 has no "text"'),
     ('{"question_id": 1, "text": "x"}\nnot json\n', '{"question_id": 1, "answer": "x"}\n', r"a.jsonl:2: not JSON"),
     ('{"question_id": 1, "text": "x"}\n', '{"question_id": 1}\n', r'question 1 has no "answer" or "answers"'),
+    ('{"question_id": 1, "text": "x"}\n{"question_id": 1, "text": "y"}\n', '{"question_id": 1, "answer": "x"}\n',
+     r"question_id 1 is answered twice \(row 2\)"),
 ])
 def test_bad_files_are_one_line_errors(tmp_path, answers, gold, message):
     (tmp_path / "a.jsonl").write_text(answers)
