@@ -27,6 +27,9 @@ change nothing, so a released checkpoint behaves exactly as released.
 
 Two readings of the released configs exist (README, "Divergences"): `compat="original"` does what the code the
 weights were trained with does; `compat="transformers"` does what the Hugging Face processor does.
+
+`python anyres.py` prints the budget table of the releases; `python anyres.py IMAGE --model NAME --save grid.png`
+prints where one image's tokens come from and draws it (anyres_picture.py); `--video CLIP` does a video's frames.
 """
 
 import argparse
@@ -35,6 +38,7 @@ import dataclasses
 import functools
 import math
 import re
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -442,5 +446,108 @@ def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (8
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# `python anyres.py IMAGE --model NAME --save grid.png`: one image's (or video's) token budget, printed and drawn
+
+
+def token_parts(image_size, cfg, num_images: int = 1) -> list[tuple[str, int]]:
+    """Where one image's tokens come from, as (what, tokens) rows that add up to `num_image_tokens`."""
+    n, newline = feature_side(cfg), int(cfg.has_newline)
+    if not tiles_with_anyres(cfg, num_images):
+        rows = [(f"one {cfg.vision.image_size}px crop, {n} x {n} features", tokens_per_crop(cfg))]
+        return rows + [("newline after the image", 1)] * newline
+    cols, rows_ = grid_shape(image_size, cfg)
+    if cfg.merge_type == "flat":
+        return [(f"base view + {cols} x {rows_} crops, {n} x {n} features each, flat", (1 + cols * rows_) * tokens_per_crop(cfg))]
+    top, bottom, left, right = unpad_bounds(rows_ * n, cols * n, image_size, cfg.compat)
+    h, w = grid_token_shape(image_size, (cols, rows_), cfg)
+    shrunk = (h, w) != (bottom - top, right - left)
+    return [
+        (f"base view: the whole image squashed to one crop, {n} x {n}", n * n),
+        (f"{cols} x {rows_} crops (columns x rows): a {rows_ * n} x {cols * n} (h x w) feature map, unpad keeps "
+         f"{bottom - top} x {right - left}"
+         + (f", anyres_max shrinks it to {h} x {w}" if shrunk else ""), h * w),
+        (f"newline after each of the {h} rows", h * newline),
+    ]
+
+
+def video_parts(num_frames: int, cfg) -> list[tuple[str, int]]:
+    m = pooled_side(cfg.vision.side, cfg.higher_anyres)
+    return [(f"{num_frames} frames, {cfg.vision.side} x {cfg.vision.side} features pooled to {m} x {m}", num_frames * m * m),
+            ("one newline after the video", int(cfg.has_newline))]
+
+
+def model_config(source: str, compat: str):
+    """A checkpoint's LlavaConfig from its config.json alone (a folder, a short name or a hub repo id): no weights."""
+    import json
+    from pathlib import Path
+
+    from convert import KNOWN_TOWERS, PRESETS, CheckpointError, llava_config
+
+    def config_json(name):
+        if Path(name).expanduser().is_dir():
+            path = Path(name).expanduser() / "config.json"
+            if not path.exists():
+                raise CheckpointError(f"{path.parent}: no config.json; is this a model folder?")
+            return json.loads(path.read_text()), str(path)
+        from huggingface_hub import hf_hub_download
+
+        repo = PRESETS[name].repo if name in PRESETS else name
+        try:
+            return json.loads(Path(hf_hub_download(repo, "config.json")).read_text()), f"{repo}/config.json"
+        except Exception as e:
+            raise CheckpointError(f"could not get {repo}/config.json ({type(e).__name__}); pass a local model folder, "
+                                  f"or fill the cache with `huggingface-cli download {repo} config.json`") from None
+
+    raw, where = config_json(source)
+    tower = raw.get("mm_vision_tower")
+    tower_raw = config_json(tower)[0] if tower and tower not in KNOWN_TOWERS else None
+    cfg = llava_config(raw, where, compat, tower_raw)
+    if cfg.vision is None:
+        raise CheckpointError(f"{where}: a text-only model has no image tokens")
+    return cfg
+
+
+def main(argv=None):
+    import anyres_picture
+    from convert import DEFAULT_MODEL, CheckpointError
+    from data import SampleError, load_image, load_video
+
+    p = argparse.ArgumentParser(description="Without an image: the visual-token budget table. With an image (or "
+                                "--video): how the model cuts it into crops and tokens, printed and drawn (--save).")
+    p.add_argument("image", nargs="?", help="an image file")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub repo id or folder (only config.json is read)")
+    p.add_argument("--video", help="a video file, animated GIF/WebP or folder of frames, instead of an image")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled from --video")
+    p.add_argument("--images", type=int, default=1,
+                   help="images in the prompt (several: each padded to one crop, unless --multi-image anyres)")
+    p.add_argument("--compat", choices=["original", "transformers"], default="original")
+    p.add_argument("--save", help="write the picture to this PNG")
+    add_knob_flags(p)
+    args = p.parse_args(argv)
+    if args.image is None and args.video is None:
+        print(budget_table())
+        return
+    try:
+        cfg = model_config(args.model, args.compat)
+        cfg.higher_anyres = dataclasses.replace(cfg.higher_anyres, **knobs_from_flags(args))
+        if args.video:
+            frames = load_video(args.video, args.frames)
+            parts, picture = video_parts(len(frames), cfg), (lambda: anyres_picture.draw_video(frames, cfg))
+            total = video_tokens(len(frames), cfg)
+        else:
+            image = load_image(args.image)
+            parts, picture = token_parts(image.size, cfg, args.images), (lambda: anyres_picture.draw_image(image, cfg, args.images))
+            total = num_image_tokens(image.size, cfg, args.images)
+    except (CheckpointError, SampleError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    for what, tokens in parts:
+        print(f"{tokens:>6}  {what}")
+    print(f"{total:>6}  total")
+    if args.save:
+        picture().save(args.save)
+        print(f"wrote {args.save}", file=sys.stderr)
+
+
 if __name__ == "__main__":
-    print(budget_table())
+    main()

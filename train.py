@@ -583,6 +583,10 @@ def fetch_recipe_data(recipe: dict, args) -> dict:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if "--plot" in argv:  # curves of finished or running runs: no training flags, nothing of the training loop
+        import plot
+
+        return plot.main([a for a in argv if a != "--plot"])
     if not argv:
         from toy.lifecycle import life_cycle
 

@@ -1,0 +1,133 @@
+"""A picture of AnyRes: one image's canvas, crops, unpad cut, newline column and base view, or a video's pooled
+frames, with the token count of each part (anyres.token_parts / video_parts). Drawn with PIL alone.
+
+    python anyres.py photo.jpg --model llava-v1.6-vicuna-7b --save grid.png
+
+    image (W, H) -> canvas (cols*C, rows*C) cut into C x C crops        -> one n x n feature map per crop
+                 -> a (rows*n, cols*n) map; unpad keeps (h, w) of it (red: cut, green: kept)
+                 -> + one newline per kept row (blue)  + the base view's n*n tokens first
+"""
+
+from PIL import Image, ImageDraw, ImageFont
+
+from anyres import (expand_to_square, feature_side, grid_shape, grid_token_shape, pooled_side, resize_and_pad,
+                    tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds, uses_anyres, video_parts)
+
+
+NEWLINE_COLUMN = 44  # width of the strip beside the canvas that shows the newline tokens
+NEWLINE_BLUE = (40, 90, 230)
+
+
+def _font(size: int):
+    return ImageFont.load_default(size=size)
+
+
+def _fit(size, box: int) -> float:
+    return min(box / size[0], box / size[1])
+
+
+def _fitted(size, box: int) -> tuple[int, int]:
+    return tuple(max(1, round(v * _fit(size, box))) for v in size)
+
+
+def _draw_rows(draw, y: int, parts, font):
+    """The token rows, as `python anyres.py` prints them."""
+    for what, tokens in parts + [("total", sum(t for _, t in parts))]:
+        draw.text((20, y), f"{tokens:>6}", fill="black", font=font)
+        draw.text((90, y), what, fill="black", font=font)
+        y += 22
+
+
+def draw_image(image: Image.Image, cfg, num_images: int = 1) -> Image.Image:
+    """The picture: the image, the canvas panel (`draw_canvas`), the base view, and the token rows."""
+    image, C = image.convert("RGB"), cfg.vision.image_size
+    canvas, titles, crop = draw_canvas(image, cfg, num_images)
+    panels = [([f"image {image.width} x {image.height}"], image.resize(_fitted(image.size, 300), Image.BICUBIC)),
+              (titles, canvas)]
+    if tiles_with_anyres(cfg, num_images):
+        base = max(crop, 160)
+        panels.append(([f"base view {C} x {C}: the whole image squashed"], image.resize((base, base), Image.BICUBIC)))
+
+    parts = token_parts(image.size, cfg, num_images)
+    font, small, gap, top = _font(16), _font(12), 40, 50
+    widths = [int(max(p.width, *(small.getlength(t) for t in lines))) for lines, p in panels]
+    panels_height = max(p.height for _, p in panels) + 50
+    out = Image.new("RGB", (max(20 + sum(w + gap for w in widths), 800), top + panels_height + 22 * (len(parts) + 2)), "white")
+    draw = ImageDraw.Draw(out)
+    n = feature_side(cfg)
+    draw.text((20, 14), f"{sum(t for _, t in parts)} image tokens ({cfg.image_aspect_ratio}, {cfg.vision.kind} "
+                        f"{C}px, {n} x {n} features per crop)", fill="black", font=font)
+    x = 20
+    for (lines, panel), w in zip(panels, widths):
+        out.paste(panel, (x, top))
+        for k, title in enumerate(lines):
+            draw.text((x, top + panel.height + 6 + 16 * k), title, fill="black", font=small)
+        x += w + gap
+    _draw_rows(draw, top + panels_height, parts, font)
+    return out
+
+
+def draw_canvas(image: Image.Image, cfg, num_images: int = 1, box: int = 460):
+    """(panel, title lines, one crop's size on screen): the canvas the image is resized and padded onto, fitted in
+    `box` pixels, with the crop boundaries (white), the features unpad cuts (red) and keeps (green outline), and a
+    NEWLINE column (blue) beside the kept rows. A model without AnyRes tiles shows its one crop."""
+    C = cfg.vision.image_size
+    tiled = tiles_with_anyres(cfg, num_images)
+    if tiled:
+        cols, rows = grid_shape(image.size, cfg)
+        canvas = resize_and_pad(image, (cols * C, rows * C))
+        titles = [f"canvas {canvas.width} x {canvas.height}: {cols} columns x {rows} rows of {C}px crops"]
+    else:  # one crop: the square the tower sees
+        cols = rows = 1
+        pad = uses_anyres(cfg) or (cfg.image_aspect_ratio == "pad" and cfg.compat == "original")
+        square = expand_to_square(image, tuple(int(m * 255) for m in tower_mean_std(cfg.vision.kind)[0])) if pad else image
+        canvas = tower_resize(square, cfg.vision)
+        titles = [f"the one crop the tower sees, {C} x {C}" + (" (padded to a square)" if pad else "")]
+    crop = round(C * _fit(canvas.size, box))
+    spatial = tiled and cfg.merge_type != "flat"
+    panel = Image.new("RGB", (cols * crop + NEWLINE_COLUMN * spatial, rows * crop), "white")
+    panel.paste(canvas.resize((cols * crop, rows * crop), Image.BICUBIC))
+    draw, font = ImageDraw.Draw(panel, "RGBA"), _font(12)
+    for c in range(1, cols):
+        draw.line([(c * crop, 0), (c * crop, rows * crop)], fill="white", width=2)
+    for r in range(1, rows):
+        draw.line([(0, r * crop), (cols * crop, r * crop)], fill="white", width=2)
+    for r in range(rows if tiled else 0):
+        for c in range(cols):
+            draw.text((c * crop + 6, r * crop + 5), f"crop {r * cols + c + 1}", fill="yellow", font=font)
+    if not spatial:
+        return panel, titles, crop
+    n = feature_side(cfg)
+    top, bottom, left, right = unpad_bounds(rows * n, cols * n, image.size, cfg.compat)
+    px = crop / n  # screen pixels per feature
+    kept = (round(left * px), round(top * px), round(right * px), round(bottom * px))
+    W, H = cols * crop, rows * crop
+    for x0, y0, x1, y1 in ((0, 0, W, kept[1]), (0, kept[3], W, H), (0, kept[1], kept[0], kept[3]), (kept[2], kept[1], W, kept[3])):
+        if x1 > x0 and y1 > y0:
+            draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(220, 30, 30, 110))
+    draw.rectangle((kept[0], kept[1], kept[2] - 1, kept[3] - 1), outline=(0, 200, 0), width=3)
+    h, _ = grid_token_shape(image.size, (cols, rows), cfg)
+    draw.rectangle((W + 4, kept[1], W + 11, kept[3] - 1), fill=NEWLINE_BLUE)
+    draw.text((W + 14, kept[1]), f"+{h}", fill=NEWLINE_BLUE, font=font)
+    titles.append("red: cut by unpad, green: kept, blue: newlines")
+    return panel, titles, crop
+
+
+def draw_video(frames, cfg) -> Image.Image:
+    """The frames as the tower sees them, each with its pooled m x m grid, and the token rows."""
+    m, side, per_row = pooled_side(cfg.vision.side, cfg.higher_anyres), 120, 8
+    parts = video_parts(len(frames), cfg)
+    rows = -(-len(frames) // per_row)
+    font, small = _font(16), _font(12)
+    out = Image.new("RGB", (20 + per_row * (side + 10) + 10, 50 + rows * (side + 30) + 22 * (len(parts) + 1) + 20), "white")
+    draw = ImageDraw.Draw(out)
+    draw.text((20, 14), f"{sum(t for _, t in parts)} video tokens ({len(frames)} frames, {m} x {m} each)", fill="black", font=font)
+    for i, frame in enumerate(frames):
+        x, y = 20 + (i % per_row) * (side + 10), 50 + (i // per_row) * (side + 30)
+        out.paste(tower_resize(frame.convert("RGB"), cfg.vision).resize((side, side)), (x, y))
+        for k in range(1, m):  # the pooled feature grid
+            draw.line([(x + k * side / m, y), (x + k * side / m, y + side)], fill=(255, 255, 255), width=1)
+            draw.line([(x, y + k * side / m), (x + side, y + k * side / m)], fill=(255, 255, 255), width=1)
+        draw.text((x, y + side + 4), f"frame {i + 1}: {m * m}", fill="black", font=small)
+    _draw_rows(draw, 50 + rows * (side + 30), parts, font)
+    return out
