@@ -73,7 +73,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_len: int = 2048
     freeze_vision_tower: bool = False
-    bf16: bool = False  # autocast to bfloat16 (weights and optimizer stay fp32)
+    bf16: bool = False  # bf16 compute: FSDP2 mixed precision with --fsdp on GPUs, else autocast (fp32 weights and AdamW)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block
     fsdp: bool = False  # FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP
@@ -84,7 +84,7 @@ class TrainConfig:
     seed: int = 0
     group_by_modality_length: bool = True
     max_bad_fraction: float = 0.01  # stop if more than this share of the samples seen so far cannot be used
-    num_workers: int = 0  # data-loading processes per rank
+    num_workers: int = -1  # data-loading processes per rank (-1: 4 on GPUs, 0 on CPU)
     quiet: bool = False  # no progress bar
     peak_tflops: float = 0.0  # for MFU: the accelerator's dense bf16 peak per device (0: looked up for known GPUs)
     device: str = ""  # "cpu" or "cuda"; "": cuda when there is one (each rank takes cuda:LOCAL_RANK)
@@ -256,21 +256,30 @@ def build_model(cfg: TrainConfig, device):
 
 
 def parallelize(model, cfg: TrainConfig, device, world: int):
-    """DDP, or FSDP2 sharding each decoder and vision block and then the rest; optionally compile each block."""
+    """DDP, or FSDP2 sharding each decoder and vision block and then the rest; optionally compile each block.
+    FSDP2 applies under torchrun even to one process: its mixed precision is how a single GPU trains in bf16 too."""
     if cfg.compile:  # fast path: compile the repeated blocks, keep the data-dependent splicing eager
         for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
             block.compile()
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 on GPUs: each unit is all-gathered and computed in bf16, gradients are reduce-scattered in fp32 and the
+        # fp32 shards are AdamW's master weights (16 bytes per parameter / GPUs, torchtitan's default policy)
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision(cfg, device) else MixedPrecisionPolicy()
+        for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     if world == 1:
         return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
-            fully_shard(block)
-        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mixed_precision(cfg: TrainConfig, device) -> bool:
+    """--bf16 --fsdp on GPUs: FSDP2's bf16 policy instead of fp32 weights under autocast."""
+    return cfg.bf16 and cfg.fsdp and device.type == "cuda" and dist.is_initialized()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -335,10 +344,17 @@ def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, ste
         if epoch not in schedules:
             schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length)}
         plan += micro_batches(schedules[epoch][index], rank, world, cfg.micro_batch_size)
-    if cfg.num_workers:
+    workers = cfg.num_workers
+    if workers < 0:  # GPUs: read, tile and tokenise off the main process, which then only launches kernels
+        workers = min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if on_gpu(cfg) else 0
+    if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
     return iter(DataLoader(dataset, batch_sampler=plan, collate_fn=functools.partial(collate, pad_id=pad_id),
-                           num_workers=cfg.num_workers, prefetch_factor=4 if cfg.num_workers else None))
+                           num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=on_gpu(cfg)))
+
+
+def on_gpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cuda" or (cfg.device == "" and torch.cuda.is_available())
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None):
@@ -401,32 +417,42 @@ def build_dataset(cfg: TrainConfig, model, tokenizer):
 
 def optimizer_step(ddp_model, model, optimizer, batches, cfg: TrainConfig, factor: float, device, world: int):
     """Forward and backward over this rank's micro-batches, then clip and one AdamW step at lr x `factor`.
-    Returns (mean loss per answer token over the global batch, gradient norm)."""
-    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count
-    targets = all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    loss_sum = 0.0
+    Returns (mean loss per answer token over the global batch, gradient norm), both still on the device: nothing
+    here waits for the GPU, so the next micro-batch is queued while this one runs (StepLog reads them once a step)."""
+    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count (counted
+    # on the host from the CPU labels, summed over ranks on the device; fp32 holds these integers exactly)
+    targets = device_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device).clamp(min=1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 and not mixed_precision(cfg, device) else nullcontext()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for a, b in enumerate(batches):
-        sync = a == len(batches) - 1
         context = nullcontext()
-        if world > 1 and cfg.fsdp:
-            ddp_model.set_requires_gradient_sync(sync)
-        elif world > 1 and not sync:
-            context = ddp_model.no_sync()
-        labels = b["labels"].to(device)
+        if world > 1 and not cfg.fsdp and a < len(batches) - 1:
+            context = ddp_model.no_sync()  # DDP: all-reduce once, on the last micro-batch
+        # FSDP2 reduce-scatters every micro-batch: skipping it would hold the whole model's gradients unsharded in
+        # fp32 until the last one, which is what sharding is there to avoid (DeepSpeed's ZeRO-3 does the same)
+        labels = b["labels"].to(device, non_blocking=True)
         learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
         with context, autocast:
-            logits = ddp_model(b["input_ids"].to(device), b["images"] or None,
-                               padding_mask=b["padding_mask"].to(device), logits_at=learned)  # (N, V)
+            # no padding_mask: batches are right-padded, so the causal rule alone is exact for every real token and
+            # SDPA takes its flash / memory-efficient kernels; pad positions never reach the loss (logits_at)
+            logits = ddp_model(b["input_ids"].to(device, non_blocking=True), b["images"] or None, logits_at=learned)  # (N, V)
             loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
-        (loss * world / max(targets, 1)).backward()  # DDP and FSDP average over ranks; this undoes it
-        loss_sum += loss.item()
+        (loss * world / targets).backward()  # DDP and FSDP average over ranks; this undoes it
+        loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return all_sum(loss_sum, device) / max(targets, 1), grad_norm
+    return device_sum(loss_sum, device) / targets, grad_norm
+
+
+def device_sum(value, device, dtype=torch.float32):
+    """Sum over ranks of a number or tensor, as a tensor on the device; launches the all-reduce without waiting."""
+    t = value if torch.is_tensor(value) else torch.tensor(value, dtype=dtype, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
 
 
 class StepLog:
@@ -447,14 +473,15 @@ class StepLog:
             self.bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
 
     def step(self, step: int, model, batches, loss: float, grad_norm, lr: float, counters, t0: float):
-        tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), self.device)
-        flops = all_sum(step_flops(model, batches), self.device) if self.peak else 0
+        local = [sum(int(b["padding_mask"].sum()) for b in batches), step_flops(model, batches) if self.peak else 0]
+        tokens, flops = device_sum(torch.tensor(local, dtype=torch.float64, device=self.device), self.device).tolist()
+        loss, grad_norm = float(loss), float(grad_norm)  # the step's one wait for the device
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step's kernels have finished: dt is the step's time, not its launch
         dt = time.perf_counter() - t0
         if self.rank != 0:
             return
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
         if self.peak:
             record["mfu"] = flops / dt / (self.peak * self.world)

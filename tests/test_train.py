@@ -180,3 +180,24 @@ def test_mfu_counts_the_flops_torch_counts(dataset, freeze):
         model(batches[0]["input_ids"], batches[0]["images"], logits_at=learned).sum().backward()
     counted = counter.get_total_flops()
     assert abs(step_flops(model, batches) - counted) <= 0.05 * counted, (step_flops(model, batches), counted)
+
+
+def test_training_without_the_padding_mask_gives_the_masked_losses(dataset):
+    """Right padding + the causal rule (no (B, 1, T, T) mask, so SDPA keeps its fast kernels) gives, at every learned
+    position, the logits of the explicit causal-and-padding mask: fp32 loss within 1e-6 relative, logits 1e-5."""
+    from convert import load_tokenizer
+    from data import SupervisedDataset, collate, load_records
+
+    root, folder = dataset
+    model, _ = load_pretrained(str(folder))
+    records = load_records(root / "data.json")[:8]
+    data = SupervisedDataset(records, root / "images", load_tokenizer(folder, str(folder)), "qwen_1_5", model.cfg, 512)
+    batch = collate([data[i] for i in (0, 7, 1, 6)], 0)  # text-only rows among image rows: lengths differ, padding
+    assert (batch["padding_mask"] == 0).any()
+    learned = torch.nn.functional.pad(batch["labels"][:, 1:] != -100, (0, 1))
+    with torch.no_grad():
+        masked = model(batch["input_ids"], batch["images"], padding_mask=batch["padding_mask"], logits_at=learned)
+        causal = model(batch["input_ids"], batch["images"], logits_at=learned)
+    targets = batch["labels"][:, 1:][learned[:, :-1]]
+    a, b = (torch.nn.functional.cross_entropy(x, targets) for x in (masked, causal))
+    assert (masked - causal).abs().max() <= 1e-5 and abs(a - b) <= 1e-6 * abs(a), ((masked - causal).abs().max(), a, b)
