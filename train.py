@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
 from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
+import lora
 
 
 @dataclass
@@ -88,6 +89,10 @@ class TrainConfig:
     quiet: bool = False  # no progress bar
     peak_tflops: float = 0.0  # for MFU: the accelerator's dense bf16 peak per device (0: looked up for known GPUs)
     device: str = ""  # "cpu" or "cuda"; "": cuda when there is one (each rank takes cuda:LOCAL_RANK)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (lora.py) and the projector; everything else frozen
+    lora_alpha: float = 0.0  # the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)
+    lora_dropout: float = 0.05  # on the adapters' input (LLaVA's default)
+    lora_targets: str = ""  # comma-separated decoder linears, e.g. q_proj,v_proj ("": all seven, as LLaVA does)
 
 
 # Published recipes (the official scripts: LLaVA-1.5's scripts/v1_5/*.sh, LLaVA-NeXT's scripts/train/*.sh). Data:
@@ -102,11 +107,23 @@ RECIPES = {
     "llava-v1.5-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
                               micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
                               data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
+    # LLaVA-1.5's finetune_lora.sh: the stage-2 data and template, adapters of rank 128 (alpha 256) on every decoder
+    # linear at lr 2e-4, the projector at 2e-5, tower frozen; batch 16 per GPU on 8 GPUs
+    "llava-v1.5-lora": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-4, projector_lr=2e-5,
+                            global_batch_size=128, micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
+                            lora_rank=128, lora_alpha=256, lora_dropout=0.05,
+                            data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
     "llava-next-stage1": STAGE1_CLIP_VICUNA,  # LLaVA-NeXT reuses LLaVA-1.5's alignment stage
     "llava-next-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
                               grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-5,
                               vision_lr=2e-6, global_batch_size=128, micro_batch_size=4, max_len=4096,
                               data_hub="lmms-lab/LLaVA-NeXT-Data"),
+    # the same LoRA settings on LLaVA-NeXT's stage 2 (not an official script: NeXT's release trained the full model)
+    "llava-next-stage2-lora": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
+                                   grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-4,
+                                   projector_lr=2e-5, global_batch_size=128, micro_batch_size=4, max_len=4096,
+                                   freeze_vision_tower=True, lora_rank=128, lora_alpha=256, lora_dropout=0.05,
+                                   data_hub="lmms-lab/LLaVA-NeXT-Data"),
     "onevision-0.5b-stage1": dict(stage="1", llm="Qwen/Qwen2-0.5B-Instruct", vision_tower="google/siglip-so400m-patch14-384",
                                   template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
                                   micro_batch_size=16, max_len=8192,
@@ -158,9 +175,12 @@ def all_sum(value: float, device) -> float:
 
 
 def set_trainable(model, cfg: TrainConfig):
-    """Stage 1: the projector only. Stages 1.5 and 2: everything, the vision tower unless frozen."""
+    """Stage 1: the projector only. Stages 1.5 and 2: everything, the vision tower unless frozen. LoRA: the
+    adapters and the projector."""
     for name, p in model.named_parameters():
-        if cfg.stage == "1":
+        if cfg.lora_rank:
+            p.requires_grad_(lora.is_lora(name) or name.startswith("projector."))
+        elif cfg.stage == "1":
             p.requires_grad_(name.startswith("projector."))
         elif name.startswith("vision_tower."):
             p.requires_grad_(not cfg.freeze_vision_tower)
@@ -305,16 +325,19 @@ def forward_flops(weights: int, layers: int, width: int, T: int) -> int:
 
 
 def step_flops(model, batches) -> int:
-    """Model FLOPs of this rank's micro-batches, forward + backward (x3: the backward needs the gradients of both
-    activations and weights). The tower's backward runs only when it learns; padding is not counted."""
+    """Model FLOPs of this rank's micro-batches, forward + backward. Per weight and token: 2 forward, 2 for the
+    gradient of its input, 2 more for its own gradient when it learns, so 6 for a learning weight and 4 for a frozen
+    one that gradients cross (LoRA's base, stage 1's decoder); a frozen tower, upstream of all that learns, runs its
+    forward only. Attention (no weights) is backpropagated through: x 3. Padding is not counted."""
     text, dec = model.cfg.text, model.language_model
-    dec_weights = sum(p.numel() for p in dec.layers.parameters())
+    dec_weights = sum(p.numel() * (3 if p.requires_grad else 2) for p in dec.layers.parameters())  # x 2 FLOPs
+    head = model.output_embeddings()
     flops = 0
     for b in batches:
         for T in b["padding_mask"].sum(1).tolist():
-            flops += 3 * forward_flops(dec_weights, text.num_layers, text.hidden_size, T)
+            flops += 2 * dec_weights * T + 3 * 4 * text.num_layers * text.hidden_size * T * T
         # the output head runs only where a label is learned (Llava.forward's logits_at)
-        flops += 3 * 2 * model.output_embeddings().numel() * int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        flops += (3 if head.requires_grad else 2) * 2 * head.numel() * int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         if b["images"]:
             v, tower = model.cfg.vision, model.vision_tower
             tower_factor = 3 if any(p.requires_grad for p in tower.parameters()) else 1
@@ -365,6 +388,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         model, tokenizer = build_model(cfg, device)
     model.to(device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.lora_rank:
+        add_lora(model, cfg, device)
     set_trainable(model, cfg)
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
     if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
@@ -393,8 +418,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         done = step + 1
         if done % cfg.save_every == 0 or done == total:
             save_checkpoint(cfg, ddp_model, optimizer, done, counters, tokenizer, rank)
-        if done == total and rank == 0:
+        if done == total and rank == 0 and not cfg.lora_rank:
             publish_final(cfg)
+        if done == total and cfg.lora_rank:
+            publish_lora(cfg, ddp_model, tokenizer, rank)
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
     log.close()
@@ -506,6 +533,40 @@ def publish_final(cfg: TrainConfig):
     final, tmp = out / "final", out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(latest_checkpoint(cfg), tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def add_lora(model, cfg: TrainConfig, device):
+    """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
+    lora.inject(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg))
+    if cfg.bf16 and device.type == "cuda":
+        for name, p in model.named_parameters():
+            if not (lora.is_lora(name) or name.startswith("projector.")):
+                p.data = p.data.to(torch.bfloat16)
+
+
+def lora_alpha(cfg: TrainConfig) -> float:
+    return cfg.lora_alpha or 2.0 * cfg.lora_rank
+
+
+def lora_targets(cfg: TrainConfig) -> tuple:
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or lora.DECODER_LINEARS
+
+
+def publish_lora(cfg: TrainConfig, ddp_model, tokenizer, rank: int):
+    """A LoRA stage's result: output_dir/final as the merged llava-hf checkpoint (what infer.py and the next stage
+    read) and final/adapter/ in the PEFT format; written under a temporary name, then renamed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(ddp_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    out = Path(cfg.output_dir)
+    final, tmp = out / "final", out / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(unwrap(ddp_model), tmp, state_dict=lora.merge(state, lora_alpha(cfg) / cfg.lora_rank), tokenizer=tokenizer)
+    lora.save_adapter(state, tmp / "adapter", cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg), cfg.model)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

@@ -155,18 +155,22 @@ def test_multi_image_and_video_batches_train_the_same_on_two_processes(mixed_dat
     assert [m["bad_samples"] for m in metrics] == [0, 0, 0]
 
 
-@pytest.mark.parametrize("freeze", [False, True])
-def test_mfu_counts_the_flops_torch_counts(dataset, freeze):
+@pytest.mark.parametrize("kind", ["full", "frozen_tower", "lora"])
+def test_mfu_counts_the_flops_torch_counts(dataset, kind):
     """step_flops (what MFU divides by the peak) agrees within 5% with torch's own count of the matmul FLOPs of a
-    forward and backward pass over a real batch, with the tower learning and frozen."""
+    forward and backward pass over a real batch, with the tower learning, frozen, and with LoRA (frozen decoder
+    weights that gradients still cross)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    import lora
     from data import SupervisedDataset, collate, load_records
     from train import set_trainable, step_flops
 
     root, folder = dataset
     model, _ = load_pretrained(str(folder))
-    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=freeze))
+    if kind == "lora":
+        lora.inject(model, rank=4, alpha=8)
+    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=kind != "full", lora_rank=4 if kind == "lora" else 0))
     from convert import load_tokenizer
 
     records = load_records(root / "data.json")[:4]
