@@ -93,6 +93,9 @@ class TrainConfig:
     lora_alpha: float = 0.0  # the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)
     lora_dropout: float = 0.05  # on the adapters' input (LLaVA's default)
     lora_targets: str = ""  # comma-separated decoder linears, e.g. q_proj,v_proj ("": all seven, as LLaVA does)
+    plan: bool = False  # print the memory plan per GPU for these flags (memory_plan.py) and exit; nothing is loaded
+    gpus: int = 0  # --plan: GPUs in all, across nodes (0: this machine's)
+    gpu_memory: str = "80GB"  # --plan: memory of one GPU
 
 
 # Published recipes (the official scripts: LLaVA-1.5's scripts/v1_5/*.sh, LLaVA-NeXT's scripts/train/*.sh). Data:
@@ -389,7 +392,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     model.to(device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora_rank:
-        add_lora(model, cfg, device)
+        add_lora(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
     set_trainable(model, cfg)
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
     if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
@@ -537,10 +540,10 @@ def publish_final(cfg: TrainConfig):
     os.replace(tmp, final)
 
 
-def add_lora(model, cfg: TrainConfig, device):
+def add_lora(model, cfg: TrainConfig, bf16_base: bool):
     """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
     lora.inject(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg))
-    if cfg.bf16 and device.type == "cuda":
+    if bf16_base:
         for name, p in model.named_parameters():
             if not (lora.is_lora(name) or name.startswith("projector.")):
                 p.data = p.data.to(torch.bfloat16)
@@ -626,7 +629,7 @@ def parse_args(argv) -> TrainConfig:
     values = {}
     if args.recipe:
         recipe = dict(RECIPES[args.recipe])
-        data = fetch_recipe_data(recipe, args) if not args.data else {}
+        data = fetch_recipe_data(recipe, args) if not args.data and not args.plan else {}
         values.update({k: v for k, v in recipe.items() if not k.startswith("data_")}, **data)
     knobs = knobs_from_flags(args)
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "recipe" and k not in knobs})
@@ -669,6 +672,10 @@ def main(argv=None):
         return life_cycle(trainer=sys.modules[__name__])
     cfg = parse_args(argv)
     try:
+        if cfg.plan:
+            from memory_plan import main as print_plan
+
+            return print_plan(cfg)
         train(cfg)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
