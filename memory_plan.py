@@ -232,7 +232,7 @@ def gb(n: int) -> str:
 
 def report(cfg, p: Plan) -> str:
     nodes = f", {math.ceil(p.gpus / GPUS_PER_NODE)} nodes of {GPUS_PER_NODE}" if p.gpus > GPUS_PER_NODE else ""
-    mode = f"FSDP2 over {p.gpus} GPUs{nodes}" if p.sharded else f"{'DDP over ' + str(p.gpus) + ' GPUs' if p.gpus > 1 else 'one GPU'} (whole replicas)"
+    mode = f"FSDP2 over {p.gpus} GPU{'s' if p.gpus > 1 else ''}{nodes}" if p.sharded else f"{'DDP over ' + str(p.gpus) + ' GPUs' if p.gpus > 1 else 'one GPU'} (whole replicas)"
     precision = "bf16 compute, fp32 master weights" if cfg.bf16 else "fp32"
     ckpt = " (--gradient-checkpointing)" if cfg.gradient_checkpointing else ""
     lines = [f"memory plan: {cfg.model or cfg.llm}, stage {cfg.stage}{', LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else ''}, "
