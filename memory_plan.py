@@ -1,6 +1,7 @@
 """The memory plan: what one GPU holds while train.py runs a stage, before anything is launched.
 
-    python train.py --plan --recipe llava-next-stage2 --model llava-hf/llava-v1.6-34b-hf --fsdp --bf16 --gpus 8 --gpu-memory 80GB
+    python train.py --plan --recipe llava-next-stage2 --model llava-hf/llava-v1.6-34b-hf --fsdp --bf16 \
+        --gpus 8 --gpu-memory 80GB
 
 The model is built on the meta device (shapes, no memory; only config.json is read) and prepared as train.py
 prepares it (LoRA, which parameters learn), so the parameter, gradient and optimizer bytes are exact:
@@ -231,13 +232,18 @@ def gb(n: int) -> str:
 
 
 def report(cfg, p: Plan) -> str:
-    nodes = f", {math.ceil(p.gpus / GPUS_PER_NODE)} nodes of {GPUS_PER_NODE}" if p.gpus > GPUS_PER_NODE else ""
-    mode = f"FSDP2 over {p.gpus} GPU{'s' if p.gpus > 1 else ''}{nodes}" if p.sharded else f"{'DDP over ' + str(p.gpus) + ' GPUs' if p.gpus > 1 else 'one GPU'} (whole replicas)"
+    if p.sharded:
+        mode = f"FSDP2 over {p.gpus} GPU{'s' if p.gpus > 1 else ''}"
+        if p.gpus > GPUS_PER_NODE:
+            mode += f", {math.ceil(p.gpus / GPUS_PER_NODE)} nodes of {GPUS_PER_NODE}"
+    else:
+        mode = (f"DDP over {p.gpus} GPUs" if p.gpus > 1 else "one GPU") + " (whole replicas)"
     precision = "bf16 compute, fp32 master weights" if cfg.bf16 else "fp32"
+    lora = f", LoRA rank {cfg.lora_rank}" if cfg.lora_rank else ""
     ckpt = " (--gradient-checkpointing)" if cfg.gradient_checkpointing else ""
-    lines = [f"memory plan: {cfg.model or cfg.llm}, stage {cfg.stage}{', LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else ''}, "
-             f"{mode}, {precision}",
-             f"  {p.param_count / 1e9:.2f} B parameters, {p.trainable_count / 1e9:.3f} B learn; a sample: {p.tokens} tokens, {p.crops} crops",
+    lines = [f"memory plan: {cfg.model or cfg.llm}, stage {cfg.stage}{lora}, {mode}, {precision}",
+             f"  {p.param_count / 1e9:.2f} B parameters, {p.trainable_count / 1e9:.3f} B learn; "
+             f"a sample: {p.tokens} tokens, {p.crops} crops",
              f"  per GPU of {p.gpu_memory / 1e9:.0f} GB ({p.usable / 1e9:.1f} GB planned for):",
              f"    parameters        {gb(p.params)}",
              f"    gradients         {gb(p.grads)}",
@@ -245,10 +251,11 @@ def report(cfg, p: Plan) -> str:
              f"    in flight         {gb(p.in_flight)}   estimate: gathered units and their gradients",
              f"    activations       {gb(p.activations)}   estimate, per sample{ckpt}"]
     b = p.largest_micro_batch(p.activations)
-    fits = (f"  largest micro-batch that fits: {b}" + (f" (--micro-batch-size {cfg.micro_batch_size} fits)"
-            if b >= cfg.micro_batch_size else f" (--micro-batch-size {cfg.micro_batch_size} does not)")) if b else \
-        "  does NOT fit, even at micro-batch 1"
-    lines.append(fits)
+    if b:
+        verdict = "fits" if b >= cfg.micro_batch_size else "does not"
+        lines.append(f"  largest micro-batch that fits: {b} (--micro-batch-size {cfg.micro_batch_size} {verdict})")
+    else:
+        lines.append("  does NOT fit, even at micro-batch 1")
     if not cfg.gradient_checkpointing:
         lines.append(f"  with --gradient-checkpointing: activations {gb(p.activations_checkpointed).strip()} per sample, "
                      f"largest micro-batch {p.largest_micro_batch(p.activations_checkpointed)}")

@@ -38,10 +38,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
 from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
-import lora
 
 
 @dataclass
@@ -502,7 +502,7 @@ class StepLog:
 
             self.bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
 
-    def step(self, step: int, model, batches, loss: float, grad_norm, lr: float, counters, t0: float):
+    def step(self, step: int, model, batches, loss, grad_norm, lr: float, counters, t0: float):
         local = [sum(int(b["padding_mask"].sum()) for b in batches), step_flops(model, batches) if self.peak else 0]
         tokens, flops = device_sum(torch.tensor(local, dtype=torch.float64, device=self.device), self.device).tolist()
         loss, grad_norm = float(loss), float(grad_norm)  # the step's one wait for the device
