@@ -53,6 +53,7 @@ layers=$([ "$mib" -gt 120000 ] && echo 32 || echo 16)
 python3 bench/bench_train_step.py --preset 7b --device cuda --layers $layers --micro-batch-size 2 --gradient-checkpointing || echo "FAILED 7b"
 python3 bench/bench_train_step.py --preset 7b --device cuda --layers 8 --micro-batch-size 2 || echo "FAILED 7b no checkpointing"
 python3 bench/bench_train_step.py --preset 0.9b --device cuda --micro-batch-size 4 || echo "FAILED 0.9b step"
+python3 bench/bench_train_step.py --preset 7b --device cuda --lora-rank 128 --micro-batch-size 4 --gradient-checkpointing || echo "FAILED 7b LoRA"
 python3 - <<'PY'
 import statistics, time, torch
 import infer

@@ -132,18 +132,23 @@ def gpu(args):
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     cfg = train.TrainConfig(stage="2", fsdp=True, bf16=True, device="cuda", micro_batch_size=args.micro_batch_size,
-                            gradient_checkpointing=args.gradient_checkpointing, lr=1e-5, vision_lr=2e-6)
+                            gradient_checkpointing=args.gradient_checkpointing, lr=1e-5, vision_lr=2e-6,
+                            lora_rank=args.lora_rank, lora_dropout=0.05 if args.lora_rank else 0.0)
     torch.manual_seed(0)
     model = build(args.preset, args.layers, device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.lora_rank:  # as train.py does: adapters in fp32, the frozen base in bf16
+        train.add_lora(model, cfg, bf16_base=True)
     train.set_trainable(model, cfg)
     data = batches(model, args.preset, args.micro_batch_size, args.steps * args.accumulation)
     cfg.max_len = max(b["input_ids"].shape[1] for b in data)
     meta = build(args.preset, args.layers, "meta")
+    if cfg.lora_rank:
+        train.add_lora(meta, cfg, bf16_base=True)
     train.set_trainable(meta, cfg)
     plan = memory_plan.plan(cfg, 1, torch.cuda.get_device_properties(device).total_memory, model=meta)
     name = torch.cuda.get_device_name(device)
-    print(f"{args.preset} on {name}: {plan.param_count / 1e9:.2f} B parameters, micro-batch {args.micro_batch_size} x "
+    print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''} on {name}: {plan.param_count / 1e9:.2f} B parameters, micro-batch {args.micro_batch_size} x "
           f"{cfg.max_len} tokens max, {args.accumulation} micro-batches a step, gradient checkpointing "
           f"{cfg.gradient_checkpointing}, torch {torch.__version__}")
     report_sdpa(model, cfg.max_len)
@@ -168,7 +173,7 @@ def gpu(args):
     measured = torch.cuda.max_memory_allocated(device)
     planned = plan.fixed + args.micro_batch_size * plan.activations
     mfu = f"MFU {statistics.median(rates) / peak:.1%} (median of steps 3+, peak {peak / 1e12:.0f} TFLOP/s)" if peak and rates else "MFU: unknown GPU peak"
-    print(f"{args.preset}: {mfu}; peak memory {measured / 1e9:.1f} GB measured, {planned / 1e9:.1f} GB planned "
+    print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''}: {mfu}; peak memory {measured / 1e9:.1f} GB measured, {planned / 1e9:.1f} GB planned "
           f"(params {plan.params / 1e9:.1f} + grads {plan.grads / 1e9:.1f} + AdamW {plan.optimizer / 1e9:.1f} + in flight "
           f"{plan.in_flight / 1e9:.1f} + {args.micro_batch_size} x activations {plan.activations / 1e9:.2f}), "
           f"plan / measured {planned / measured:.2f}")
@@ -197,6 +202,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--layers", type=int, default=0, help="decoder layers (0: the preset's), to fit a smaller GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0, help="GPU: LoRA adapters of this rank instead of full training")
     args = p.parse_args()
     if args.device == "cpu" and args.preset != "cpu":
         raise SystemExit(f"error: --preset {args.preset} is for --device cuda; on CPU use --preset cpu")
