@@ -375,8 +375,11 @@ def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, ste
         workers = min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if on_gpu(cfg) else 0
     if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
+    # its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG, which a
+    # resumed run has just restored and dropout (LoRA's) then draws from, so the resumed run would drift
     return iter(DataLoader(dataset, batch_sampler=plan, collate_fn=functools.partial(collate, pad_id=pad_id),
-                           num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=on_gpu(cfg)))
+                           num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=on_gpu(cfg),
+                           generator=torch.Generator().manual_seed(cfg.seed)))
 
 
 def on_gpu(cfg: TrainConfig) -> bool:
