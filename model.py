@@ -391,9 +391,12 @@ class Llava(nn.Module):
         or (N, V) at the N positions a boolean (B, T) `logits_at` marks.
 
         padding_mask (B, S) marks real tokens (1) over the cache positions plus these T; it is needed only for
-        padded batches. position_ids default to past + arange(T). Training asks for logits only where a label is
-        learned: image and prompt positions never reach the (V, D) head, whose logits would otherwise be the
-        largest tensor of the step (8 samples of 1,850 tokens at Qwen's 152k vocabulary: 8.4 GiB in fp32).
+        left-padded batches (batched generation). Training's batches are right-padded and pass none: a real token
+        attends only to earlier positions, all real, so the causal rule alone is exact there and SDPA can take
+        its flash kernels, which accept no mask; the pad positions' outputs are garbage that no loss reads.
+        position_ids default to past + arange(T). Training asks for logits only where a label is learned: image
+        and prompt positions never reach the (V, D) head, whose logits would otherwise be the largest tensor of the
+        step (8 samples of 1,850 tokens at Qwen's 152k vocabulary: 8.4 GiB in fp32).
         """
         B, T = input_ids.shape
         x = self.embed(input_ids, images)

@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
 from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
@@ -73,7 +74,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     max_len: int = 2048
     freeze_vision_tower: bool = False
-    bf16: bool = False  # autocast to bfloat16 (weights and optimizer stay fp32)
+    bf16: bool = False  # bf16 compute: FSDP2 mixed precision with --fsdp on GPUs, else autocast (fp32 weights and AdamW)
     gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each decoder block
     fsdp: bool = False  # FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP
@@ -84,10 +85,17 @@ class TrainConfig:
     seed: int = 0
     group_by_modality_length: bool = True
     max_bad_fraction: float = 0.01  # stop if more than this share of the samples seen so far cannot be used
-    num_workers: int = 0  # data-loading processes per rank
+    num_workers: int = -1  # data-loading processes per rank (-1: 4 on GPUs, 0 on CPU)
     quiet: bool = False  # no progress bar
     peak_tflops: float = 0.0  # for MFU: the accelerator's dense bf16 peak per device (0: looked up for known GPUs)
     device: str = ""  # "cpu" or "cuda"; "": cuda when there is one (each rank takes cuda:LOCAL_RANK)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (lora.py) and the projector; everything else frozen
+    lora_alpha: float = 0.0  # the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)
+    lora_dropout: float = 0.05  # on the adapters' input (LLaVA's default)
+    lora_targets: str = ""  # comma-separated decoder linears, e.g. q_proj,v_proj ("": all seven, as LLaVA does)
+    plan: bool = False  # print the memory plan per GPU for these flags (memory_plan.py) and exit; nothing is loaded
+    gpus: int = 0  # --plan: GPUs in all, across nodes (0: this machine's)
+    gpu_memory: str = "80GB"  # --plan: memory of one GPU
 
 
 # Published recipes (the official scripts: LLaVA-1.5's scripts/v1_5/*.sh, LLaVA-NeXT's scripts/train/*.sh). Data:
@@ -102,11 +110,23 @@ RECIPES = {
     "llava-v1.5-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
                               micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
                               data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
+    # LLaVA-1.5's finetune_lora.sh: the stage-2 data and template, adapters of rank 128 (alpha 256) on every decoder
+    # linear at lr 2e-4, the projector at 2e-5, tower frozen; batch 16 per GPU on 8 GPUs
+    "llava-v1.5-lora": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-4, projector_lr=2e-5,
+                            global_batch_size=128, micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
+                            lora_rank=128, lora_alpha=256, lora_dropout=0.05,
+                            data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
     "llava-next-stage1": STAGE1_CLIP_VICUNA,  # LLaVA-NeXT reuses LLaVA-1.5's alignment stage
     "llava-next-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
                               grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-5,
                               vision_lr=2e-6, global_batch_size=128, micro_batch_size=4, max_len=4096,
                               data_hub="lmms-lab/LLaVA-NeXT-Data"),
+    # the same LoRA settings on LLaVA-NeXT's stage 2 (not an official script: NeXT's release trained the full model)
+    "llava-next-stage2-lora": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
+                                   grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-4,
+                                   projector_lr=2e-5, global_batch_size=128, micro_batch_size=4, max_len=4096,
+                                   freeze_vision_tower=True, lora_rank=128, lora_alpha=256, lora_dropout=0.05,
+                                   data_hub="lmms-lab/LLaVA-NeXT-Data"),
     "onevision-0.5b-stage1": dict(stage="1", llm="Qwen/Qwen2-0.5B-Instruct", vision_tower="google/siglip-so400m-patch14-384",
                                   template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
                                   micro_batch_size=16, max_len=8192,
@@ -158,9 +178,12 @@ def all_sum(value: float, device) -> float:
 
 
 def set_trainable(model, cfg: TrainConfig):
-    """Stage 1: the projector only. Stages 1.5 and 2: everything, the vision tower unless frozen."""
+    """Stage 1: the projector only. Stages 1.5 and 2: everything, the vision tower unless frozen. LoRA: the
+    adapters and the projector."""
     for name, p in model.named_parameters():
-        if cfg.stage == "1":
+        if cfg.lora_rank:
+            p.requires_grad_(lora.is_lora(name) or name.startswith("projector."))
+        elif cfg.stage == "1":
             p.requires_grad_(name.startswith("projector."))
         elif name.startswith("vision_tower."):
             p.requires_grad_(not cfg.freeze_vision_tower)
@@ -256,21 +279,30 @@ def build_model(cfg: TrainConfig, device):
 
 
 def parallelize(model, cfg: TrainConfig, device, world: int):
-    """DDP, or FSDP2 sharding each decoder and vision block and then the rest; optionally compile each block."""
+    """DDP, or FSDP2 sharding each decoder and vision block and then the rest; optionally compile each block.
+    FSDP2 applies under torchrun even to one process: its mixed precision is how a single GPU trains in bf16 too."""
     if cfg.compile:  # fast path: compile the repeated blocks, keep the data-dependent splicing eager
         for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
             block.compile()
+    if cfg.fsdp and dist.is_initialized():
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        # bf16 on GPUs: each unit is all-gathered and computed in bf16, gradients are reduce-scattered in fp32 and the
+        # fp32 shards are AdamW's master weights (16 bytes per parameter / GPUs, torchtitan's default policy)
+        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision(cfg, device) else MixedPrecisionPolicy()
+        for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
+            fully_shard(block, mp_policy=mp)
+        return fully_shard(model, mp_policy=mp)
     if world == 1:
         return model
-    if cfg.fsdp:
-        from torch.distributed.fsdp import fully_shard
-
-        for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
-            fully_shard(block)
-        return fully_shard(model)
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def mixed_precision(cfg: TrainConfig, device) -> bool:
+    """--bf16 --fsdp on GPUs: FSDP2's bf16 policy instead of fp32 weights under autocast."""
+    return cfg.bf16 and cfg.fsdp and device.type == "cuda" and dist.is_initialized()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,16 +328,19 @@ def forward_flops(weights: int, layers: int, width: int, T: int) -> int:
 
 
 def step_flops(model, batches) -> int:
-    """Model FLOPs of this rank's micro-batches, forward + backward (x3: the backward needs the gradients of both
-    activations and weights). The tower's backward runs only when it learns; padding is not counted."""
+    """Model FLOPs of this rank's micro-batches, forward + backward. Per weight and token: 2 forward, 2 for the
+    gradient of its input, 2 more for its own gradient when it learns, so 6 for a learning weight and 4 for a frozen
+    one that gradients cross (LoRA's base, stage 1's decoder); a frozen tower, upstream of all that learns, runs its
+    forward only. Attention (no weights) is backpropagated through: x 3. Padding is not counted."""
     text, dec = model.cfg.text, model.language_model
-    dec_weights = sum(p.numel() for p in dec.layers.parameters())
+    dec_weights = sum(p.numel() * (3 if p.requires_grad else 2) for p in dec.layers.parameters())  # x 2 FLOPs
+    head = model.output_embeddings()
     flops = 0
     for b in batches:
         for T in b["padding_mask"].sum(1).tolist():
-            flops += 3 * forward_flops(dec_weights, text.num_layers, text.hidden_size, T)
+            flops += 2 * dec_weights * T + 3 * 4 * text.num_layers * text.hidden_size * T * T
         # the output head runs only where a label is learned (Llava.forward's logits_at)
-        flops += 3 * 2 * model.output_embeddings().numel() * int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+        flops += (3 if head.requires_grad else 2) * 2 * head.numel() * int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
         if b["images"]:
             v, tower = model.cfg.vision, model.vision_tower
             tower_factor = 3 if any(p.requires_grad for p in tower.parameters()) else 1
@@ -335,10 +370,20 @@ def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, ste
         if epoch not in schedules:
             schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length)}
         plan += micro_batches(schedules[epoch][index], rank, world, cfg.micro_batch_size)
-    if cfg.num_workers:
+    workers = cfg.num_workers
+    if workers < 0:  # GPUs: read, tile and tokenise off the main process, which then only launches kernels
+        workers = min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if on_gpu(cfg) else 0
+    if workers:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
+    # its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG, which a
+    # resumed run has just restored and dropout (LoRA's) then draws from, so the resumed run would drift
     return iter(DataLoader(dataset, batch_sampler=plan, collate_fn=functools.partial(collate, pad_id=pad_id),
-                           num_workers=cfg.num_workers, prefetch_factor=4 if cfg.num_workers else None))
+                           num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=on_gpu(cfg),
+                           generator=torch.Generator().manual_seed(cfg.seed)))
+
+
+def on_gpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cuda" or (cfg.device == "" and torch.cuda.is_available())
 
 
 def train(cfg: TrainConfig, model=None, tokenizer=None):
@@ -349,6 +394,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         model, tokenizer = build_model(cfg, device)
     model.to(device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    if cfg.lora_rank:
+        add_lora(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
     set_trainable(model, cfg)
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
     if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
@@ -377,8 +424,10 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         done = step + 1
         if done % cfg.save_every == 0 or done == total:
             save_checkpoint(cfg, ddp_model, optimizer, done, counters, tokenizer, rank)
-        if done == total and rank == 0:
+        if done == total and rank == 0 and not cfg.lora_rank:
             publish_final(cfg)
+        if done == total and cfg.lora_rank:
+            publish_lora(cfg, ddp_model, tokenizer, rank)
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
     log.close()
@@ -401,32 +450,42 @@ def build_dataset(cfg: TrainConfig, model, tokenizer):
 
 def optimizer_step(ddp_model, model, optimizer, batches, cfg: TrainConfig, factor: float, device, world: int):
     """Forward and backward over this rank's micro-batches, then clip and one AdamW step at lr x `factor`.
-    Returns (mean loss per answer token over the global batch, gradient norm)."""
-    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count
-    targets = all_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
-    loss_sum = 0.0
+    Returns (mean loss per answer token over the global batch, gradient norm), both still on the device: nothing
+    here waits for the GPU, so the next micro-batch is queued while this one runs (StepLog reads them once a step)."""
+    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count (counted
+    # on the host from the CPU labels, summed over ranks on the device; fp32 holds these integers exactly)
+    targets = device_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device).clamp(min=1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 and not mixed_precision(cfg, device) else nullcontext()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for a, b in enumerate(batches):
-        sync = a == len(batches) - 1
         context = nullcontext()
-        if world > 1 and cfg.fsdp:
-            ddp_model.set_requires_gradient_sync(sync)
-        elif world > 1 and not sync:
-            context = ddp_model.no_sync()
-        labels = b["labels"].to(device)
+        if world > 1 and not cfg.fsdp and a < len(batches) - 1:
+            context = ddp_model.no_sync()  # DDP: all-reduce once, on the last micro-batch
+        # FSDP2 reduce-scatters every micro-batch: skipping it would hold the whole model's gradients unsharded in
+        # fp32 until the last one, which is what sharding is there to avoid (DeepSpeed's ZeRO-3 does the same)
+        labels = b["labels"].to(device, non_blocking=True)
         learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
         with context, autocast:
-            logits = ddp_model(b["input_ids"].to(device), b["images"] or None,
-                               padding_mask=b["padding_mask"].to(device), logits_at=learned)  # (N, V)
+            # no padding_mask: batches are right-padded, so the causal rule alone is exact for every real token and
+            # SDPA takes its flash / memory-efficient kernels; pad positions never reach the loss (logits_at)
+            logits = ddp_model(b["input_ids"].to(device, non_blocking=True), b["images"] or None, logits_at=learned)  # (N, V)
             loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
-        (loss * world / max(targets, 1)).backward()  # DDP and FSDP average over ranks; this undoes it
-        loss_sum += loss.item()
+        (loss * world / targets).backward()  # DDP and FSDP average over ranks; this undoes it
+        loss_sum += loss.detach()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return all_sum(loss_sum, device) / max(targets, 1), grad_norm
+    return device_sum(loss_sum, device) / targets, grad_norm
+
+
+def device_sum(value, device, dtype=torch.float32):
+    """Sum over ranks of a number or tensor, as a tensor on the device; launches the all-reduce without waiting."""
+    t = value if torch.is_tensor(value) else torch.tensor(value, dtype=dtype, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
 
 
 class StepLog:
@@ -446,15 +505,16 @@ class StepLog:
 
             self.bar = tqdm(total=total, initial=start, desc=f"stage {cfg.stage}", dynamic_ncols=True)
 
-    def step(self, step: int, model, batches, loss: float, grad_norm, lr: float, counters, t0: float):
-        tokens = all_sum(sum(int(b["padding_mask"].sum()) for b in batches), self.device)
-        flops = all_sum(step_flops(model, batches), self.device) if self.peak else 0
+    def step(self, step: int, model, batches, loss, grad_norm, lr: float, counters, t0: float):
+        local = [sum(int(b["padding_mask"].sum()) for b in batches), step_flops(model, batches) if self.peak else 0]
+        tokens, flops = device_sum(torch.tensor(local, dtype=torch.float64, device=self.device), self.device).tolist()
+        loss, grad_norm = float(loss), float(grad_norm)  # the step's one wait for the device
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the step's kernels have finished: dt is the step's time, not its launch
         dt = time.perf_counter() - t0
         if self.rank != 0:
             return
-        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / dt, "bad_samples": sum(counters["bad"].values())}
         if self.peak:
             record["mfu"] = flops / dt / (self.peak * self.world)
@@ -479,6 +539,40 @@ def publish_final(cfg: TrainConfig):
     final, tmp = out / "final", out / ".tmp-final"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(latest_checkpoint(cfg), tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def add_lora(model, cfg: TrainConfig, bf16_base: bool):
+    """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
+    lora.inject(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg))
+    if bf16_base:
+        for name, p in model.named_parameters():
+            if not (lora.is_lora(name) or name.startswith("projector.")):
+                p.data = p.data.to(torch.bfloat16)
+
+
+def lora_alpha(cfg: TrainConfig) -> float:
+    return cfg.lora_alpha or 2.0 * cfg.lora_rank
+
+
+def lora_targets(cfg: TrainConfig) -> tuple:
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or lora.DECODER_LINEARS
+
+
+def publish_lora(cfg: TrainConfig, ddp_model, tokenizer, rank: int):
+    """A LoRA stage's result: output_dir/final as the merged llava-hf checkpoint (what infer.py and the next stage
+    read) and final/adapter/ in the PEFT format; written under a temporary name, then renamed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(ddp_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    out = Path(cfg.output_dir)
+    final, tmp = out / "final", out / ".tmp-final"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(unwrap(ddp_model), tmp, state_dict=lora.merge(state, lora_alpha(cfg) / cfg.lora_rank), tokenizer=tokenizer)
+    lora.save_adapter(state, tmp / "adapter", cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg), cfg.model)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
@@ -546,7 +640,7 @@ def parse_args(argv) -> TrainConfig:
     values = {}
     if args.recipe:
         recipe = dict(RECIPES[args.recipe])
-        data = fetch_recipe_data(recipe, args) if not args.data else {}
+        data = fetch_recipe_data(recipe, args) if not args.data and not args.plan else {}
         values.update({k: v for k, v in recipe.items() if not k.startswith("data_")}, **data)
     knobs = knobs_from_flags(args)
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "recipe" and k not in knobs})
@@ -593,6 +687,10 @@ def main(argv=None):
         return life_cycle(trainer=sys.modules[__name__])
     cfg = parse_args(argv)
     try:
+        if cfg.plan:
+            from memory_plan import main as print_plan
+
+            return print_plan(cfg)
         train(cfg)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None

@@ -1,6 +1,8 @@
-# GPU figures (run by hand on one CUDA GPU, about 7 minutes; results in docs/results): train.py's step on a random
+# GPU figures (run by hand on one CUDA GPU, about 10 minutes; results in docs/results): train.py's step on a random
 # LLaVA-NeXT (bench.py's CLIP-L/336 + Qwen2-0.5B-sized checkpoint) under each fast-path flag, with tokens/s, MFU and
-# peak GPU memory, then batch-1 bf16 decode, eager and compiled, of that model and of a Mistral-7B-sized decoder.
+# peak GPU memory; the 7B-shaped stage-2 step (CLIP-L/336 + a Vicuna-7B-shaped decoder, FSDP2 bf16 mixed precision,
+# 5 crops per image) with MFU and peak memory against the --plan figures; then batch-1 bf16 decode, eager and
+# compiled, of the 0.9B model and of a Mistral-7B-sized decoder.
 #   bash bench/bench_gpu.sh            logs of each training run go to $OUT (default /tmp/bench_gpu)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench_gpu}; mkdir -p $OUT
@@ -19,7 +21,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 run() {  # name, steps, flags...
   name=$1; steps=$2; shift 2
   t0=$(date +%s); rm -rf /tmp/run_$name
-  python3 train.py --model $M --data /tmp/benchdata/instruct.json --image-folder /tmp/benchdata --template qwen_1_5 \
+  ${LAUNCH:-python3} train.py --model $M --data /tmp/benchdata/instruct.json --image-folder /tmp/benchdata --template qwen_1_5 \
     --max-steps 1000 --stop-after $steps --global-batch-size 32 --micro-batch-size 8 --save-every 100000 --quiet \
     --lr 1e-5 --vision-lr 2e-6 --output-dir /tmp/run_$name "$@" > $OUT/train_$name.log 2>&1 || echo "FAILED $name"
   echo "$name wall $(( $(date +%s) - t0 )) s"
@@ -40,6 +42,18 @@ run bf16_compile 10 --bf16 --compile
 run bf16_ckpt 10 --bf16 --gradient-checkpointing
 run bf16_compile_ckpt 10 --bf16 --compile --gradient-checkpointing
 run bf16_frozen_tower 10 --bf16 --freeze-vision-tower
+# FSDP2 mixed precision (bf16 compute, fp32 master weights and AdamW) instead of autocast; one process under torchrun
+LAUNCH="python3 -m torch.distributed.run --nproc_per_node 1" run bf16_fsdp 10 --bf16 --fsdp
+LAUNCH="python3 -m torch.distributed.run --nproc_per_node 1" run bf16_fsdp_compile 10 --bf16 --fsdp --compile
+python3 train.py --plan --model $M --template qwen_1_5 --micro-batch-size 8 --max-len 4096 --fsdp --bf16 --gpus 1 \
+  --gpu-memory "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)MiB"
+# the 7B-shaped stage-2 step: all 32 layers need ~125 GB with fp32 master weights and AdamW (an H200); 16 on 80 GB
+mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+layers=$([ "$mib" -gt 120000 ] && echo 32 || echo 16)
+python3 bench/bench_train_step.py --preset 7b --device cuda --layers $layers --micro-batch-size 2 --gradient-checkpointing || echo "FAILED 7b"
+python3 bench/bench_train_step.py --preset 7b --device cuda --layers 8 --micro-batch-size 2 || echo "FAILED 7b no checkpointing"
+python3 bench/bench_train_step.py --preset 0.9b --device cuda --micro-batch-size 4 || echo "FAILED 0.9b step"
+python3 bench/bench_train_step.py --preset 7b --device cuda --lora-rank 128 --micro-batch-size 4 --gradient-checkpointing || echo "FAILED 7b LoRA"
 python3 - <<'PY'
 import statistics, time, torch
 import infer

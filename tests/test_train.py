@@ -155,18 +155,22 @@ def test_multi_image_and_video_batches_train_the_same_on_two_processes(mixed_dat
     assert [m["bad_samples"] for m in metrics] == [0, 0, 0]
 
 
-@pytest.mark.parametrize("freeze", [False, True])
-def test_mfu_counts_the_flops_torch_counts(dataset, freeze):
+@pytest.mark.parametrize("kind", ["full", "frozen_tower", "lora"])
+def test_mfu_counts_the_flops_torch_counts(dataset, kind):
     """step_flops (what MFU divides by the peak) agrees within 5% with torch's own count of the matmul FLOPs of a
-    forward and backward pass over a real batch, with the tower learning and frozen."""
+    forward and backward pass over a real batch, with the tower learning, frozen, and with LoRA (frozen decoder
+    weights that gradients still cross)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    import lora
     from data import SupervisedDataset, collate, load_records
     from train import set_trainable, step_flops
 
     root, folder = dataset
     model, _ = load_pretrained(str(folder))
-    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=freeze))
+    if kind == "lora":
+        lora.inject(model, rank=4, alpha=8)
+    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=kind != "full", lora_rank=4 if kind == "lora" else 0))
     from convert import load_tokenizer
 
     records = load_records(root / "data.json")[:4]
@@ -180,3 +184,24 @@ def test_mfu_counts_the_flops_torch_counts(dataset, freeze):
         model(batches[0]["input_ids"], batches[0]["images"], logits_at=learned).sum().backward()
     counted = counter.get_total_flops()
     assert abs(step_flops(model, batches) - counted) <= 0.05 * counted, (step_flops(model, batches), counted)
+
+
+def test_training_without_the_padding_mask_gives_the_masked_losses(dataset):
+    """Right padding + the causal rule (no (B, 1, T, T) mask, so SDPA keeps its fast kernels) gives, at every learned
+    position, the logits of the explicit causal-and-padding mask: fp32 loss within 1e-6 relative, logits 1e-5."""
+    from convert import load_tokenizer
+    from data import SupervisedDataset, collate, load_records
+
+    root, folder = dataset
+    model, _ = load_pretrained(str(folder))
+    records = load_records(root / "data.json")[:8]
+    data = SupervisedDataset(records, root / "images", load_tokenizer(folder, str(folder)), "qwen_1_5", model.cfg, 512)
+    batch = collate([data[i] for i in (0, 7, 1, 6)], 0)  # text-only rows among image rows: lengths differ, padding
+    assert (batch["padding_mask"] == 0).any()
+    learned = torch.nn.functional.pad(batch["labels"][:, 1:] != -100, (0, 1))
+    with torch.no_grad():
+        masked = model(batch["input_ids"], batch["images"], padding_mask=batch["padding_mask"], logits_at=learned)
+        causal = model(batch["input_ids"], batch["images"], logits_at=learned)
+    targets = batch["labels"][:, 1:][learned[:, :-1]]
+    a, b = (torch.nn.functional.cross_entropy(x, targets) for x in (masked, causal))
+    assert (masked - causal).abs().max() <= 1e-5 and abs(a - b) <= 1e-6 * abs(a), ((masked - causal).abs().max(), a, b)

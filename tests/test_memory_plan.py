@@ -1,0 +1,93 @@
+"""The memory plan (train.py --plan): its parameter, gradient and optimizer bytes per GPU are exactly what FSDP2
+puts on a GPU (counted on the meta device, sharded by a real fully_shard over a fake process group of N ranks), or
+a whole replica under DDP; its activation estimate covers what autograd actually keeps for backward."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT, photo
+
+import memory_plan
+from anyres import process_image
+from model import IMAGE_TOKEN, Llava, LlavaConfig, TextConfig, VisionConfig, init_fresh
+from train import TrainConfig, parallelize, set_trainable
+
+
+def fsdp_bytes(model, cfg, world):
+    """(params, grads, optimizer) bytes on rank 0 after train.parallelize under a fake process group of `world`."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        parallelize(model, cfg, torch.device("cpu"), world)
+        local = [(p.to_local(), p.requires_grad) for p in model.parameters()]
+    finally:
+        dist.destroy_process_group()
+    params = sum(t.numel() * t.element_size() for t, _ in local)
+    grads = sum(t.numel() * 4 for t, learns in local if learns)
+    return params, grads, 2 * grads
+
+
+@pytest.mark.parametrize("world", [3, 16, 128])  # 128: 16 nodes of 8
+@pytest.mark.parametrize("kind", ["stage2", "stage1", "lora_bf16"])
+def test_plan_bytes_equal_the_sharded_meta_model(tiny, world, kind):
+    flags = dict(stage2={}, stage1={"stage": "1"}, lora_bf16={"lora_rank": 8, "bf16": True})[kind]
+    cfg = TrainConfig(model=str(tiny("next_qwen2")), fsdp=True, **flags)
+    p = memory_plan.plan(cfg, world, 80 * 10**9)
+    assert (p.params, p.grads, p.optimizer) == fsdp_bytes(memory_plan.meta_model(cfg), cfg, world)
+    if kind == "lora_bf16":  # the frozen base is stored in bf16
+        assert {q.dtype for q in memory_plan.meta_model(cfg).parameters() if not q.requires_grad} == {torch.bfloat16}
+
+
+def test_ddp_plan_is_one_whole_replica(tiny):
+    cfg = TrainConfig(model=str(tiny("next_qwen2")), freeze_vision_tower=True)
+    model = memory_plan.meta_model(cfg)
+    p = memory_plan.plan(cfg, 8, 80 * 10**9)
+    learning = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    assert (p.params, p.grads, p.optimizer) == (4 * sum(q.numel() for q in model.parameters()), 4 * learning, 8 * learning)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_estimate_covers_what_autograd_keeps(dtype):
+    """A LLaVA-NeXT shape (CLIP-336 tower, 3 crops, 2048 tokens) with small widths: the bytes the saved-tensor hooks
+    see for one sample's forward are at most the estimate, and at least 85% of it (the estimate adds the
+    loss's gradient, alive at the start of backward)."""
+    cfg = LlavaConfig(vision=VisionConfig(hidden_size=64, intermediate_size=256, num_heads=4, num_layers=2),
+                      text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=8,
+                                      num_kv_heads=4, head_dim=32), grid_pinpoints=[[336, 672], [672, 336]])
+    with torch.device("meta"):
+        model = Llava(cfg)
+    model = init_fresh(model, dtype=dtype).train()
+    set_trainable(model, TrainConfig(stage="2"))
+    image = process_image(photo(700, 340, seed=1), model.cfg)
+    image.pixels = image.pixels.to(dtype)
+    s = 2048
+    ids = torch.full((1, s), 7)
+    ids[0, 10: 10 + image.num_tokens] = IMAGE_TOKEN
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        logits = model(ids, [image], logits_at=torch.ones(1, s, dtype=torch.bool))
+        torch.nn.functional.cross_entropy(logits.float(), torch.zeros(s, dtype=torch.long))
+    measured = sum(storages.values())
+    estimate = memory_plan.activation_bytes(model, s, image.pixels.shape[0], dtype.itemsize, checkpointed=False)
+    assert image.pixels.shape[0] == memory_plan.sample_shape(model.cfg, s)[1] == 3
+    assert 0.85 * estimate <= measured <= estimate, (measured, estimate)
+
+
+def test_plan_command_line(tiny):
+    run = lambda *flags: subprocess.run([sys.executable, "train.py", "--plan", "--model", str(tiny("next_qwen2")), *flags],
+                                        cwd=ROOT, capture_output=True, text=True)
+    done = run("--fsdp", "--bf16", "--gpus", "128", "--gpu-memory", "80GB")
+    assert done.returncode == 0, done.stderr
+    assert "FSDP2 over 128 GPUs, 16 nodes of 8" in done.stdout and "largest micro-batch that fits" in done.stdout
+    bad = run("--gpu-memory", "lots")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines() == ["error: --gpu-memory 'lots': expected a size such as 80GB, 141GB or 24GiB"]
