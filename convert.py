@@ -13,9 +13,11 @@ Three layouts exist for the same weights, all read here:
 device and assigns tensors one at a time from memory-mapped shards, so a 7B model never exists twice in RAM.
 """
 
+import argparse
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,10 +484,15 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
-def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30):
-    """Write config.json, safetensors shards (+ index when there are several) and tokenizer.json to `folder`.
-    `state_dict` (ours, full) defaults to the model's; training passes the one gathered from all ranks."""
+def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                    template: str | None = None, eos_ids=()):
+    """Write safetensors shards (+ index when there are several) and, through export.write_hf_metadata, config.json,
+    the tokenizer, processor, chat-template and generation files to `folder`. `state_dict` (ours, full) defaults to
+    the model's; training passes the one gathered from all ranks. `template` names the chat template (default:
+    guessed from the tokenizer), `eos_ids` adds stop ids for generation_config.json."""
     from safetensors.torch import save_file
+
+    from export import write_hf_metadata
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -506,9 +513,8 @@ def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_s
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=1))
-    (folder / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(folder / "tokenizer.json"))
+    dtype = next(iter(state.values())).dtype if state else None
+    write_hf_metadata(folder, model.cfg, tokenizer, template, eos_ids, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,3 +567,74 @@ def default_template(source: str, tokenizer) -> str:
     if tokenizer.token_to_id("[INST]") is not None:
         return "mistral_instruct"
     return "vicuna_v1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: any checkpoint this file reads -> a complete llava-hf folder (export.py writes the files around
+# the weights)
+
+
+def parse_size(text: str) -> int:
+    """"5GB" -> 5 * 10**9 bytes, "500MiB" -> 500 * 2**20 (the units transformers' max_shard_size takes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (its first floating-point tensor's)."""
+    files = checkpoint_files(folder)
+    return next((t.dtype for f in files[:1] for _, t in read_tensors(f) if t.is_floating_point()), torch.float32)
+
+
+def main(argv=None):
+    from data import TEMPLATES
+    from export import add_media_rows, unused_tower_tensors, with_media_tokens
+
+    p = argparse.ArgumentParser(description="Write a LLaVA checkpoint (a short name, hub repo id or folder in the "
+                                "original, llava-hf or transformers-5 layout) as a complete llava-hf folder that "
+                                "transformers, vLLM and SGLang load: weights, config.json, processor, tokenizer with "
+                                "<image>, chat template, generation config.")
+    p.add_argument("source", help="short name (see README), hub repo id, or local folder")
+    p.add_argument("dest", help="the folder to write (must not exist yet, or be empty)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of SOURCE")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype (default: as stored in SOURCE)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
+    args = p.parse_args(argv)
+    dest = Path(args.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        sys.exit(f"error: {dest} already exists and is not an empty folder; remove it or choose another DEST")
+    try:
+        folder = resolve(args.source, args.revision)
+        dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(folder)
+        model, folder = load_pretrained(str(folder), dtype=dtype)
+        tokenizer = load_tokenizer(folder, args.source)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    template = args.template or default_template(args.source, tokenizer)
+    tokenizer, ids = with_media_tokens(tokenizer, model.cfg)
+    vocab = model.cfg.text.vocab_size
+    if add_media_rows(model, tokenizer):  # as the llava-hf conversions do: <image> needs a row of its own
+        print(f"vocabulary {vocab} -> {model.cfg.text.vocab_size} rows for {', '.join(ids)}", file=sys.stderr)
+    state = model.state_dict() | {k: t.to(dtype) for k, t in unused_tower_tensors(model.cfg).items()}
+    tmp = dest.with_name(f".tmp-{dest.name}")  # written aside, renamed when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp, state_dict=state, tokenizer=tokenizer, max_shard_bytes=args.max_shard_size,
+                        template=template, eos_ids=eos_token_ids(folder))
+    except ValueError as e:  # a model the llava-hf classes cannot express (e.g. a linear projector)
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"error: {args.source}: {e}")
+    if dest.exists():
+        dest.rmdir()
+    os.replace(tmp, dest)
+    print(f"{dest}: {json.loads((dest / 'config.json').read_text()).get('model_type')} in {str(dtype)[6:]}, template "
+          f"{template}, {', '.join(f'{t} = {i}' for t, i in ids.items())}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
