@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import serve
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
 from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
 from data import TEMPLATES, SampleError, load_image, load_video, render_prompt, stop_token_ids, tokenize
@@ -160,8 +161,8 @@ def compiled_decode_step(device):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files, then the prompt (put <image> where an image belongs; "
-                                              "images without a placeholder go before the text)")
+    p.add_argument("inputs", nargs="*", help="image files, then the prompt (put <image> where an image belongs; "
+                                              "images without a placeholder go before the text); --chat: images only")
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see README), hub repo id, or local folder")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -182,12 +183,15 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
     add_knob_flags(p)
+    serve.add_flags(p)
     return p.parse_args(argv)
 
 
 def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
     """(prompt with one <image> per visual, images, video frames or None, kinds in prompt order) from the command
     line; an unreadable file is a one-line error."""
+    if not args.inputs:
+        sys.exit("error: give the image files and then the prompt (or --chat, or --batch-file)")
     *image_paths, prompt = args.inputs
     try:
         images = [load_image(path) for path in image_paths]
@@ -238,6 +242,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    if args.chat or args.batch_file:
+        return serve.run(args, device, dtype)
     prompt, images, frames, kinds = read_visuals(args)
 
     timings = {}
