@@ -13,11 +13,9 @@ Three layouts exist for the same weights, all read here:
 device and assigns tensors one at a time from memory-mapped shards, so a 7B model never exists twice in RAM.
 """
 
-import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -570,71 +568,11 @@ def default_template(source: str, tokenizer) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line: any checkpoint this file reads -> a complete llava-hf folder (export.py writes the files around
-# the weights)
-
-
-def parse_size(text: str) -> int:
-    """"5GB" -> 5 * 10**9 bytes, "500MiB" -> 500 * 2**20 (the units transformers' max_shard_size takes)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
-
-
-def stored_dtype(folder: Path) -> torch.dtype:
-    """The dtype the checkpoint's weights are stored in (its first floating-point tensor's)."""
-    files = checkpoint_files(folder)
-    return next((t.dtype for f in files[:1] for _, t in read_tensors(f) if t.is_floating_point()), torch.float32)
-
-
-def main(argv=None):
-    from data import TEMPLATES
-    from export import add_media_rows, unused_tower_tensors, with_media_tokens
-
-    p = argparse.ArgumentParser(description="Write a LLaVA checkpoint (a short name, hub repo id or folder in the "
-                                "original, llava-hf or transformers-5 layout) as a complete llava-hf folder that "
-                                "transformers, vLLM and SGLang load: weights, config.json, processor, tokenizer with "
-                                "<image>, chat template, generation config.")
-    p.add_argument("source", help="short name (see README), hub repo id, or local folder")
-    p.add_argument("dest", help="the folder to write (must not exist yet, or be empty)")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit of SOURCE")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights' dtype (default: as stored in SOURCE)")
-    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
-    args = p.parse_args(argv)
-    dest = Path(args.dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        sys.exit(f"error: {dest} already exists and is not an empty folder; remove it or choose another DEST")
-    try:
-        folder = resolve(args.source, args.revision)
-        dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(folder)
-        model, folder = load_pretrained(str(folder), dtype=dtype)
-        tokenizer = load_tokenizer(folder, args.source)
-    except CheckpointError as e:
-        sys.exit(f"error: {e}")
-    template = args.template or default_template(args.source, tokenizer)
-    tokenizer, ids = with_media_tokens(tokenizer, model.cfg)
-    vocab = model.cfg.text.vocab_size
-    if add_media_rows(model, tokenizer):  # as the llava-hf conversions do: <image> needs a row of its own
-        print(f"vocabulary {vocab} -> {model.cfg.text.vocab_size} rows for {', '.join(ids)}", file=sys.stderr)
-    state = model.state_dict() | {k: t.to(dtype) for k, t in unused_tower_tensors(model.cfg).items()}
-    tmp = dest.with_name(f".tmp-{dest.name}")  # written aside, renamed when complete
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        save_pretrained(model, tmp, state_dict=state, tokenizer=tokenizer, max_shard_bytes=args.max_shard_size,
-                        template=template, eos_ids=eos_token_ids(folder))
-    except ValueError as e:  # a model the llava-hf classes cannot express (e.g. a linear projector)
-        shutil.rmtree(tmp, ignore_errors=True)
-        sys.exit(f"error: {args.source}: {e}")
-    if dest.exists():
-        dest.rmdir()
-    os.replace(tmp, dest)
-    print(f"{dest}: {json.loads((dest / 'config.json').read_text()).get('model_type')} in {str(dtype)[6:]}, template "
-          f"{template}, {', '.join(f'{t} = {i}' for t, i in ids.items())}", file=sys.stderr)
+# Command line: `python convert.py SRC DST` writes any checkpoint read here as a complete llava-hf folder; the
+# command lives with the files it writes, in export.py.
 
 
 if __name__ == "__main__":
+    from export import main
+
     main()

@@ -12,14 +12,20 @@ Our model never looks `<image>` up (prompts hold IMAGE_TOKEN runs), but transfor
 token id into the image's feature count and embed it first, so the id must be a real row of the vocabulary.
 """
 
+import argparse
 import json
 import math
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from anyres import anyres_max_crops, tower_mean_std
+from anyres import tower_mean_std
+from convert import (CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config, load_pretrained,
+                     load_tokenizer, read_tensors, resolve, save_pretrained)
 from data import TEMPLATES, stop_token_ids, system_slot
 from model import Llava, LlavaConfig
 
@@ -29,7 +35,7 @@ PROCESSORS = {"llava": ("LlavaProcessor", "LlavaImageProcessor"),
 
 
 def hf_model_type(cfg: LlavaConfig) -> str:
-    return "llava" if cfg.merge_type == "flat" else "llava_onevision" if anyres_max_crops(cfg) else "llava_next"
+    return hf_config(cfg)["model_type"]  # llava, llava_next or llava_onevision
 
 
 def media_tokens(cfg: LlavaConfig) -> list[str]:
@@ -207,8 +213,6 @@ def processor_config(cfg: LlavaConfig) -> dict:
 
 def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype) -> dict:
     """config.json: the architecture (convert.hf_config) plus the token ids transformers and vLLM need."""
-    from convert import hf_config
-
     out = hf_config(cfg)
     text = out.get("text_config", out)
     for name in ("bos", "eos", "pad"):
@@ -233,8 +237,6 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
 
     `template` names our chat template (default: guessed from the tokenizer); `eos_ids` are extra stop ids (the
     source checkpoint's own) for generation_config.json."""
-    from convert import default_template, hf_config
-
     folder = Path(folder)
     dump = lambda name, obj: (folder / name).write_text(json.dumps(obj, indent=2) + "\n")  # noqa: E731
     if tokenizer is None:
@@ -269,3 +271,66 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     if cfg.vision is not None:
         dump("processor_config.json", processor_config(cfg))
         dump("preprocessor_config.json", image_processor_config(cfg))  # read by older transformers and vLLM builds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command: python convert.py SRC DST (any layout convert.py reads -> a complete llava-hf folder)
+
+
+def parse_size(text: str) -> int:
+    """"5GB" -> 5 * 10**9 bytes, "500MiB" -> 500 * 2**20 (the units transformers' max_shard_size takes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (its first floating-point tensor's)."""
+    files = checkpoint_files(folder)
+    return next((t.dtype for f in files[:1] for _, t in read_tensors(f) if t.is_floating_point()), torch.float32)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write a LLaVA checkpoint (a short name, hub repo id or folder in the "
+                                "original, llava-hf or transformers-5 layout) as a complete llava-hf folder that "
+                                "transformers, vLLM and SGLang load: weights, config.json, processor, tokenizer with "
+                                "<image>, chat template, generation config.")
+    p.add_argument("source", help="short name (see README), hub repo id, or local folder")
+    p.add_argument("dest", help="the folder to write (must not exist yet, or be empty)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of SOURCE")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype (default: as stored in SOURCE)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
+    args = p.parse_args(argv)
+    dest = Path(args.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        sys.exit(f"error: {dest} already exists and is not an empty folder; remove it or choose another DEST")
+    try:
+        folder = resolve(args.source, args.revision)
+        dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(folder)
+        model, folder = load_pretrained(str(folder), dtype=dtype)
+        tokenizer = load_tokenizer(folder, args.source)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    template = args.template or default_template(args.source, tokenizer)
+    tokenizer, ids = with_media_tokens(tokenizer, model.cfg)
+    vocab = model.cfg.text.vocab_size
+    if add_media_rows(model, tokenizer):  # as the llava-hf conversions do: <image> needs a row of its own
+        print(f"vocabulary {vocab} -> {model.cfg.text.vocab_size} rows for {', '.join(ids)}", file=sys.stderr)
+    state = model.state_dict() | {k: t.to(dtype) for k, t in unused_tower_tensors(model.cfg).items()}
+    tmp = dest.with_name(f".tmp-{dest.name}")  # written aside, renamed when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp, state_dict=state, tokenizer=tokenizer, max_shard_bytes=args.max_shard_size,
+                        template=template, eos_ids=eos_token_ids(folder))
+    except ValueError as e:  # a model the llava-hf classes cannot express (e.g. a linear projector)
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"error: {args.source}: {e}")
+    if dest.exists():
+        dest.rmdir()
+    os.replace(tmp, dest)
+    print(f"{dest}: {json.loads((dest / 'config.json').read_text()).get('model_type')} in {str(dtype)[6:]}, template "
+          f"{template}, {', '.join(f'{t} = {i}' for t, i in ids.items())}", file=sys.stderr)

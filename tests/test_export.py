@@ -9,7 +9,7 @@ import torch
 from conftest import photo
 
 import tiny_checkpoints as tc
-from convert import main as convert_main
+from export import main as convert_main
 from data import TEMPLATES, render_prompt, system_slot
 from export import jinja_template
 
@@ -134,3 +134,13 @@ def test_convert_refuses_a_non_empty_destination_and_bad_sizes(tiny, tmp_path):
     with pytest.raises(SystemExit):
         convert_main([str(tiny("next_llama")), str(tmp_path / "new"), "--max-shard-size", "lots"])
     assert not (tmp_path / "new").exists()
+
+
+def test_convert_py_is_the_command():
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "convert.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: convert.py" in done.stdout and "--max-shard-size" in done.stdout
