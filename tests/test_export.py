@@ -3,6 +3,7 @@ missing or unexpected weights, and gives the same input ids, pixels and logits a
 checkpoint; the Jinja chat template renders exactly our template table's strings."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -55,6 +56,8 @@ def test_export_loads_in_transformers_with_the_sources_ids_and_logits(tiny, tmp_
     with torch.no_grad():
         diff = (model(**ours).logits - reference(**theirs).logits).abs().max()
     assert diff <= 1e-4
+    generation = transformers.GenerationConfig.from_pretrained(str(out))
+    assert (generation.eos_token_id, generation.bos_token_id, processor.tokenizer.padding_side) == (2, 1, "left")
 
 
 def test_onevision_export_matches_its_source(tiny, tmp_path):
@@ -66,6 +69,7 @@ def test_onevision_export_matches_its_source(tiny, tmp_path):
     processor = json.loads((out / "processor_config.json").read_text())
     assert (processor["processor_class"], processor["num_image_tokens"], processor["video_token"]) == (
         "LlavaOnevisionProcessor", 81, "<video>")
+    assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == 317  # <|im_end|>
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     assert tokenizer("a<image>b<video>").input_ids == tc.load_tokenizer(tiny("onevision_qwen2"))("a<image>b<video>").input_ids
     image = photo(170, 120, seed=2)
@@ -78,16 +82,21 @@ def test_onevision_export_matches_its_source(tiny, tmp_path):
         assert (model(**inputs).logits - reference(**inputs).logits).abs().max() <= 1e-4
 
 
+def without_image_token(folder):
+    """The folder's tokenizer.json with <image> renamed, as in the original releases, which have none."""
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    for token in spec["added_tokens"]:
+        token["content"] = "<unused>" if token["content"] == "<image>" else token["content"]
+    spec["model"]["vocab"] = {("<unused>" if k == "<image>" else k): v for k, v in spec["model"]["vocab"].items()}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+
+
 def test_a_tokenizer_without_image_gets_the_token_and_a_vocabulary_row(tiny, tmp_path):
     """The original releases' tokenizers have no <image>: the export adds it as a special token at the next id
     (320) and grows the vocabulary to a multiple of 64 (384), as the llava-hf conversions do; the logits of the
     existing 320 ids are unchanged."""
     src = source_folder(tiny, tmp_path, "next_llama", "original")
-    spec = json.loads((src / "tokenizer.json").read_text())
-    for token in spec["added_tokens"]:
-        token["content"] = "<unused>" if token["content"] == "<image>" else token["content"]
-    spec["model"]["vocab"] = {("<unused>" if k == "<image>" else k): v for k, v in spec["model"]["vocab"].items()}
-    (src / "tokenizer.json").write_text(json.dumps(spec))
+    without_image_token(src)
     out = tmp_path / "export"
     model = export(src, out, "--dtype", "float32")
     config = json.loads((out / "config.json").read_text())
@@ -103,6 +112,23 @@ def test_a_tokenizer_without_image_gets_the_token_and_a_vocabulary_row(tiny, tmp
         logits = model(**ours).logits
         assert logits.shape[-1] == 384
         assert (logits[..., :320] - reference(**theirs).logits).abs().max() <= 1e-4
+
+
+def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tmp_path, capsys):
+    """save_pretrained never reshapes weights (a resumed run must find what it saved): with no row free for
+    <image> it writes the token at the next id, says so, and convert.py adds the row."""
+    from convert import load_pretrained, load_tokenizer, save_pretrained
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny("next_llama"), src)
+    without_image_token(src)
+    model, _ = load_pretrained(str(src))
+    save_pretrained(model, tmp_path / "ckpt", tokenizer=load_tokenizer(src, str(src)), template="llava_v1")
+    assert "python convert.py" in capsys.readouterr().err
+    again, _ = load_pretrained(str(tmp_path / "ckpt"))
+    assert again.cfg.text.vocab_size == 320 and torch.equal(again.lm_head.weight, model.lm_head.weight)
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["image_token_index"] == 320
+    assert "A chat between a curious human" in (tmp_path / "ckpt" / "chat_template.jinja").read_text()
 
 
 @pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"qwen_2"}))
