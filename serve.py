@@ -48,12 +48,18 @@ def run(args, device: str, dtype):
         questions = read_questions(args.batch_file)
         model, tokenizer, folder, template = load_model(args, device, dtype, ["image"])
         return answer_file(model, tokenizer, template, stops(tokenizer, template, folder, args), questions, args)
+    if args.video:
+        sys.exit("error: --chat takes images (on the command line or with /image), not --video")
+    paths, first = list(args.inputs), None
+    if paths and not Path(paths[-1]).is_file():  # `infer.py IMAGE "question" --chat`: the first message
+        first = paths.pop()
     try:
-        images = [load_image(path) for path in args.inputs]
+        images = [load_image(path) for path in paths]
     except SampleError as e:
         sys.exit(f"error: {e}")
     model, tokenizer, folder, template = load_model(args, device, dtype, ["image"] * len(images))
-    chat(Session(model, tokenizer, template, stops(tokenizer, template, folder, args), args.system), images, args)
+    session = Session(model, tokenizer, template, stops(tokenizer, template, folder, args), args.system)
+    chat(session, images, args, first=first)
 
 
 def stops(tokenizer, template, folder, args) -> set[int]:
@@ -164,8 +170,9 @@ def continue_generation(model, cache, new_ids, images, *, max_new_tokens=256, te
 HELP = "/image PATH adds an image to your next message, /reset starts over, Ctrl-D leaves"
 
 
-def chat(session: Session, images, args, stdin=None):
-    """The terminal loop: a line in, the answer streamed out (stdout); prompts and notes go to stderr."""
+def chat(session: Session, images, args, stdin=None, first: str | None = None):
+    """The terminal loop: a line in, the answer streamed out (stdout); prompts and notes go to stderr. `first` is
+    a first message given on the command line."""
     from infer import stream_answer
 
     stdin = stdin or sys.stdin
@@ -173,7 +180,7 @@ def chat(session: Session, images, args, stdin=None):
     print(f"chat ({session.template}): {HELP}", file=sys.stderr)
     while True:
         print("user> ", end="", file=sys.stderr, flush=True)
-        line = stdin.readline()
+        line, first = (first + "\n", None) if first else (stdin.readline(), None)
         if not line:  # Ctrl-D
             print(file=sys.stderr)
             return
@@ -186,6 +193,9 @@ def chat(session: Session, images, args, stdin=None):
             print("(new conversation)", file=sys.stderr)
             continue
         if line.startswith("/image"):
+            if session.model.vision_tower is None:
+                print("error: this is a text-only model; it cannot take images", file=sys.stderr)
+                continue
             try:
                 pending.append(load_image(line[len("/image"):].strip()))
             except SampleError as e:

@@ -68,10 +68,10 @@ def test_chat_from_piped_stdin(tiny, tmp_path, monkeypatch, capsys):
     folder = tiny("next_llama")
     photo(70, 30, seed=1).save(tmp_path / "a.png")
     photo(30, 50, seed=2).save(tmp_path / "b.png")
-    stdin = f"What is it?\n/image {tmp_path / 'nope.png'}\n/image {tmp_path / 'b.png'}\nAnd this?\n/reset\nWhat is it?\n"
+    stdin = f"/image {tmp_path / 'nope.png'}\n/image {tmp_path / 'b.png'}\nAnd this?\n/reset\nWhat is it?\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-    infer.main([str(tmp_path / "a.png"), "--chat", "--model", str(folder), "--max-new-tokens", "4", "--ignore-eos",
-                "--template", "llava_v1"])
+    infer.main([str(tmp_path / "a.png"), "What is it?", "--chat", "--model", str(folder), "--max-new-tokens", "4",
+                "--ignore-eos", "--template", "llava_v1"])
     out, err = capsys.readouterr()
     answers = out.splitlines()
     assert len(answers) == 3 and answers[0] == answers[2]  # /reset: the same first question, the same answer
