@@ -552,12 +552,15 @@ def eos_token_ids(folder: Path) -> set[int]:
     return ids
 
 
-def default_template(source: str, tokenizer) -> str:
-    """The preset's template, or a guess from the tokenizer's special tokens for other checkpoints (--template
-    overrides it)."""
+def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
+    """The preset's template, else the one a folder we wrote names in its chat_template.jinja, else a guess from the
+    tokenizer's special tokens (--template overrides it)."""
     preset = find_preset(source)
     if preset:
         return preset.template
+    chat = Path(folder or source) / "chat_template.jinja"
+    if chat.is_file() and (m := re.match(r"\{#- template: ([\w.]+) ", chat.read_text())):
+        return m.group(1)
     if tokenizer.token_to_id("<|im_start|>") is not None:
         return "qwen_1_5" if tokenizer.token_to_id("<|endoftext|>") is not None else "chatml_direct"
     if tokenizer.token_to_id("<|eot_id|>") is not None:

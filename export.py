@@ -116,6 +116,7 @@ def jinja_template(template: str, bos: str | None = None) -> str:
     opening = t.system if slot is None else ""
     default = t.system[len(slot[0]):len(t.system) - len(slot[1])] if slot else ""
     lines = [
+        "{#- template: " + template + " (the name convert.default_template reads back) -#}",
         "{%- set ns = namespace(system=" + _q(default) + ", pending='') -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",
         "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}",
@@ -315,7 +316,7 @@ def main(argv=None):
         tokenizer = load_tokenizer(folder, args.source)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    template = args.template or default_template(args.source, tokenizer)
+    template = args.template or default_template(args.source, tokenizer, folder)
     tokenizer, ids = with_media_tokens(tokenizer, model.cfg)
     vocab = model.cfg.text.vocab_size
     if add_media_rows(model, tokenizer):  # as the llava-hf conversions do: <image> needs a row of its own

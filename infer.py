@@ -218,7 +218,7 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, folder, args.template or default_template(args.model, tokenizer)
+    return model, tokenizer, folder, args.template or default_template(args.model, tokenizer, folder)
 
 
 def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float | None]:
