@@ -112,18 +112,18 @@ class Session:
         processed = process_images(list(images), model.cfg) if images else []
         new = tokenize(self.tokenizer, self.turn_text("<image>\n" * len(processed) + text),
                        [im.num_tokens for im in processed])
-        if self.ids:
-            new = drop_added_prefix(self.tokenizer, new)  # the BOS belongs to the start of the conversation only
-            new = self.ids[-1:] + new  # the last answer token: sampled, never fed
+        if self.ids:  # the BOS belongs to the start of the conversation only
+            new = drop_added_prefix(self.tokenizer, new)
+        fed = self.ids[-1:] + new  # with the last answer token: sampled, never fed
         limit = model.cfg.text.max_position_embeddings
-        need = (len(self.ids) - 1 if self.ids else 0) + len(new) + sampling.get("max_new_tokens", 256)
+        need = len(self.ids) + len(new) + sampling.get("max_new_tokens", 256)
         if need > limit:
             raise ValueError(f"the conversation would reach {need} positions, past the model's {limit}; /reset to start over")
         self.grow_cache(need)
-        self.ids += new[1:] if len(self.ids) else new
+        self.ids += new
         self.images += processed
         answer = []
-        for token in continue_generation(model, self.cache, new, processed, **sampling):
+        for token in continue_generation(model, self.cache, fed, processed, **sampling):
             answer.append(token)
             yield token
             if token in self.stop:
