@@ -526,10 +526,15 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
-def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30):
-    """Write config.json, safetensors shards (+ index when there are several) and tokenizer.json to `folder`.
-    `state_dict` (ours, full) defaults to the model's; training passes the one gathered from all ranks."""
+def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                    template: str | None = None, eos_ids=()):
+    """Write safetensors shards (+ index when there are several) and, through export.write_hf_metadata, config.json,
+    the tokenizer, processor, chat-template and generation files to `folder`. `state_dict` (ours, full) defaults to
+    the model's; training passes the one gathered from all ranks. `template` names the chat template (default:
+    guessed from the tokenizer), `eos_ids` adds stop ids for generation_config.json."""
     from safetensors.torch import save_file
+
+    from export import write_hf_metadata
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -550,9 +555,8 @@ def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_s
         weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
         (folder / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=1))
-    (folder / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
-    if tokenizer is not None:
-        tokenizer.save(str(folder / "tokenizer.json"))
+    dtype = next(iter(state.values())).dtype if state else None
+    write_hf_metadata(folder, model.cfg, tokenizer, template, eos_ids, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -596,12 +600,15 @@ def eos_token_ids(folder: Path) -> set[int]:
     return ids
 
 
-def default_template(source: str, tokenizer) -> str:
-    """The preset's template, or a guess from the tokenizer's special tokens for other checkpoints (--template
-    overrides it)."""
+def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
+    """The preset's template, else the one a folder we wrote names in its chat_template.jinja, else a guess from the
+    tokenizer's special tokens (--template overrides it)."""
     preset = find_preset(source)
     if preset:
         return preset.template
+    chat = Path(folder or source) / "chat_template.jinja"
+    if chat.is_file() and (m := re.match(r"\{#- template: ([\w.]+) ", chat.read_text())):
+        return m.group(1)
     if tokenizer.token_to_id("<|im_start|>") is not None:
         return "qwen_1_5" if tokenizer.token_to_id("<|endoftext|>") is not None else "chatml_direct"
     if tokenizer.token_to_id("<|eot_id|>") is not None:
@@ -609,3 +616,14 @@ def default_template(source: str, tokenizer) -> str:
     if tokenizer.token_to_id("[INST]") is not None:
         return "mistral_instruct"
     return "vicuna_v1"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line: `python convert.py SRC DST` writes any checkpoint read here as a complete llava-hf folder; the
+# command lives with the files it writes, in export.py.
+
+
+if __name__ == "__main__":
+    from export import main
+
+    main()

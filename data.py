@@ -96,6 +96,20 @@ def render_prompt(template: str, messages, add_generation_prompt: bool = True) -
     return render_conversation(template, messages, add_generation_prompt)[0]
 
 
+SYSTEM_SENTENCES = (VICUNA_SYSTEM, LLAVA_SYSTEM, LLAMA3_SYSTEM, "Answer the questions.", "You are a helpful assistant.")
+
+
+def system_slot(template: str) -> tuple[str, str] | None:
+    """(before, after) the default system sentence in a template's opening: a system message of the user's goes
+    between them. None for templates without a system sentence (mistral_instruct, plain)."""
+    system = TEMPLATES[template].system
+    for sentence in SYSTEM_SENTENCES:
+        if sentence in system:
+            before, _, after = system.partition(sentence)
+            return before, after
+    return None
+
+
 def stop_token_ids(tokenizer, template: str, extra=()) -> set[int]:
     """Ids that end generation: the template's end-of-turn tokens and the checkpoint's own eos ids."""
     ids = {tokenizer.token_to_id(s) for s in TEMPLATES[template].stop if tokenizer.token_to_id(s) is not None}

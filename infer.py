@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import serve
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
 from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
 from data import TEMPLATES, SampleError, load_image, load_video, render_prompt, stop_token_ids, tokenize
@@ -162,8 +163,8 @@ def compiled_decode_step(device):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image files, then the prompt (put <image> where an image belongs; "
-                                              "images without a placeholder go before the text)")
+    p.add_argument("inputs", nargs="*", help="image files, then the prompt (put <image> where an image belongs; "
+                                              "images without a placeholder go before the text); --chat: images only")
     p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see README), hub repo id, or local folder")
     p.add_argument("--revision", default=None, help="hub branch, tag or commit")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -184,6 +185,7 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
     add_knob_flags(p)
+    serve.add_flags(p)
     p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
     return p.parse_args(argv)
 
@@ -238,6 +240,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
     """(prompt with one <image> per visual, images, video frames or None, kinds in prompt order) from the command
     line; an unreadable file is a one-line error."""
+    if not args.inputs:
+        sys.exit("error: give the image files and then the prompt (or --chat, or --batch-file)")
     *image_paths, prompt = args.inputs
     if Path(prompt).suffix.lower() in IMAGE_SUFFIXES and Path(prompt).is_file():
         sys.exit(f"error: the last argument {prompt!r} is an image file, but the prompt goes last: "
@@ -267,7 +271,7 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, eos, args.template or default_template(args.model, tokenizer)
+    return model, tokenizer, eos, args.template or default_template(args.model, tokenizer, folder)
 
 
 def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float | None]:
@@ -291,6 +295,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = check_flags(args)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    if args.chat or args.batch_file:
+        return serve.run(args, device, dtype)
     prompt, images, frames, kinds = read_visuals(args)
 
     timings = {}

@@ -233,7 +233,7 @@ def save_checkpoint(cfg, model, optimizer, step, counters, tokenizer, rank):
     root = Path(cfg.output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(unwrap(model), tmp, state_dict=model_state, tokenizer=tokenizer)
+    save_pretrained(unwrap(model), tmp, state_dict=model_state, tokenizer=tokenizer, template=cfg.template)
     torch.save({"step": step, "optimizer": optim_state, "counters": counters, "config": dataclasses.asdict(cfg),
                 "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
                tmp / "trainer_state.pt")

@@ -1,0 +1,337 @@
+"""The llava-hf folder that other tools read: transformers' AutoProcessor and AutoModelForImageTextToText, vLLM,
+SGLang and lmms-eval. convert.save_pretrained writes the weights; this file writes everything around them.
+
+    tokenizer (tokenizers)   --with_media_tokens-->  a copy with <image> (and OneVision's <video>) as special tokens
+    model (V, D) embeddings  --add_media_rows----->  (V', D), V' a multiple of 64 that holds those ids (convert.py)
+    Template (data.py)       --jinja_template----->  the same strings as a Jinja chat template (apply_chat_template)
+    LlavaConfig              --write_hf_metadata-->  config.json (image_token_index, ...), processor_config.json,
+                                                     preprocessor_config.json, tokenizer.json, tokenizer_config.json,
+                                                     chat_template.jinja / .json, generation_config.json
+
+Our model never looks `<image>` up (prompts hold IMAGE_TOKEN runs), but transformers and vLLM expand one `<image>`
+token id into the image's feature count and embed it first, so the id must be a real row of the vocabulary.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from anyres import tower_mean_std
+from convert import (CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config, load_pretrained,
+                     load_tokenizer, read_tensors, resolve, save_pretrained)
+from data import TEMPLATES, stop_token_ids, system_slot
+from model import Llava, LlavaConfig
+
+PROCESSORS = {"llava": ("LlavaProcessor", "LlavaImageProcessor"),
+              "llava_next": ("LlavaNextProcessor", "LlavaNextImageProcessor"),
+              "llava_onevision": ("LlavaOnevisionProcessor", "LlavaOnevisionImageProcessor")}
+
+
+def hf_model_type(cfg: LlavaConfig) -> str:
+    return hf_config(cfg)["model_type"]  # llava, llava_next or llava_onevision
+
+
+def media_tokens(cfg: LlavaConfig) -> list[str]:
+    """The placeholder strings the model type's processor expands: OneVision has a separate one for video."""
+    if cfg.vision is None:
+        return []
+    return ["<image>", "<video>"] if hf_model_type(cfg) == "llava_onevision" else ["<image>"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The <image> token: in the tokenizer and in the vocabulary
+
+
+def with_media_tokens(tokenizer, cfg: LlavaConfig):
+    """(a copy of the tokenizer with every media token as an unsplittable special token, {token: id}). A token
+    already there keeps its id; a new one gets the next free id, as the llava-hf conversions add them."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    for token in media_tokens(cfg):
+        if tokenizer.encode(f"a{token}b", add_special_tokens=False).ids.count(tokenizer.token_to_id(token) or -1) != 1:
+            tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+    return tokenizer, {t: tokenizer.token_to_id(t) for t in media_tokens(cfg)}
+
+
+@torch.no_grad()
+def add_media_rows(model: Llava, tokenizer) -> bool:
+    """Grow the embeddings (and an untied head) so that every id of `tokenizer` is a row: to a multiple of 64, the
+    new rows the mean of the old ones (the centre of the Gaussian the llava-hf conversions sample them from).
+    The model's outputs on existing ids are unchanged. Returns whether anything grew."""
+    old = model.cfg.text.vocab_size
+    need = max(tokenizer.get_vocab_size(with_added_tokens=True), old)
+    if need <= old:
+        return False
+    new = math.ceil(need / 64) * 64
+    embed = model.language_model.embed_tokens
+    rows = embed.weight.mean(0, keepdim=True).expand(new - old, -1)
+    embed.weight = torch.nn.Parameter(torch.cat([embed.weight, rows]), requires_grad=embed.weight.requires_grad)
+    embed.num_embeddings = new
+    if model.lm_head is not None:
+        head = model.lm_head.weight
+        model.lm_head.weight = torch.nn.Parameter(torch.cat([head, head.mean(0, keepdim=True).expand(new - old, -1)]),
+                                                  requires_grad=head.requires_grad)
+        model.lm_head.out_features = new
+    model.cfg.text.vocab_size = new
+    return True
+
+
+def unused_tower_tensors(cfg: LlavaConfig) -> dict[str, torch.Tensor]:
+    """The tower's final LayerNorm, which transformers' vision model always builds but LLaVA never reads (the
+    features are an inner layer's output): written as the identity so that loading reports no missing weights."""
+    if cfg.vision is None:
+        return {}
+    d = cfg.vision.hidden_size
+    return {"vision_tower.post_layernorm.weight": torch.ones(d), "vision_tower.post_layernorm.bias": torch.zeros(d)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chat template as Jinja
+
+
+def _q(s: str) -> str:
+    return json.dumps(s)  # a Jinja string literal (same escapes as JSON)
+
+
+def jinja_template(template: str, bos: str | None = None) -> str:
+    """Our template table's strings as a Jinja chat template for transformers' / vLLM's apply_chat_template.
+
+    Messages are {"role": "system" | "user" | "assistant", "content": str or [{"type": "image" | "video" | "text"}]};
+    images and videos go in front of the text, one `<image>\\n` (`<video>\\n`) each, the format the released models
+    were trained with. A system message replaces the template's default sentence (or, for a template without one,
+    goes in front of the first user message). `bos` is written first when the tokenizer adds it and the template
+    does not already spell it, because apply_chat_template's tokenisation adds no special tokens."""
+    t = TEMPLATES[template]
+    user_head, user_tail = t.user.split("{}")
+    head, tail = t.assistant.split("{}")
+    slot = system_slot(template)
+    opening = t.system if slot is None else ""
+    default = t.system[len(slot[0]):len(t.system) - len(slot[1])] if slot else ""
+    lines = [
+        "{#- template: " + template + " (the name convert.default_template reads back) -#}",
+        "{%- set ns = namespace(system=" + _q(default) + ", pending='') -%}",
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}",
+        "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text') "
+        "| map(attribute='text') | join('') -%}{%- endif -%}",
+        "{%- endif -%}",
+        "{{- " + _q(bos or "") + " + " + _q(opening) + " -}}",
+    ]
+    if slot is not None:
+        lines.append("{{- " + _q(slot[0]) + " + ns.system + " + _q(slot[1]) + " -}}")
+    else:  # no system sentence: a system message opens the first user message
+        lines.append("{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.pending = ns.system + '\\n\\n' -%}{%- endif -%}")
+    media = "'<image>'" if template == "plain" else "'<image>\\n'"  # plain: the image alone, the user's words dropped
+    lines += [
+        "{%- for message in messages if message['role'] != 'system' -%}",
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}",
+        "{%- else -%}{%- set text = namespace(v='', m='') -%}",
+        "{%- for part in message['content'] -%}",
+        "{%- if part['type'] == 'image' -%}{%- set text.m = text.m + " + media + " -%}",
+        "{%- elif part['type'] == 'video' -%}{%- set text.m = text.m + " + media.replace("image", "video") + " -%}",
+        "{%- elif part['type'] == 'text' -%}{%- set text.v = text.v + part['text'] -%}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- set text = text.m + text.v -%}",
+        "{%- endif -%}",
+    ]
+    if template == "plain":
+        lines.append("{%- if message['role'] == 'user' -%}{%- set text = '<image>' * (text.count('<image>') + text.count('<video>')) -%}{%- endif -%}")
+    if t.strip:
+        lines.append("{%- set text = text | trim -%}")
+    lines += [
+        "{%- if message['role'] == 'user' -%}",
+        "{{- " + _q(user_head) + " + ns.pending + text + " + _q(user_tail) + " -}}{%- set ns.pending = '' -%}",
+        "{%- else -%}{{- " + _q(head) + " + text + " + _q(tail) + " -}}{%- endif -%}",
+        "{%- endfor -%}",
+        "{%- if add_generation_prompt -%}{{- " + _q(t.generation) + " -}}{%- endif -%}",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metadata files
+
+
+def special_tokens(tokenizer, template: str) -> dict:
+    """bos/eos/pad/unk strings for tokenizer_config.json: the BOS the tokenizer adds by itself, the template's
+    end-of-turn token, and a pad token in the order LLaVA's training code picks one."""
+    plain, full = tokenizer.encode("a", add_special_tokens=False).ids, tokenizer.encode("a").ids
+    out = {}
+    if len(full) > len(plain) and full[-len(plain):] == plain:
+        out["bos_token"] = tokenizer.id_to_token(full[0])
+    out["eos_token"] = next((s for s in TEMPLATES[template].stop if tokenizer.token_to_id(s) is not None), None)
+    if tokenizer.token_to_id("<unk>") is not None:
+        out["unk_token"] = "<unk>"
+    out["pad_token"] = next((s for s in ("<pad>", "<unk>", "<|endoftext|>") if tokenizer.token_to_id(s) is not None),
+                            out["eos_token"])
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def image_processor_config(cfg: LlavaConfig) -> dict:
+    """The image processor transformers uses for this model type, with every size written out (the class defaults
+    are 224 px). LLaVA-1.5's "pad" is LlavaImageProcessor's do_pad: a square of the mean colour, as trained."""
+    v, model_type = cfg.vision, hf_model_type(cfg)
+    mean, std = tower_mean_std(v.kind)
+    C = v.image_size
+    out = dict(image_processor_type=PROCESSORS[model_type][1], do_convert_rgb=True, do_resize=True, resample=3,
+               do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean), image_std=list(std))
+    if v.kind == "clip":  # CLIP resizes the short side and centre-crops; SigLIP squashes to C x C
+        out |= dict(size={"shortest_edge": C}, crop_size={"height": C, "width": C}, do_center_crop=True)
+    else:
+        out |= dict(size={"height": C, "width": C}, do_center_crop=False)
+    if model_type == "llava":
+        out["do_pad"] = cfg.image_aspect_ratio == "pad"
+    else:
+        out |= dict(do_pad=True, image_grid_pinpoints=cfg.grid_pinpoints)  # do_pad: stacks unequal crop counts
+    return out
+
+
+def processor_config(cfg: LlavaConfig) -> dict:
+    """processor_config.json as transformers 5 writes it: the processor's arguments, the image processor nested."""
+    v, model_type = cfg.vision, hf_model_type(cfg)
+    strategy = "default" if v.select_feature == "patch" else "full"
+    out = dict(processor_class=PROCESSORS[model_type][0], image_token="<image>", vision_feature_select_strategy=strategy)
+    if model_type == "llava_onevision":
+        out |= dict(video_token="<video>", num_image_tokens=v.side * v.side, vision_aspect_ratio=cfg.image_aspect_ratio)
+        image = image_processor_config(cfg)
+        out["video_processor"] = dict(video_processor_type="LlavaOnevisionVideoProcessor", do_convert_rgb=True,
+                                      do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=3,
+                                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                      image_mean=image["image_mean"], image_std=image["image_std"])
+    else:  # the count the processor expands <image> to is (C/p)^2 + CLS - (1 if the CLS is dropped)
+        out |= dict(patch_size=v.patch_size, num_additional_image_tokens=int(v.kind == "clip"))
+    out["image_processor"] = image_processor_config(cfg)
+    return out
+
+
+def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype) -> dict:
+    """config.json: the architecture (convert.hf_config) plus the token ids transformers and vLLM need."""
+    out = hf_config(cfg)
+    text = out.get("text_config", out)
+    for name in ("bos", "eos", "pad"):
+        if f"{name}_token" in specials:
+            text[f"{name}_token_id"] = tokenizer.token_to_id(specials[f"{name}_token"])
+    if dtype is not None:
+        out["dtype"] = str(dtype).removeprefix("torch.")
+    if cfg.vision is None:
+        return out
+    if cfg.vision.kind == "siglip":
+        out["vision_config"]["vision_use_head"] = False  # the released towers drop SigLIP's pooling head
+    out["image_token_index"] = ids["<image>"]
+    if "<video>" in ids:
+        out["video_token_index"] = ids["<video>"]
+    if out["model_type"] != "llava_onevision":
+        out["image_seq_length"] = cfg.vision.side ** 2
+    return out
+
+
+def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | None = None, eos_ids=(), dtype=None):
+    """Every file of the llava-hf layout except the weights. Without a tokenizer only config.json is written.
+
+    `template` names our chat template (default: guessed from the tokenizer); `eos_ids` are extra stop ids (the
+    source checkpoint's own) for generation_config.json."""
+    folder = Path(folder)
+    dump = lambda name, obj: (folder / name).write_text(json.dumps(obj, indent=2) + "\n")  # noqa: E731
+    if tokenizer is None:
+        return dump("config.json", hf_config(cfg))
+    template = template or default_template("", tokenizer)
+    tokenizer, ids = with_media_tokens(tokenizer, cfg)
+    if any(i >= cfg.text.vocab_size for i in ids.values()):
+        print(f"note: {folder}: {', '.join(ids)} lie outside the vocabulary of {cfg.text.vocab_size}; transformers and "
+              f"vLLM need `python convert.py {folder} OUT`, which adds the rows", file=sys.stderr)
+    specials = special_tokens(tokenizer, template)
+    dump("config.json", hf_full_config(cfg, ids, specials, tokenizer, dtype))
+    tokenizer.save(str(folder / "tokenizer.json"))
+    chat = jinja_template(template, specials.get("bos_token") if not TEMPLATES[template].system.startswith(
+        specials.get("bos_token") or "\0") else None)
+    processor_class = PROCESSORS[hf_model_type(cfg)][0] if cfg.vision is not None else None
+    # PreTrainedTokenizerFast + added_tokens_decoder: a class name transformers 4.x knows too (5.x reads any)
+    added = {str(i): dict(content=t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+             for t, i in ids.items()}
+    dump("tokenizer_config.json", dict(
+        tokenizer_class="PreTrainedTokenizerFast", **specials, extra_special_tokens={k[1:-1] + "_token": k for k in ids},
+        model_max_length=cfg.text.max_position_embeddings, padding_side="left",  # left: batched generation
+        clean_up_tokenization_spaces=False, added_tokens_decoder=added, chat_template=chat,
+        **({"processor_class": processor_class} if processor_class else {})))
+    (folder / "chat_template.jinja").write_text(chat)
+    dump("chat_template.json", {"chat_template": chat})  # transformers 4.x processors read this one
+    stops = sorted(stop_token_ids(tokenizer, template, eos_ids))
+    generation = dict(eos_token_id=stops if len(stops) != 1 else stops[0], do_sample=False)
+    for name in ("bos", "pad"):
+        if f"{name}_token" in specials:
+            generation[f"{name}_token_id"] = tokenizer.token_to_id(specials[f"{name}_token"])
+    dump("generation_config.json", generation)
+    if cfg.vision is not None:
+        dump("processor_config.json", processor_config(cfg))
+        dump("preprocessor_config.json", image_processor_config(cfg))  # read by older transformers and vLLM builds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command: python convert.py SRC DST (any layout convert.py reads -> a complete llava-hf folder)
+
+
+def parse_size(text: str) -> int:
+    """"5GB" -> 5 * 10**9 bytes, "500MiB" -> 500 * 2**20 (the units transformers' max_shard_size takes)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+def stored_dtype(folder: Path) -> torch.dtype:
+    """The dtype the checkpoint's weights are stored in (its first floating-point tensor's)."""
+    files = checkpoint_files(folder)
+    return next((t.dtype for f in files[:1] for _, t in read_tensors(f) if t.is_floating_point()), torch.float32)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Write a LLaVA checkpoint (a short name, hub repo id or folder in the "
+                                "original, llava-hf or transformers-5 layout) as a complete llava-hf folder that "
+                                "transformers, vLLM and SGLang load: weights, config.json, processor, tokenizer with "
+                                "<image>, chat template, generation config.")
+    p.add_argument("source", help="short name (see README), hub repo id, or local folder")
+    p.add_argument("dest", help="the folder to write (must not exist yet, or be empty)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of SOURCE")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="weights' dtype (default: as stored in SOURCE)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
+    args = p.parse_args(argv)
+    dest = Path(args.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        sys.exit(f"error: {dest} already exists and is not an empty folder; remove it or choose another DEST")
+    try:
+        folder = resolve(args.source, args.revision)
+        dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(folder)
+        model, folder = load_pretrained(str(folder), dtype=dtype)
+        tokenizer = load_tokenizer(folder, args.source)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    template = args.template or default_template(args.source, tokenizer, folder)
+    tokenizer, ids = with_media_tokens(tokenizer, model.cfg)
+    vocab = model.cfg.text.vocab_size
+    if add_media_rows(model, tokenizer):  # as the llava-hf conversions do: <image> needs a row of its own
+        print(f"vocabulary {vocab} -> {model.cfg.text.vocab_size} rows for {', '.join(ids)}", file=sys.stderr)
+    state = model.state_dict() | {k: t.to(dtype) for k, t in unused_tower_tensors(model.cfg).items()}
+    tmp = dest.with_name(f".tmp-{dest.name}")  # written aside, renamed when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_pretrained(model, tmp, state_dict=state, tokenizer=tokenizer, max_shard_bytes=args.max_shard_size,
+                        template=template, eos_ids=eos_token_ids(folder))
+    except ValueError as e:  # a model the llava-hf classes cannot express (e.g. a linear projector)
+        shutil.rmtree(tmp, ignore_errors=True)
+        sys.exit(f"error: {args.source}: {e}")
+    if dest.exists():
+        dest.rmdir()
+    os.replace(tmp, dest)
+    print(f"{dest}: {json.loads((dest / 'config.json').read_text()).get('model_type')} in {str(dtype)[6:]}, template "
+          f"{template}, {', '.join(f'{t} = {i}' for t, i in ids.items())}", file=sys.stderr)
