@@ -482,33 +482,65 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
-def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30):
+def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                    template: str = "", rank: int = 0):
     """Write config.json, safetensors shards (+ index when there are several) and tokenizer.json to `folder`.
-    `state_dict` (ours, full) defaults to the model's; training passes the one gathered from all ranks."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    `state_dict` (ours) defaults to the model's; its tensors may be FSDP2 shards (DTensors), which every rank must
+    then pass here: each is gathered in turn and only rank 0 writes. `template` (the chat format the model was
+    trained with) is kept in config.json for infer.py and the next stage."""
     state = state_dict if state_dict is not None else model.state_dict()
     to_hf = hf_key if model.cfg.vision is not None else (lambda k: "model." + k[len("language_model."):] if k.startswith("language_model.") else k)
-    tensors = {to_hf(k): v.detach().to("cpu").contiguous() for k, v in state.items()}
-    shards, current, size = [], {}, 0
-    for key, tensor in tensors.items():
-        if current and size + tensor.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[key], size = tensor, size + tensor.nbytes
-    shards.append(current)
-    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, str(folder / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {k: name for name, shard in zip(names, shards) for k in shard}
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
-            {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}, indent=1))
-    (folder / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    write_weights({to_hf(k): v for k, v in state.items()}, Path(folder) if rank == 0 else None, max_shard_bytes)
+    if rank != 0:
+        return
+    config = hf_config(model.cfg)
+    if template:
+        config[TEMPLATE_KEY] = template
+    (Path(folder) / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is not None:
-        tokenizer.save(str(folder / "tokenizer.json"))
+        tokenizer.save(str(Path(folder) / "tokenizer.json"))
+
+
+def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
+    """Stream `tensors` into model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    when they pass `max_shard_bytes`, holding at most one output shard plus one full tensor. The shards are planned
+    from shapes alone; a DTensor (an FSDP2 shard) is all-gathered when its turn comes, so every rank calls this,
+    and ranks without a `folder` drop what they gathered."""
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0  # (key lists) a tensor larger than a shard gets one of its own, as transformers does
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name, keys in zip(names, shards):
+        shard = {}
+        for key in keys:
+            tensor = tensors[key].detach()
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # DTensor: a collective
+            if folder is not None:
+                shard[key] = full.to("cpu").contiguous()
+        if folder is not None:
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+    if folder is not None and len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """"5GB" -> 5 * 10^9 bytes, "200KB" -> 200 * 10^3, "2GiB" -> 2 * 2^30 (the units transformers' max_shard_size takes)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise SystemExit(f"error: {flag} {text!r}: expected a size such as 5GB, 500MB or 200KB")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -561,3 +593,12 @@ def default_template(source: str, tokenizer) -> str:
     if tokenizer.token_to_id("[INST]") is not None:
         return "mistral_instruct"
     return "vicuna_v1"
+
+
+TEMPLATE_KEY = "llava_template"  # ours, in config.json: the chat format (data.TEMPLATES) the model was trained with
+
+
+def saved_template(folder: Path) -> str | None:
+    """The chat format a checkpoint written by train.py was trained with (None for released checkpoints)."""
+    path = Path(folder) / "config.json"
+    return json.loads(path.read_text()).get(TEMPLATE_KEY) if path.exists() else None

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
-from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
+from convert import (DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer,
+                     saved_template)
 from data import TEMPLATES, SampleError, load_image, load_video, render_prompt, stop_token_ids, tokenize
 from model import KVCache
 
@@ -214,7 +215,8 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, folder, args.template or default_template(args.model, tokenizer)
+    # the chat format: --template, else the one train.py saved in config.json, else the preset's or a guess
+    return model, tokenizer, folder, args.template or saved_template(folder) or default_template(args.model, tokenizer)
 
 
 def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float | None]:
