@@ -96,7 +96,7 @@ def test_resumes_under_another_process_count_and_layout(dataset, reference, tmp_
 PAUSING_DRIVER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import torch.distributed.checkpoint.filesystem as dcp_files, safetensors.torch, checkpoint, train
+import torch.distributed.checkpoint.filesystem as dcp_files, safetensors.torch, train
 
 def pause_when(owner, name, hit):
     original = getattr(owner, name)
@@ -113,7 +113,7 @@ if point == "dcp-metadata":  # step 6's data files are written, its .metadata no
 if point == "llava-hf-shard":  # step 6's DCP files and first llava-hf shard are written, the second not yet
     pause_when(safetensors.torch, "save_file", lambda shard, path, **k: ".tmp-step-0000006" in path and "00002-of" in path)
 if point == "final":  # the last checkpoint is published, final/ not yet
-    pause_when(checkpoint, "publish_final", lambda *a, **k: True)
+    pause_when(train, "publish_final", lambda *a, **k: True)
 train.main(sys.argv[3:])
 """
 
@@ -126,7 +126,8 @@ def test_sigkill_during_a_save_then_resume_ends_bit_identical(dataset, reference
             "--max-steps", str(STEPS), "--save-every", "3", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
             "--device", "cpu", "--hf-checkpoints", "--max-shard-size", "200KB"]
     run = subprocess.Popen([sys.executable, "-c", PAUSING_DRIVER, str(ROOT), point, *args], cwd=ROOT, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the same sums as in here
     try:
         assert run.stdout.readline().strip() == "paused", run.stderr.read()[-3000:]
     finally:
