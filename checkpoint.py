@@ -260,9 +260,10 @@ class quiet_single_process(warnings.catch_warnings):
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
-def check_shared_output_dir(cfg, rank: int):
-    """DCP has each rank write its own files into one folder: on several nodes --output-dir must be one shared
-    filesystem, else a checkpoint would be scattered over the nodes' disks."""
+def check_output_dir(cfg, rank: int):
+    """Before the first step: --max-shard-size parses, and on several nodes --output-dir is one shared filesystem
+    (DCP has each rank write its own files into one folder; on the nodes' own disks a checkpoint would be scattered)."""
+    parse_size(cfg.max_shard_size)
     if not dist.is_initialized():
         return
     probe = Path(cfg.output_dir) / f".shared-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"

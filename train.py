@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
-from checkpoint import check_shared_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
+from checkpoint import check_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
 from convert import CheckpointError, default_template, load_parts, load_pretrained, load_tokenizer, saved_template
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 
@@ -312,7 +312,7 @@ def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, ste
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
     rank, world, device = setup_distributed(cfg.device)
-    check_shared_output_dir(cfg, rank)
+    check_output_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer, own = build_model(cfg, device)
