@@ -360,6 +360,9 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     folder = resolve(source, revision)
     config_path = folder / "config.json"
     if not config_path.exists():
+        if (folder / "trainer_state.json").exists():  # a train.py checkpoint saved without --hf-checkpoints
+            raise CheckpointError(f"{folder} holds only trainer state (for --resume); its run's final/ is the model, or "
+                                  f"train with --hf-checkpoints to have every checkpoint in the llava-hf layout")
         raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
     raw = json.loads(config_path.read_text())
     tower_name = raw.get("mm_vision_tower")
