@@ -191,3 +191,20 @@ def test_no_pickle_is_ever_loaded_with_code():
     needle = "weights_only=" + "False"
     found = [p for p in ROOT.rglob("*.py") if needle in p.read_text()]
     assert found == []
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
+    """DCP's .metadata is a pickle; resume reads it with an unpickler that builds only DCP's metadata classes."""
+    import pickle
+
+    from checkpoint import SafeReader
+    from convert import CheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="posix.system"):
+        SafeReader(tmp_path).read_metadata()
+    assert not (tmp_path / "ran").exists()
