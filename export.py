@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,8 +23,8 @@ from pathlib import Path
 import torch
 
 from anyres import tower_mean_std
-from convert import (CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config, load_pretrained,
-                     load_tokenizer, read_tensors, resolve, save_pretrained)
+from convert import (TEMPLATE_KEY, CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config,
+                     load_pretrained, load_tokenizer, parse_size, read_tensors, resolve, save_pretrained)
 from data import TEMPLATES, stop_token_ids, system_slot
 from model import Llava, LlavaConfig
 
@@ -116,7 +115,7 @@ def jinja_template(template: str, bos: str | None = None) -> str:
     opening = t.system if slot is None else ""
     default = t.system[len(slot[0]):len(t.system) - len(slot[1])] if slot else ""
     lines = [
-        "{#- template: " + template + " (the name convert.default_template reads back) -#}",
+        "{#- template: " + template + " -#}",
         "{%- set ns = namespace(system=" + _q(default) + ", pending='') -%}",
         "{%- if messages and messages[0]['role'] == 'system' -%}",
         "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}",
@@ -241,14 +240,14 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     folder = Path(folder)
     dump = lambda name, obj: (folder / name).write_text(json.dumps(obj, indent=2) + "\n")  # noqa: E731
     if tokenizer is None:
-        return dump("config.json", hf_config(cfg))
+        return dump("config.json", {**hf_config(cfg), **({TEMPLATE_KEY: template} if template else {})})
     template = template or default_template("", tokenizer)
     tokenizer, ids = with_media_tokens(tokenizer, cfg)
     if any(i >= cfg.text.vocab_size for i in ids.values()):
         print(f"note: {folder}: {', '.join(ids)} lie outside the vocabulary of {cfg.text.vocab_size}; transformers and "
               f"vLLM need `python convert.py {folder} OUT`, which adds the rows", file=sys.stderr)
     specials = special_tokens(tokenizer, template)
-    dump("config.json", hf_full_config(cfg, ids, specials, tokenizer, dtype))
+    dump("config.json", {**hf_full_config(cfg, ids, specials, tokenizer, dtype), TEMPLATE_KEY: template})
     tokenizer.save(str(folder / "tokenizer.json"))
     chat = jinja_template(template, specials.get("bos_token") if not TEMPLATES[template].system.startswith(
         specials.get("bos_token") or "\0") else None)
@@ -276,15 +275,6 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command: python convert.py SRC DST (any layout convert.py reads -> a complete llava-hf folder)
-
-
-def parse_size(text: str) -> int:
-    """"5GB" -> 5 * 10**9 bytes, "500MiB" -> 500 * 2**20 (the units transformers' max_shard_size takes)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
 
 
 def stored_dtype(folder: Path) -> torch.dtype:

@@ -14,18 +14,19 @@ The stages (which parameters learn is `set_trainable`):
     torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final
              --data mix.json --image-folder /data --fsdp --bf16
 
-Every checkpoint is a folder in the llava-hf layout (infer.py and the next stage read it) plus trainer_state.pt
-(optimizer, step, RNG, data position); it is written to a temporary name and renamed, so a kill never leaves a
-half-written one, and --resume continues bit-identically.
+Checkpoints (checkpoint.py) hold the trainer state each rank writes in parallel (DCP); --resume continues from
+the newest bit-identically, with any number of processes. output_dir/final is the llava-hf folder infer.py and the
+next stage read; its config.json keeps the chat template the stage trained with, which the next stage then uses.
 """
 
 import argparse
 import dataclasses
 import functools
+import inspect
 import json
 import math
 import os
-import random
+import re
 import shutil
 import sys
 import time
@@ -33,15 +34,17 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
-from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer, save_pretrained
-from data import IGNORE_INDEX, SupervisedDataset, collate, global_batches, load_records
+from checkpoint import (barrier, check_output_dir, latest_checkpoint, publish, publish_final, resume_from,
+                        save_checkpoint, unwrap)
+from convert import (CheckpointError, default_template, load_parts, load_pretrained, load_tokenizer, parse_size,
+                     save_pretrained)
+from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 
 
 @dataclass
@@ -50,9 +53,9 @@ class TrainConfig:
     data: str = ""  # LLaVA JSON / JSONL, or a mixture spec (data.load_records)
     image_folder: str = ""  # image paths in the records are relative to this
     model: str = ""  # continue from a LLaVA checkpoint: folder, hub id or short name
-    llm: str = ""  # or start stage 1 from a base LLM (folder or hub id) ...
-    vision_tower: str = "openai/clip-vit-large-patch14-336"  # ... and a vision tower
-    projector_type: str = "mlp2x_gelu"
+    llm: str = ""  # instead of --model, start stage 1 from a base LLM (folder or hub id) and --vision-tower
+    vision_tower: str = "openai/clip-vit-large-patch14-336"  # the vision tower joined to --llm (folder or hub id)
+    projector_type: str = "mlp2x_gelu"  # the projector of a fresh stage 1 (the only one the llava-hf layout holds)
     pretrained_projector: str = ""  # a stage-1 projector (mm_projector.bin or a checkpoint folder) for --llm starts
     image_aspect_ratio: str = ""  # override the model's: pad | square | anyres | anyres_max_N
     grid_pinpoints: str = ""  # override the model's, e.g. "(1x1),...,(6x6)"
@@ -60,30 +63,32 @@ class TrainConfig:
     video_folder: str = ""  # video paths in the records are relative to this (default: --image-folder)
     frames: int = 32  # frames sampled uniformly from each video (OneVision's frames_upbound)
     image_placement: str = "interleaved"  # several images: where the text puts them | "front" | "mixed" (data.place_images)
-    template: str = "qwen_1_5"
-    output_dir: str = "runs/train"
-    epochs: int = 1
+    template: str = ""  # chat format of the samples (default: the model's own: its config.json's, else its preset's or tokenizer's)
+    output_dir: str = "runs/train"  # checkpoints/, final/ and metrics.jsonl; on several nodes a shared filesystem
+    epochs: int = 1  # passes over --data
     max_steps: int = 0  # 0: run the epochs
-    global_batch_size: int = 128
+    global_batch_size: int = 128  # samples per optimizer step, over all ranks
     micro_batch_size: int = 4  # per rank; accumulation = global / (micro * ranks)
     lr: float = 2e-5  # LLM (and projector / tower unless set)
     projector_lr: float = 0.0  # 0: same as --lr
     vision_lr: float = 0.0  # 0: same as --lr
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    grad_clip: float = 1.0
-    max_len: int = 2048
-    freeze_vision_tower: bool = False
+    weight_decay: float = 0.0  # AdamW decay of matrices (never biases, norms or vectors)
+    warmup_ratio: float = 0.03  # linear warm-up over this share of the steps, then cosine to zero
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    max_len: int = 2048  # tokens per sample, image tokens included; longer ones are cut (skipped if the cut falls in an image)
+    freeze_vision_tower: bool = False  # stages 1.5/2: keep the vision tower fixed
     bf16: bool = False  # bf16 compute: FSDP2 mixed precision with --fsdp on GPUs, else autocast (fp32 weights and AdamW)
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, ~1/3 more compute
     compile: bool = False  # torch.compile each decoder block
     fsdp: bool = False  # FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP
-    save_every: int = 500
-    keep_last: int = 2
-    resume: bool = False
+    save_every: int = 500  # steps between checkpoints (output_dir/checkpoints/step-N)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted
+    hf_checkpoints: bool = False  # also write each checkpoint in the llava-hf layout (infer.py reads it); final/ always is
+    max_shard_size: str = "5GB"  # largest safetensors file of a llava-hf folder, e.g. 5GB, 200KB (more: model-0000k-of-0000n)
+    resume: bool = False  # continue from the newest checkpoint in output_dir, with any number of processes
     stop_after: int = 0  # end this run after N steps (a time slot, or a test of --resume)
-    seed: int = 0
-    group_by_modality_length: bool = True
+    seed: int = 0  # of the data order and any fresh weights
+    group_by_modality_length: bool = True  # image and text-only samples in separate global batches, sorted by length
     max_bad_fraction: float = 0.01  # stop if more than this share of the samples seen so far cannot be used
     num_workers: int = -1  # data-loading processes per rank (-1: 4 on GPUs, 0 on CPU)
     quiet: bool = False  # no progress bar
@@ -150,18 +155,21 @@ RECIPES = {
 
 
 def setup_distributed(kind: str = ""):
-    """(rank, world size, device). torchrun sets the environment; on CPU the gloo backend is used."""
+    """(rank, world size, device). torchrun sets RANK and WORLD_SIZE over all nodes, and LOCAL_RANK, the process's
+    index on its node, which picks its GPU; NCCL on GPUs, gloo on CPU."""
     cuda = kind == "cuda" or (kind == "" and torch.cuda.is_available())
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
     if cuda:
+        if local >= torch.cuda.device_count():
+            raise SystemExit(f"error: LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} GPUs: give torchrun "
+                             f"--nproc-per-node at most the GPU count of each node")
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, device
 
 
@@ -215,58 +223,20 @@ def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def full_state(model, optimizer):
-    """Full (unsharded) model and optimizer state on CPU, the same call for one process, DDP and FSDP2."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
-
-
-def save_checkpoint(cfg, model, optimizer, step, counters, tokenizer, rank):
-    model_state, optim_state = full_state(model, optimizer)
-    if rank != 0:
-        return
-    root = Path(cfg.output_dir) / "checkpoints"
-    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(unwrap(model), tmp, state_dict=model_state, tokenizer=tokenizer, template=cfg.template)
-    torch.save({"step": step, "optimizer": optim_state, "counters": counters, "config": dataclasses.asdict(cfg),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}},
-               tmp / "trainer_state.pt")
-    for f in tmp.iterdir():  # make the bytes durable before the rename makes the checkpoint visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in sorted(root.glob("step-*"))[: -cfg.keep_last]:
-        shutil.rmtree(old)
-
-
-def latest_checkpoint(cfg) -> Path | None:
-    found = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
-    return found[-1] if found else None
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The loop
 
 
 def build_model(cfg: TrainConfig, device):
-    """(model, tokenizer) to train: a LLaVA checkpoint to continue, or a base LLM + tower + fresh projector."""
+    """(model, tokenizer, the model's own chat template) to train: a LLaVA checkpoint to continue, or a base LLM +
+    tower + fresh projector."""
     if cfg.model:
         model, folder = load_pretrained(cfg.model, device=device)
         tokenizer = load_tokenizer(folder, cfg.model)
+        own = default_template(cfg.model, tokenizer, folder)
     elif cfg.llm:
         model, tokenizer = load_parts(cfg.llm, cfg.vision_tower, cfg.projector_type, cfg.pretrained_projector,
                                       cfg.image_aspect_ratio or "square", cfg.grid_pinpoints, device=device)
+        own = default_template(cfg.llm, tokenizer)
     else:
         raise SystemExit("error: give --model (a LLaVA checkpoint to continue) or --llm (a base LLM for stage 1)")
     if cfg.image_aspect_ratio:
@@ -275,7 +245,7 @@ def build_model(cfg: TrainConfig, device):
         model.cfg.grid_pinpoints = parse_grid_pinpoints(cfg.grid_pinpoints, model.cfg.vision.image_size)
     if cfg.knobs:  # saved with the checkpoints, so inference reads the budget the model was trained with
         model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **cfg.knobs)
-    return model, tokenizer
+    return model, tokenizer, own
 
 
 def parallelize(model, cfg: TrainConfig, device, world: int):
@@ -389,9 +359,16 @@ def on_gpu(cfg: TrainConfig) -> bool:
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
     rank, world, device = setup_distributed(cfg.device)
+    check_output_dir(cfg, rank)
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tokenizer = build_model(cfg, device)
+        model, tokenizer, own = build_model(cfg, device)
+    else:
+        own = default_template(cfg.model, tokenizer)
+    # the samples' format: --template, else the model's own; the checkpoints keep the model's chat format, which
+    # is the trained one except after stage 1's "plain" captions
+    cfg = dataclasses.replace(cfg, template=cfg.template or own)
+    chat_template = own if cfg.template == "plain" else cfg.template
     model.to(device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
     if cfg.lora_rank:
@@ -407,13 +384,14 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
     start, counters = 0, {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
     if cfg.resume and (ckpt := latest_checkpoint(cfg)):
-        start, counters = resume_from(ckpt, ddp_model, optimizer, device)
+        start, counters = resume_from(ckpt, ddp_model, optimizer, cfg, rank)
         if rank == 0:
             print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
 
     pad_id = tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>") or tokenizer.token_to_id("<unk>") or 0
     loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
     log = StepLog(cfg, start, total, device, world, rank)
+    done = start
     for step in range(start, total):
         t0 = time.perf_counter()
         batches = [next(loader) for _ in range(accumulation)]
@@ -423,14 +401,12 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
         done = step + 1
         if done % cfg.save_every == 0 or done == total:
-            save_checkpoint(cfg, ddp_model, optimizer, done, counters, tokenizer, rank)
-        if done == total and rank == 0 and not cfg.lora_rank:
-            publish_final(cfg)
-        if done == total and cfg.lora_rank:
-            publish_lora(cfg, ddp_model, tokenizer, rank)
+            save_checkpoint(cfg, ddp_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template, rank)
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
     log.close()
+    if done == total:  # also when a run killed after its last checkpoint is resumed
+        (publish_lora if cfg.lora_rank else publish_final)(cfg, ddp_model, tokenizer, chat_template, rank)
     if rank == 0 and counters["bad"]:
         print(f"skipped {sum(counters['bad'].values())} unusable samples: {counters['bad']}; "
               f"first ids: {counters['bad_ids'][:10]}", file=sys.stderr)
@@ -532,17 +508,6 @@ class StepLog:
             self.bar.close()
 
 
-def publish_final(cfg: TrainConfig):
-    """The stage's result, for infer.py and the next stage: the newest checkpoint without its trainer state, as
-    output_dir/final (copied to a temporary name, then renamed)."""
-    out = Path(cfg.output_dir)
-    final, tmp = out / "final", out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(latest_checkpoint(cfg), tmp, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-
-
 def add_lora(model, cfg: TrainConfig, bf16_base: bool):
     """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
     lora.inject(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg))
@@ -560,21 +525,22 @@ def lora_targets(cfg: TrainConfig) -> tuple:
     return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or lora.DECODER_LINEARS
 
 
-def publish_lora(cfg: TrainConfig, ddp_model, tokenizer, rank: int):
+def publish_lora(cfg: TrainConfig, ddp_model, tokenizer, template: str, rank: int):
     """A LoRA stage's result: output_dir/final as the merged llava-hf checkpoint (what infer.py and the next stage
     read) and final/adapter/ in the PEFT format; written under a temporary name, then renamed."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(ddp_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return
-    out = Path(cfg.output_dir)
-    final, tmp = out / "final", out / ".tmp-final"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pretrained(unwrap(ddp_model), tmp, state_dict=lora.merge(state, lora_alpha(cfg) / cfg.lora_rank), tokenizer=tokenizer)
-    lora.save_adapter(state, tmp / "adapter", cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg), cfg.model)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if rank == 0:
+        out = Path(cfg.output_dir)
+        final, tmp = out / "final", out / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_pretrained(unwrap(ddp_model), tmp, state_dict=lora.merge(state, lora_alpha(cfg) / cfg.lora_rank),
+                        tokenizer=tokenizer, template=template, max_shard_bytes=parse_size(cfg.max_shard_size))
+        lora.save_adapter(state, tmp / "adapter", cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg),
+                          cfg.model)
+        publish(tmp, final)
+    barrier()
 
 
 def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
@@ -603,40 +569,35 @@ def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
                          f"{counters['bad_ids'][:10]}; in the last batch: {recent}")
 
 
-def resume_from(ckpt: Path, model, optimizer, device):
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    from convert import internal_key
-
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
-    weights = {internal_key(k): v for k, v in load_file(ckpt / "model.safetensors").items()}
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return state["step"], state["counters"]
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def parse_args(argv) -> TrainConfig:
+def field_help() -> dict[str, str]:
+    """Each TrainConfig field's comment, which is its flag's --help: one place for each fact."""
+    found = re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M)
+    return {name: text.replace("%", "%%") for name, text in found}  # argparse formats help with %
+
+
+def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a published recipe; other flags override its values")
+    helps = field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is dict:
             continue
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
         else:
-            p.add_argument(flag, type=f.type, default=None)
+            p.add_argument(flag, type=f.type, default=None, help=helps.get(f.name),
+                           choices=sorted(TEMPLATES) if f.name == "template" else None)
     add_knob_flags(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv) -> TrainConfig:
+    args = arg_parser().parse_args(argv)
     values = {}
     if args.recipe:
         recipe = dict(RECIPES[args.recipe])

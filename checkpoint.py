@@ -1,0 +1,283 @@
+"""Training checkpoints: the trainer state every rank writes in parallel (torch.distributed.checkpoint, DCP), the
+llava-hf export that infer.py and the next stage read, and how both become visible atomically.
+
+    output_dir/checkpoints/step-0000500/
+        trainer/              DCP: model + AdamW state, each rank writing its own shard (no gather), .metadata last;
+                              read back into any process count and layout (FSDP2 <-> DDP <-> one process)
+        trainer_state.json    step, data position, counters summed over ranks, the run's config, every rank's RNG
+        config.json, model*.safetensors, tokenizer.json    the llava-hf folder too, with --hf-checkpoints
+    output_dir/final/         the llava-hf folder of the last step
+
+A save goes to .tmp-step-N; every file is fsynced, and after a barrier rank 0 renames it to step-N (a rename is
+atomic on POSIX), so a SIGKILL at any moment leaves the newest finished checkpoint whole and --resume continues
+from it bit-identically. The llava-hf export is streamed: FSDP2 shards are gathered one tensor at a time, so no rank
+holds more than one full tensor plus one output shard. The output folder must be shared by all nodes.
+"""
+
+import base64
+import dataclasses
+import json
+import os
+import pickle
+import random
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from convert import CheckpointError, parse_size, save_pretrained
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, counters: dict, tokenizer, template: str,
+                    rank: int):
+    """Write output_dir/checkpoints/step-N from every rank (they all call this), then drop the oldest beyond
+    --keep-last."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
+    if rank == 0:  # the remains of a save that was killed
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
+    # tensors only: DCP would store anything else as a pickle, and reading one back can run code
+    with quiet_single_process():
+        dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=tmp / "trainer",
+                 no_dist=not dist.is_initialized())
+    if cfg.hf_checkpoints:
+        export_hf(cfg, model, tmp, tokenizer, template, rank)
+    epoch, batch = divmod(step, steps_per_epoch)
+    trainer_state = {"step": step, "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size},
+                     "counters": global_counters(counters), "config": dataclasses.asdict(cfg), "world_size": world_size(),
+                     "rng": gather_rng()}
+    barrier()  # every rank's files are written (and fsynced by DCP)
+    if rank == 0:
+        write_json(tmp / "trainer_state.json", trainer_state)
+        publish(tmp, final)
+        for old in sorted(root.glob("step-*"))[: -cfg.keep_last]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def publish_final(cfg, model, tokenizer, template: str, rank: int):
+    """The stage's result, for infer.py and the next stage: output_dir/final in the llava-hf layout, streamed
+    from the live model by every rank and written by rank 0 (to a temporary name, then renamed)."""
+    out = Path(cfg.output_dir)
+    final, tmp = out / "final", out / ".tmp-final"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    export_hf(cfg, model, tmp, tokenizer, template, rank)
+    if rank == 0:
+        publish(tmp, final)
+    barrier()
+
+
+def export_hf(cfg, model, folder: Path, tokenizer, template: str, rank: int):
+    model = unwrap(model)
+    save_pretrained(model, folder, state_dict=model.state_dict(), tokenizer=tokenizer, template=template, rank=rank,
+                    max_shard_bytes=parse_size(cfg.max_shard_size))
+
+
+def publish(tmp: Path, final: Path):
+    """Make tmp durable, then visible as `final` in one rename."""
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then the folders that list them
+        fsync(path)
+    fsync(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # only when a run without --resume reuses its output folder
+    os.replace(tmp, final)
+    fsync(final.parent)
+
+
+def fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, value):
+    path.write_text(json.dumps(value, indent=1))
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+def latest_checkpoint(cfg) -> Path | None:
+    """The newest finished checkpoint of output_dir (a half-written one still has its temporary name)."""
+    found = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
+    if found and not (found[-1] / "trainer_state.json").exists():
+        raise CheckpointError(f"{found[-1]} has no trainer_state.json: it was written by an older version of train.py "
+                              f"(trainer_state.pt); start a new --output-dir, with --model {found[-1]}")
+    return found[-1] if found else None
+
+
+def resume_from(ckpt: Path, model, optimizer, cfg, rank: int) -> tuple[int, dict]:
+    """Load the model, AdamW state and this rank's RNG from `ckpt`, resharded onto this run's ranks and layout;
+    returns (step, counters)."""
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    check_same_data_order(cfg, state, ckpt)
+    reader = SafeReader(ckpt / "trainer")
+    stored = reader.read_metadata().state_dict_metadata
+    model_state, optim_state = get_state_dict(model, optimizer)  # destinations, laid out as this run shards them
+    # a parameter that had no gradient yet (e.g. the tower before the first image) has no AdamW state, and must not get one
+    kept = {name: s for name, s in optim_state["state"].items() if f"optim.{name}.step" in stored}
+    destination = {"model": model_state, "optim": kept}
+    with quiet_single_process():
+        dcp.load(destination, storage_reader=reader, no_dist=not dist.is_initialized())
+    set_model_state_dict(model, destination["model"])
+    set_optimizer_state_dict(model, optimizer, {"state": destination["optim"], "param_groups": optim_state["param_groups"]},
+                             options=StateDictOptions(strict=False))
+    set_rng(state["rng"][rank % len(state["rng"])])
+    counters = state["counters"] if rank == 0 else {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
+    return state["step"], counters
+
+
+def check_same_data_order(cfg, state: dict, ckpt: Path):
+    """The data order is a function of (seed, global batch, grouping): a resumed run must keep them."""
+    saved = state["config"]
+    for key in ("seed", "global_batch_size", "group_by_modality_length"):
+        if saved[key] != getattr(cfg, key):
+            flag = "--" + key.replace("_", "-")
+            raise CheckpointError(f"{ckpt} was trained with {flag} {saved[key]!r}, this run has {getattr(cfg, key)!r}: "
+                                  f"resume with the same value (the data order depends on it) or start a new --output-dir")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's reader, but its .metadata (a pickle) goes through an unpickler that builds only DCP's own metadata
+    classes, so opening a checkpoint cannot run code; DCP reads the tensors themselves with weights_only=True."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def __init__(self, path: Path):
+        if not (path / ".metadata").exists():
+            raise CheckpointError(f"{path} has no .metadata: not a finished checkpoint")
+        super().__init__(path)
+        self.folder = path
+
+    def read_metadata(self, *args, **kwargs):
+        with open(self.folder / ".metadata", "rb") as f:
+            metadata = Unpickler(f).load()
+        metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class Unpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in SafeReader.ALLOWED or module == "torch.distributed.checkpoint.metadata" or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never holds; not loading it")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-tensor state: counters and RNG (JSON, gathered to rank 0). The data position is the step: the order is a
+# pure function of (seed, epoch)
+
+
+def global_counters(counters: dict) -> dict:
+    """The sample counters summed over ranks (each rank counts only its own micro-batches)."""
+    every = gather_object(counters)
+    total = {"samples": sum(c["samples"] for c in every), "truncated": sum(c["truncated"] for c in every),
+             "bad": {}, "bad_ids": [i for c in every for i in c["bad_ids"]][:1000]}
+    for c in every:
+        for kind, n in c["bad"].items():
+            total["bad"][kind] = total["bad"].get(kind, 0) + n
+    return total
+
+
+def gather_rng() -> list[dict]:
+    """Every rank's RNG states (torch, numpy, python, and cuda where used), rank order."""
+    state = {"torch": encode(torch.get_rng_state()), "python": random.getstate(),
+             "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()]}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = encode(torch.cuda.get_rng_state())
+    return gather_object(state)
+
+
+def set_rng(state: dict):
+    torch.set_rng_state(decode(state["torch"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(decode(state["cuda"]))
+
+
+def encode(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode()
+
+
+def decode(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ranks
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def gather_object(value) -> list:
+    if not dist.is_initialized():
+        return [value]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+class quiet_single_process(warnings.catch_warnings):
+    """DCP warns that it assumes one process when no process group exists; that is what we mean."""
+
+    def __enter__(self):
+        super().__enter__()
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def check_output_dir(cfg, rank: int):
+    """Before the first step: --max-shard-size parses, and on several nodes --output-dir is one shared filesystem
+    (DCP has each rank write its own files into one folder; on the nodes' own disks a checkpoint would be scattered)."""
+    parse_size(cfg.max_shard_size)
+    if not dist.is_initialized():
+        return
+    probe = Path(cfg.output_dir) / f".shared-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
+    if rank == 0:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+    barrier()
+    seen = gather_object(probe.exists())
+    barrier()
+    if rank == 0:
+        probe.unlink()
+    if not all(seen):
+        missing = [r for r, s in enumerate(seen) if not s]
+        if rank == 0:
+            print(f"error: --output-dir {cfg.output_dir} is not visible from ranks {missing}: on several nodes it must "
+                  f"be a shared filesystem (NFS, Lustre, ...)", file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,210 @@
+"""Checkpoints, as a specification: a run stopped anywhere, also killed in the middle of a save, and resumed under
+any number of processes (FSDP2, DDP, one) ends as the run never stopped; the llava-hf folders are streamed into
+shards of --max-shard-size; nodes rendezvous over c10d; the model's own chat template travels with its checkpoint;
+every flag has a help line."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from test_train import config, dataset, losses, run_torchrun, weights  # noqa: F401 (dataset is a fixture)
+
+from convert import load_pretrained, parse_size
+from train import train
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """The uninterrupted run every test below compares with: 8 steps in one process."""
+    out = tmp_path_factory.mktemp("reference")
+    train(config(dataset, out, max_steps=STEPS))
+    return out / "run"
+
+
+def same_losses(a, b, rel):
+    return len(a) == len(b) and all(abs(x - y) <= rel * abs(x) for x, y in zip(a, b))
+
+
+def test_a_checkpoint_in_several_shards_resumes_bit_identically(dataset, reference, tmp_path):
+    flags = dict(max_steps=STEPS, save_every=3, hf_checkpoints=True, max_shard_size="200KB")
+    train(config(dataset, tmp_path, stop_after=5, **flags))  # stopped after step 5: its newest checkpoint is step 3
+    step3 = tmp_path / "run" / "checkpoints" / "step-0000003"
+    shards = sorted(p.name for p in step3.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (step3 / "model.safetensors.index.json").exists(), shards
+    assert len(list((step3 / "trainer").glob("*.distcp"))) == 1  # one process: one DCP data file
+    train(config(dataset, tmp_path, resume=True, **flags))
+    final = tmp_path / "run" / "final"
+    assert len(list(final.glob("model-*.safetensors"))) >= 3
+    a, b = weights(reference / "final"), sharded_weights(final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(reference) == losses(tmp_path / "run")
+
+
+def sharded_weights(folder):
+    model, _ = load_pretrained(str(folder))
+    return dict(model.state_dict())
+
+
+def test_llava_hf_shards_hold_at_most_max_shard_size(dataset, monkeypatch, tmp_path):
+    """Each shard file is at most --max-shard-size (a tensor larger than that gets a file of its own) and together
+    they hold every tensor once, as the index says."""
+    import safetensors.torch
+
+    from convert import save_pretrained
+
+    model, _ = load_pretrained(str(dataset[1]))
+    written = {}
+    monkeypatch.setattr(safetensors.torch, "save_file", lambda shard, path, metadata=None: written.update({path: dict(shard)}))
+    limit = parse_size("150KB")
+    save_pretrained(model, tmp_path, max_shard_bytes=limit)
+    sizes = {p: sum(t.numel() * t.element_size() for t in shard.values()) for p, shard in written.items()}
+    assert len(written) >= 4 and all(size <= limit or len(written[p]) == 1 for p, size in sizes.items()), sizes
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert sorted(index) == sorted(k for shard in written.values() for k in shard)
+    assert sum(len(s) for s in written.values()) == len(model.state_dict())
+
+
+def test_parse_size():
+    assert [parse_size(s) for s in ("5GB", "200KB", "2GiB", "1.5MB", "100")] == [5 * 10**9, 200_000, 2 << 30, 1_500_000, 100]
+    with pytest.raises(SystemExit, match="--max-shard-size '5 apples'"):
+        parse_size("5 apples")
+
+
+def test_resumes_under_another_process_count_and_layout(dataset, reference, tmp_path):
+    """FSDP2 on 2 gloo ranks -> 1 process -> DDP on 2 ranks -> FSDP2 on 2 ranks, two steps each, give the losses of
+    the uninterrupted one-process run."""
+    common = ("--max-steps", str(STEPS), "--save-every", "2", "--stop-after", "2")
+    run_torchrun(dataset, tmp_path, "--fsdp", *common)
+    assert len(list((tmp_path / "run" / "checkpoints" / "step-0000002" / "trainer").glob("*.distcp"))) == 2
+    train(config(dataset, tmp_path, max_steps=STEPS, save_every=2, stop_after=2, resume=True))
+    run_torchrun(dataset, tmp_path, *common, "--resume")
+    run_torchrun(dataset, tmp_path, "--fsdp", *common, "--resume")
+    one, resharded = losses(reference), losses(tmp_path / "run")
+    assert same_losses(one, resharded, 1e-4), (one, resharded)
+    a, b = weights(reference / "final"), weights(tmp_path / "run" / "final")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-4) for k in a)
+
+
+# Runs train.py with one function made to hang at a chosen point, so that the test can SIGKILL it there.
+PAUSING_DRIVER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch.distributed.checkpoint.filesystem as dcp_files, safetensors.torch, train
+
+def pause_when(owner, name, hit):
+    original = getattr(owner, name)
+    def paused(*args, **kwargs):
+        if hit(*args, **kwargs):
+            print("paused", flush=True)
+            time.sleep(3600)
+        return original(*args, **kwargs)
+    setattr(owner, name, paused)
+
+point = sys.argv[2]
+if point == "dcp-metadata":  # step 6's data files are written, its .metadata not yet
+    pause_when(dcp_files.FileSystemWriter, "finish", lambda self, *a, **k: ".tmp-step-0000006" in str(self.path))
+if point == "llava-hf-shard":  # step 6's DCP files and first llava-hf shard are written, the second not yet
+    pause_when(safetensors.torch, "save_file", lambda shard, path, **k: ".tmp-step-0000006" in path and "00002-of" in path)
+if point == "final":  # the last checkpoint is published, final/ not yet
+    pause_when(train, "publish_final", lambda *a, **k: True)
+train.main(sys.argv[3:])
+"""
+
+
+@pytest.mark.parametrize("point", ["dcp-metadata", "llava-hf-shard", "final"])
+def test_sigkill_during_a_save_then_resume_ends_bit_identical(dataset, reference, tmp_path, point):
+    root, model = dataset
+    args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
+            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--max-steps", str(STEPS), "--save-every", "3", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
+            "--device", "cpu", "--hf-checkpoints", "--max-shard-size", "200KB"]
+    run = subprocess.Popen([sys.executable, "-c", PAUSING_DRIVER, str(ROOT), point, *args], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the same sums as in here
+    try:
+        assert run.stdout.readline().strip() == "paused", run.stderr.read()[-3000:]
+    finally:
+        run.send_signal(signal.SIGKILL)
+        run.wait()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    visible = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
+    assert visible == (["step-0000006", "step-0000008"] if point == "final" else ["step-0000003"])
+    assert not (tmp_path / "run" / "final").exists()
+    train(config(dataset, tmp_path, max_steps=STEPS, save_every=3, hf_checkpoints=True, max_shard_size="200KB", resume=True))
+    a, b = weights(reference / "final"), sharded_weights(tmp_path / "run" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(reference) == losses(tmp_path / "run")
+
+
+def test_two_nodes_of_one_process_equal_one_process(dataset, reference, tmp_path):
+    """torchrun --nnodes 2 with c10d rendezvous on localhost, one process per "node": the losses of one process."""
+    root, model = dataset
+    args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
+            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
+            "--max-steps", str(STEPS), "--stop-after", "2", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
+            "--device", "cpu"]
+    port = 30500 + os.getpid() % 1000
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
+                               "--rdzv-id", "test", "train.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [node.communicate(timeout=900) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in results]
+    one, two = losses(reference)[:2], losses(tmp_path / "run")
+    assert same_losses(one, two, 1e-5), (one, two)
+
+
+def test_the_models_own_template_is_the_default_and_travels_with_its_checkpoints(dataset, tmp_path):
+    """Without --template a stage trains on the model's own format and saves it in config.json; stage 1's "plain"
+    captions are not a chat format, so its checkpoint keeps the model's own; infer.py reads what was saved."""
+    import infer
+
+    train(config(dataset, tmp_path / "a", template="", stage="1", max_steps=1))
+    final = tmp_path / "a" / "run" / "final"
+    assert json.loads((final / "config.json").read_text())["llava_template"] == "qwen_1_5"  # the tiny Qwen2's
+    train(config(dataset, tmp_path / "b", template="plain", stage="1", max_steps=1))
+    raw = json.loads((tmp_path / "b" / "run" / "final" / "config.json").read_text())
+    assert raw["llava_template"] == "qwen_1_5"
+    raw["llava_template"] = "chatml_direct"
+    (tmp_path / "b" / "run" / "final" / "config.json").write_text(json.dumps(raw))
+    args = infer.parse_args(["hello", "--model", str(tmp_path / "b" / "run" / "final")])
+    assert infer.load_model(args, "cpu", torch.float32, [])[3] == "chatml_direct"
+
+
+def test_every_flag_has_a_help_line_and_template_lists_its_choices():
+    from data import TEMPLATES
+    from train import arg_parser
+
+    actions = [a for a in arg_parser()._actions if a.option_strings and a.dest != "help"]
+    assert len(actions) > 45 and [a.dest for a in actions if not a.help] == []
+    assert next(a for a in actions if a.dest == "template").choices == sorted(TEMPLATES)
+
+
+def test_no_pickle_is_ever_loaded_with_code():
+    needle = "weights_only=" + "False"
+    found = [p for p in ROOT.rglob("*.py") if needle in p.read_text()]
+    assert found == []
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
+    """DCP's .metadata is a pickle; resume reads it with an unpickler that builds only DCP's metadata classes."""
+    import pickle
+
+    from checkpoint import SafeReader
+    from convert import CheckpointError
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'ran'}",)
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="posix.system"):
+        SafeReader(tmp_path).read_metadata()
+    assert not (tmp_path / "ran").exists()
