@@ -633,7 +633,7 @@ def eos_token_ids(folder: Path) -> set[int]:
 def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
     """The chat format a folder we wrote names in its config.json (train.py's checkpoints, convert.py's exports),
     else the preset's template, else a guess from the tokenizer's special tokens (--template overrides it)."""
-    if folder is not None and (saved := saved_template(folder)):
+    if saved := saved_template(folder or source):  # `source` may itself be the folder
         return saved
     preset = find_preset(source)
     if preset:
