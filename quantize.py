@@ -13,7 +13,8 @@ bytes; int8 reads a quarter of fp32 and half of bf16 (LLaVA-NeXT-72B: ~73 GB ins
 GPU). The vision tower and projector stay in the compute dtype: they run once per image, in the compute-bound
 prefill, where int8 storage saves memory but no time.
 
-Kernels. On CPU, torch._weight_int8pack_mm reads the int8 matrix directly; its x86 AVX2/AVX-512 kernels are
+Kernels. On CPU (rows of a multiple of 8 values, as in every released model), torch._weight_int8pack_mm reads the
+int8 matrix directly; its x86 AVX2/AVX-512 kernels are
 vectorised for bfloat16 activations only (fp32 activations fall to a scalar loop ~10x slower than fp32 MKL), so an
 fp32 model's activations are rounded to bf16 for the product and its result widened back (a relative 2^-9 per
 rounding, well under the int8 step of 1/254 of a row's largest weight). Elsewhere (CUDA) the plain dequantise-matmul
@@ -68,7 +69,7 @@ class Int8Linear(nn.Module):
             self.bias = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x):  # (..., in) -> (..., out)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self.in_features % 8 == 0:  # the kernel reads rows in aligned blocks of 8
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in), see the module docstring
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(torch.bfloat16))  # (M, out)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
