@@ -5,8 +5,9 @@ channel, while activations stay in the compute dtype (gpt-fast's WeightOnlyInt8L
     x (..., in) -> y = (x @ q.T) * s  (..., out)            one matrix-vector product per token when decoding
 
 Error bound. q = round(W / s) moves each weight by at most s/2 (no weight is clipped: |W_ij| / s <= 127), so output
-i of a layer moves by at most  s_i / 2 * sum_j |x_j|  (tests/test_quantize.py checks it layer by layer on real
-weights). It is a worst case; rounding errors of random sign add up to about s_i / sqrt(12) * ||x||_2 instead.
+i of a layer moves by at most  s_i / 2 * ||x||_1. The CPU kernel below also rounds x and its result to bf16, adding
+127 s_i 2^-9 ||x||_1 + 2^-9 |y_i|; tests/test_quantize.py checks the sum layer by layer on real weights. Both are
+worst cases: rounding errors of random sign add up to about s_i / sqrt(12) * ||x||_2 instead.
 
 Why: a decode step reads every weight once, so at batch 1 its speed is the memory bandwidth divided by the weights'
 bytes; int8 reads a quarter of fp32 and half of bf16 (LLaVA-NeXT-72B: ~73 GB instead of ~145 GB in bf16, one 141 GB
@@ -14,11 +15,10 @@ GPU). The vision tower and projector stay in the compute dtype: they run once pe
 prefill, where int8 storage saves memory but no time.
 
 Kernels. On CPU (rows of a multiple of 8 values, as in every released model), torch._weight_int8pack_mm reads the
-int8 matrix directly; its x86 AVX2/AVX-512 kernels are
-vectorised for bfloat16 activations only (fp32 activations fall to a scalar loop ~10x slower than fp32 MKL), so an
-fp32 model's activations are rounded to bf16 for the product and its result widened back (a relative 2^-9 per
-rounding, well under the int8 step of 1/254 of a row's largest weight). Elsewhere (CUDA) the plain dequantise-matmul
-F.linear(x, q.to(x.dtype)) * s, which torch.compile fuses into one kernel that reads int8.
+int8 matrix directly; its x86 kernels (AVX2, AVX-512) are vectorised for bfloat16 activations only (fp32 ones fall
+to a scalar loop ~10x slower than fp32 MKL), so an fp32 model's activations are rounded to bf16 for the product
+and its result widened back. Elsewhere (CUDA) the plain dequantise-matmul F.linear(x, q.to(x.dtype)) * s, which
+torch.compile fuses into one kernel that reads int8 (eager, it materialises the matrix each call: slower than bf16).
 """
 
 import torch

@@ -40,10 +40,15 @@ pytestmark_smollm2 = pytest.mark.skipif(gguf_path() is None, reason="pip install
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
+    # one thread: on a shared, oversubscribed CPU each parallel int8 product otherwise waits a scheduler slice
+    # (~20 ms) for its second thread, and 211 products a token make the greedy test minutes long
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     folder = convert(gguf_path(), tmp_path_factory.mktemp("smollm2"))
     full, _ = load_pretrained(str(folder))
     int8, _ = load_pretrained(str(folder), prepare=quantize.int8_layers)
-    return folder, full, quantize.quantize_tied_head(int8), load_tokenizer(folder, str(folder))
+    yield folder, full, quantize.quantize_tied_head(int8), load_tokenizer(folder, str(folder))
+    torch.set_num_threads(threads)
 
 
 def prompt(tokenizer, question):
