@@ -71,6 +71,8 @@ class Int8Linear(nn.Module):
     def forward(self, x):  # (..., in) -> (..., out)
         if x.device.type == "cpu" and self.in_features % 8 == 0:  # the kernel reads rows in aligned blocks of 8
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in), see the module docstring
+            if x2.data_ptr() % 16:  # a view into a row's middle: the kernel's aligned loads would fault
+                x2 = x2.clone()
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(torch.bfloat16))  # (M, out)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
         else:
