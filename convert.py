@@ -367,10 +367,13 @@ def resolve(source: str, revision: str | None = None, what: str = "model") -> Pa
 # Loading
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype, device):
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
-    setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
+    if hasattr(module, "load_weight"):  # it keeps its own form of the tensor: int8 (quantize.py) or this rank's
+        module.load_weight(attr, tensor, dtype, device)  # shard (tensor_parallel.py), sliced from the mapped file
+    else:
+        setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
 
 
 def load_weights(model: Llava, sources, dtype, device, where: str):
@@ -388,13 +391,16 @@ def load_weights(model: Llava, sources, dtype, device, where: str):
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(f"{where}: {raw_key!r} has shape {tuple(tensor.shape)}, the config implies "
                                   f"{tuple(expected[key].shape)}")
-        _assign(model, key, tensor.to(device=device, dtype=dtype))
+        _assign(model, key, tensor, dtype, device)
         pending.discard(key)
     return pending
 
 
-def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="cpu", compat="original"):
-    """Build a Llava from a folder, preset short name or hub repo id; returns (model, folder)."""
+def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="cpu", compat="original", prepare=None):
+    """Build a Llava from a folder, preset short name or hub repo id; returns (model, folder).
+
+    prepare(model), if given, runs on the meta-device model before any weight is read: quantize.int8_layers and
+    tensor_parallel.shard_decoder swap or shard its layers there, so each weight is read straight into its final form."""
     folder = resolve(source, revision)
     config_path = folder / "config.json"
     if not config_path.exists():
@@ -421,6 +427,8 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
 
     with torch.device("meta"):
         model = Llava(cfg)
+    if prepare is not None:
+        prepare(model)
     pending = set()
     for f in files:
         pending = load_weights(model, read_tensors(f), dtype, device, str(f))

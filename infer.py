@@ -6,10 +6,13 @@
     against the KV cache until a stop token or --max-new-tokens.
 
 The answer streams to stdout; everything else goes to stderr. --json prints one JSON object instead.
+--quantize int8 stores the decoder's matrices in int8 (quantize.py); `torchrun --nproc_per_node N infer.py ...`
+splits the decoder over N processes, one GPU each or gloo on CPU (tensor_parallel.py); only rank 0 prints.
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -18,9 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+import quantize
 import serve
+import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
 from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
 from data import TEMPLATES, SampleError, load_image, load_video, render_prompt, stop_token_ids, tokenize
@@ -78,7 +82,8 @@ def generation_loop(model, prompts, images, *, max_new_tokens, temperature, top_
     then each step feeds (B, 1) tokens at position `length of the row so far`. With one prompt there is no
     padding and no mask at all (SDPA's causal fast path).
     """
-    device, dtype = model.output_embeddings().device, model.output_embeddings().dtype
+    embed = model.language_model.embed_tokens.weight  # never quantised: its dtype is the compute dtype
+    device, dtype = embed.device, embed.dtype
     B, T = len(prompts), max(len(p) for p in prompts)
     max_len = T + max_new_tokens
     if compile:  # a few cache shapes serve many prompts: each new shape compiles the decode step once more
@@ -147,7 +152,7 @@ def decode_step(model, token, position_ids, slot, cache, padding_mask=None):
     """token, position_ids (B, 1); slot (1,) the cache slot to write -> logits (B, V) of the next token."""
     x = model.language_model.embed_tokens(token)
     h = model.language_model(x, position_ids, padding_mask, cache, slot=slot)
-    return F.linear(h[:, -1], model.output_embeddings())
+    return model.logits(h[:, -1])
 
 
 _compiled_steps = {}
@@ -184,6 +189,8 @@ def parse_args(argv):
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (OneVision: 32)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8 weight-only decoder and output head, quantised while loading (quantize.py)")
     add_knob_flags(p)
     serve.add_flags(p)
     p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
@@ -258,12 +265,24 @@ def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
 
 
 def load_model(args, device: str, dtype, kinds):
-    """(model, tokenizer, its eos ids, template) with the command line's token-budget knobs applied."""
+    """(model, tokenizer, its eos ids, template) with the command line's token-budget knobs applied; int8
+    (--quantize) or split over the ranks of torchrun (tensor_parallel.py) as each weight is read."""
+    parallel = tensor_parallel.world_size() > 1
+    if parallel and args.quantize:
+        sys.exit("error: --quantize int8 does not combine with tensor parallelism yet: run it in one process "
+                 "(LLaVA-NeXT-72B in int8 fits one 141 GB GPU)")
+    prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
+               else quantize.int8_layers if args.quantize == "int8" else None)
     try:
-        model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat)
+        model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat,
+                                        prepare=prepare)
         tokenizer, eos = load_tokenizer(folder, args.model), eos_token_ids(folder)
-    except CheckpointError as e:
+    except (CheckpointError, tensor_parallel.TensorParallelError) as e:
         sys.exit(f"error: {e}")
+    if parallel:
+        tensor_parallel.shard_tied_head(model)
+    elif args.quantize == "int8":
+        quantize.quantize_tied_head(model)
     if kinds and model.vision_tower is None:
         sys.exit(f"error: {args.model} is a text-only model; it cannot take images or videos")
     if knobs := knobs_from_flags(args):
@@ -293,7 +312,8 @@ def stream_answer(tokenizer, tokens, stop, show: bool) -> tuple[list[int], float
 
 def main(argv=None):
     args = parse_args(argv)
-    device = check_flags(args)
+    tensor_parallel.quiet_other_ranks()  # under torchrun only rank 0 prints
+    device = tensor_parallel.rank_device(check_flags(args))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if args.chat or args.batch_file:
         return serve.run(args, device, dtype)
@@ -332,6 +352,7 @@ def main(argv=None):
         sys.stdout.write("\n")
     print(f"prefill {timings['first_token_s']:.2f} s, {len(out)} tokens"
           + (f", {timings['decode_tok_per_s']:.1f} tok/s" if timings["decode_tok_per_s"] else ""), file=sys.stderr)
+    tensor_parallel.finish()
 
 
 if __name__ == "__main__":

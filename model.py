@@ -346,6 +346,11 @@ class Llava(nn.Module):
     def output_embeddings(self):
         return self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def logits(self, h):  # (..., D) -> (..., V)
+        # the head as a module where there is one, so that an int8 or tensor-parallel head (quantize.py,
+        # tensor_parallel.py) computes its own product
+        return F.linear(h, self.language_model.embed_tokens.weight) if self.lm_head is None else self.lm_head(h)
+
     def encode_images(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         """All crops of all images (and video frames) through the tower in one batch, then each image through the
         projector, pooled if it is a video (or if the knobs say so), and merged on its own."""
@@ -408,7 +413,7 @@ class Llava(nn.Module):
             h = h[:, -num_logits:]
         if logits_at is not None:
             h = h[logits_at]  # (N, D)
-        return F.linear(h, self.output_embeddings())
+        return self.logits(h)
 
 
 # ----------------------------------------------------------------------------------------------------------------

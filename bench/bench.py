@@ -15,6 +15,12 @@ on a shared machine.
         (infer.py --compile), printed beside it (on CPU it does not pay: see docs/results/2026-11-22-speed.md).
         Roofline: every weight the decoder reads per token (all non-embedding matrices + the output head + the
         KV cache) / the machine's copy bandwidth.
+    P1v with --quantize int8 and/or --dtype bfloat16: that variant of ours (infer.py's same flags) in the same
+        interleaved rounds as P1, against transformers fp32 and against our fp32; its roofline counts its own
+        bytes (1 per int8 weight, 2 per bf16 one).
+
+    python bench/bench.py --only P1 --quantize int8            # int8 weights vs fp32, ours and transformers'
+    python bench/bench.py --only P1 --dtype bfloat16           # bf16 on CPU
     P2  time to first token for a 672x672 image (pixels already processed: preprocessing is P3): vision tower,
         projector, prefill of 2928 image + 32 text positions, one greedy token.
         Roofline: the matrix FLOPs of that work / the machine's fp32 matmul rate.
@@ -118,10 +124,13 @@ def load_their_processor(folder: Path):
     return AutoImageProcessor.from_pretrained(str(folder), backend="pil")
 
 
-def load_ours(folder: Path):
+def load_ours(folder: Path, dtype=torch.float32, quantize_int8=False):
+    import quantize
     from convert import load_pretrained
 
-    return load_pretrained(str(folder), compat="transformers")[0]
+    model = load_pretrained(str(folder), compat="transformers", dtype=dtype,
+                            prepare=quantize.int8_layers if quantize_int8 else None)[0]
+    return quantize.quantize_tied_head(model) if quantize_int8 else model
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -164,12 +173,18 @@ def matmul_rate(n: int = 4096) -> float:
 
 
 def decode_bytes_per_token(model, context: int) -> int:
-    """Bytes one decode step must read: every decoder matrix and norm, the output head, and the KV cache."""
+    """Bytes one decode step must read: every decoder matrix and norm, the output head, and the KV cache, each in
+    its stored dtype (int8 layers: 1 byte a weight, plus their scales)."""
     t = model.cfg.text
-    decoder = sum(p.numel() for n, p in model.language_model.named_parameters() if "embed_tokens" not in n)
-    head = model.output_embeddings().numel()  # tied: the embedding matrix, read whole to score every token
-    kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * context
-    return (decoder + head + kv) * 4
+    tensors = [p for n, p in model.language_model.named_parameters() if "embed_tokens" not in n]
+    tensors += [b for n, b in model.language_model.named_buffers() if n.endswith("scales")]
+    if model.lm_head is not None:
+        tensors += list(model.lm_head.parameters()) + list(model.lm_head.buffers())
+    else:  # tied: the embedding matrix, read whole to score every token
+        tensors.append(model.language_model.embed_tokens.weight)
+    dtype = model.language_model.embed_tokens.weight.dtype  # the compute dtype, which the KV cache is in
+    kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * context * dtype.itemsize
+    return sum(x.numel() * x.element_size() for x in tensors) + kv
 
 
 def prefill_flops(model, crops: int, image_tokens: int, text_tokens: int) -> float:
@@ -242,20 +257,20 @@ def in_child(fn, *args):
 # P1, P2: decoding and time to first token (both models in this process)
 
 
-def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool):
+def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool, variant=None):
     import infer
 
     vocab = ours.cfg.text.vocab_size
     prompt = torch.randint(10, min(vocab, 1000), (32,), generator=torch.Generator().manual_seed(0)).tolist()
     results = {}
 
-    def ours_run(compiled):
+    def ours_run(compiled, model=ours, key=None):
         def run():
             stamps, tokens = [], []
-            for token in infer.generate(ours, prompt, max_new_tokens=new_tokens, compile=compiled):
+            for token in infer.generate(model, prompt, max_new_tokens=new_tokens, compile=compiled):
                 stamps.append(time.perf_counter())
                 tokens.append(token)
-            results["ours_compiled" if compiled else "ours"] = tokens
+            results[key or ("ours_compiled" if compiled else "ours")] = tokens
             return (len(stamps) - 1) / (stamps[-1] - stamps[0])
         return run
 
@@ -271,8 +286,12 @@ def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool):
     fns = {"ours": ours_run(False), "theirs": theirs_run}
     if compile:
         fns["ours_compiled"] = ours_run(True)
+    if variant is not None:
+        fns["variant"] = ours_run(False, variant, "variant")
     rates = interleaved(fns, repeats)  # medians of the tok/s each run returns
-    same = all(results[k] == results["theirs"] for k in fns)
+    same = all(results[k] == results["theirs"] for k in fns if k != "variant")
+    # int8 / bf16 change the numbers: on random weights a near-tie may flip, so the variant is reported apart
+    rates["variant_same_tokens"] = results.get("variant") == results["theirs"]
     return rates, same, len(prompt)
 
 
@@ -381,6 +400,9 @@ def main(argv=None):
     p.add_argument("--train-len", type=int, default=256, help="tokens per training sample (P4)")
     p.add_argument("--compile", action="store_true", help="P1 also with the compiled decode step (compiles first)")
     p.add_argument("--only", default="P1,P2,P3,P4,P5", help="comma-separated subset of P1..P5")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="P1 also with int8 weights (P1v)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="P1 also in this compute dtype (P1v; float32 alone adds no variant)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "llava-bench"),
                    help="where the random checkpoint is written once")
     args = p.parse_args(argv)
@@ -412,11 +434,22 @@ def main(argv=None):
         ours, theirs, processor = load_ours(folder), load_theirs(folder), load_their_processor(folder)
         crop = ours.cfg.vision.image_size
         if "P1" in only:
-            rates, same, context = bench_decode(ours, theirs, args.new_tokens, args.repeats, args.compile)
+            dtype = getattr(torch, args.dtype)
+            variant = (load_ours(folder, dtype, args.quantize == "int8")
+                       if args.quantize or dtype != torch.float32 else None)
+            rates, same, context = bench_decode(ours, theirs, args.new_tokens, args.repeats, args.compile, variant)
             roof = bandwidth * 1e9 / decode_bytes_per_token(ours, context + args.new_tokens)
             extra = {"ours_compiled": round(rates["ours_compiled"], 3)} if args.compile else {}
             figure("P1", "decode (batch 1, greedy)", rates["ours"], rates["theirs"], "tok/s", True, rates["ours"] / roof,
                    roofline_tok_per_s=round(roof, 2), same_tokens=same, **extra)
+            if variant is not None:
+                name = " + ".join(([args.quantize] if args.quantize else []) + [args.dtype])
+                roof = bandwidth * 1e9 / decode_bytes_per_token(variant, context + args.new_tokens)
+                figure("P1v", f"decode {name} (vs transformers fp32)", rates["variant"], rates["theirs"], "tok/s",
+                       True, rates["variant"] / roof, roofline_tok_per_s=round(roof, 2),
+                       ratio_to_ours_fp32=round(rates["variant"] / rates["ours"], 3),
+                       same_tokens_as_fp32=rates["variant_same_tokens"])
+                del variant
         if "P2" in only:
             seconds, same, processed = bench_first_token(ours, theirs, processor, crop, args.repeats)
             flops = prefill_flops(ours, processed.pixels.shape[0], processed.num_tokens, 32)

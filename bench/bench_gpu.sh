@@ -1,8 +1,8 @@
 # GPU figures (run by hand on one CUDA GPU, about 10 minutes; results in docs/results): train.py's step on a random
 # LLaVA-NeXT (bench.py's CLIP-L/336 + Qwen2-0.5B-sized checkpoint) under each fast-path flag, with tokens/s, MFU and
 # peak GPU memory; the 7B-shaped stage-2 step (CLIP-L/336 + a Vicuna-7B-shaped decoder, FSDP2 bf16 mixed precision,
-# 5 crops per image) with MFU and peak memory against the --plan figures; then batch-1 bf16 decode, eager and
-# compiled, of the 0.9B model and of a Mistral-7B-sized decoder.
+# 5 crops per image) with MFU and peak memory against the --plan figures; batch-1 bf16 decode, eager and compiled, of
+# the 0.9B model; then bench/decode.py: a Mistral-7B-sized decoder at batch 1, 8 and 32, bf16 and int8.
 #   bash bench/bench_gpu.sh            logs of each training run go to $OUT (default /tmp/bench_gpu)
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/bench_gpu}; mkdir -p $OUT
@@ -72,24 +72,8 @@ weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() 
 weights += model.output_embeddings().numel() * 2
 print(f"decoder bytes read per token {weights/1e9:.2f} GB -> bound {3.35e12/weights:.0f} tok/s at 3.35 TB/s")
 PY
-python3 - <<'PY'
-import time, torch
-import infer
-from model import Llava, LlavaConfig, TextConfig, init_fresh
-# a Mistral-7B-sized decoder (LLaVA-1.6-Mistral's), random bf16 weights on the GPU: decode is bandwidth-bound
-cfg = LlavaConfig(vision=None, text=TextConfig(vocab_size=32064, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                  num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=32768))
-with torch.device("meta"):
-    model = Llava(cfg)
-model = init_fresh(model, device="cuda", dtype=torch.bfloat16).eval()
-prompt = list(range(100, 132))
-def rate(compile):
-    stamps = []
-    for _ in infer.generate(model, prompt, max_new_tokens=256, compile=compile):
-        stamps.append(time.perf_counter())
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-for compile in (False, True):
-    print(f"7B decode bf16 batch 1, 256 tokens, compile={compile}: {[round(rate(compile), 1) for _ in range(3)]} tok/s")
-nbytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
-print(f"7B bytes read per token {nbytes/1e9:.2f} GB (+ KV cache) -> bound {3.35e12/nbytes:.0f} tok/s at 3.35 TB/s")
-PY
+# a Mistral-7B-sized decoder (LLaVA-1.6-Mistral's), random weights: decode tok/s at batch 1, 8 and 32, bf16 and int8
+# (quantize.py), eager and compiled, each with its share of the bandwidth bound (bench/decode.py)
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+case "$GPU" in *H200*) PEAK=4800;; *H100*PCIe*) PEAK=2000;; *H100*) PEAK=3350;; *A100*80GB*) PEAK=2039;; *A100*) PEAK=1555;; *) PEAK=;; esac
+python3 bench/decode.py --device cuda --batches 1,8,32 --weights bf16,int8 --compile --new-tokens 128 ${PEAK:+--peak-gbps $PEAK}
