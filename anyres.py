@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import math
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -416,37 +415,6 @@ def merge_image_features(features, image: ProcessedImage, newline, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# `python anyres.py`: the visual-token budget of each setting, from the counter above (the README's table)
-
-
-def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (800, 3000))) -> str:
-    from model import LlavaConfig, VisionConfig
-
-    clip = VisionConfig(kind="clip", image_size=336, patch_size=14)
-    siglip = VisionConfig(kind="siglip", image_size=384, patch_size=14, select_feature="full")
-    next_grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    onevision = dict(vision=siglip, image_aspect_ratio="anyres_max_9", grid_pinpoints=parse_grid_pinpoints("(1x1),...,(6x6)", 384))
-    rows = [  # (setting, config, images in the prompt)
-        ("LLaVA-1.5 (pad, CLIP-336)", LlavaConfig(vision=clip, image_aspect_ratio="pad", merge_type="flat"), 1),
-        ("LLaVA-NeXT (anyres, 5 grids up to 3x1)", LlavaConfig(vision=clip, grid_pinpoints=next_grids), 1),
-        ("  + max_grid 6", LlavaConfig(vision=clip, grid_pinpoints=next_grids, higher_anyres=HigherAnyRes(max_grid=6)), 1),
-        ("  + max_grid 6, tau = 9 x 576", LlavaConfig(vision=clip, grid_pinpoints=next_grids,
-                                                      higher_anyres=HigherAnyRes(max_grid=6, token_threshold=9 * 576)), 1),
-        ("OneVision (anyres_max_9, 6x6, SigLIP-384)", LlavaConfig(**onevision), 1),
-        ("  + tau = 4 x 729", LlavaConfig(**onevision, higher_anyres=HigherAnyRes(token_threshold=4 * 729)), 1),
-        ("  + pool_images (bilinear 2x2)", LlavaConfig(**onevision, higher_anyres=HigherAnyRes(pool_images=True)), 1),
-        ("  one of several images (pad)", LlavaConfig(**onevision), 2),
-    ]
-    lines = ["| setting | " + " | ".join(f"{w}x{h}" for w, h in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
-    for name, cfg, n in rows:
-        lines.append(f"| {name} | " + " | ".join(str(num_image_tokens(s, cfg, n)) for s in sizes) + " |")
-    video = LlavaConfig(**onevision)
-    lines.append(f"| OneVision video, 8 / 32 frames | {video_tokens(8, video)} / {video_tokens(32, video)} |"
-                 + " |" * (len(sizes) - 1))
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # `python anyres.py IMAGE --model NAME --save grid.png`: one image's (or video's) token budget, printed and drawn
 
 
@@ -477,77 +445,7 @@ def video_parts(num_frames: int, cfg) -> list[tuple[str, int]]:
             ("one newline after the video", int(cfg.has_newline))]
 
 
-def model_config(source: str, compat: str):
-    """A checkpoint's LlavaConfig from its config.json alone (a folder, a short name or a hub repo id): no weights."""
-    import json
-    from pathlib import Path
-
-    from convert import KNOWN_TOWERS, PRESETS, CheckpointError, llava_config
-
-    def config_json(name):
-        if Path(name).expanduser().is_dir():
-            path = Path(name).expanduser() / "config.json"
-            if not path.exists():
-                raise CheckpointError(f"{path.parent}: no config.json; is this a model folder?")
-            return json.loads(path.read_text()), str(path)
-        from huggingface_hub import hf_hub_download
-
-        repo = PRESETS[name].repo if name in PRESETS else name
-        try:
-            return json.loads(Path(hf_hub_download(repo, "config.json")).read_text()), f"{repo}/config.json"
-        except Exception as e:
-            raise CheckpointError(f"could not get {repo}/config.json ({type(e).__name__}); pass a local model folder, "
-                                  f"or fill the cache with `huggingface-cli download {repo} config.json`") from None
-
-    raw, where = config_json(source)
-    tower = raw.get("mm_vision_tower")
-    tower_raw = config_json(tower)[0] if tower and tower not in KNOWN_TOWERS else None
-    cfg = llava_config(raw, where, compat, tower_raw)
-    if cfg.vision is None:
-        raise CheckpointError(f"{where}: a text-only model has no image tokens")
-    return cfg
-
-
-def main(argv=None):
+if __name__ == "__main__":  # the command line (the budget table, a picture of one image) lives in anyres_picture.py
     import anyres_picture
-    from convert import DEFAULT_MODEL, CheckpointError
-    from data import SampleError, load_image, load_video
 
-    p = argparse.ArgumentParser(description="Without an image: the visual-token budget table. With an image (or "
-                                "--video): how the model cuts it into crops and tokens, printed and drawn (--save).")
-    p.add_argument("image", nargs="?", help="an image file")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub repo id or folder (only config.json is read)")
-    p.add_argument("--video", help="a video file, animated GIF/WebP or folder of frames, instead of an image")
-    p.add_argument("--frames", type=int, default=32, help="frames sampled from --video")
-    p.add_argument("--images", type=int, default=1,
-                   help="images in the prompt (several: each padded to one crop, unless --multi-image anyres)")
-    p.add_argument("--compat", choices=["original", "transformers"], default="original")
-    p.add_argument("--save", help="write the picture to this PNG")
-    add_knob_flags(p)
-    args = p.parse_args(argv)
-    if args.image is None and args.video is None:
-        print(budget_table())
-        return
-    try:
-        cfg = model_config(args.model, args.compat)
-        cfg.higher_anyres = dataclasses.replace(cfg.higher_anyres, **knobs_from_flags(args))
-        if args.video:
-            frames = load_video(args.video, args.frames)
-            parts, picture = video_parts(len(frames), cfg), (lambda: anyres_picture.draw_video(frames, cfg))
-            total = video_tokens(len(frames), cfg)
-        else:
-            image = load_image(args.image)
-            parts, picture = token_parts(image.size, cfg, args.images), (lambda: anyres_picture.draw_image(image, cfg, args.images))
-            total = num_image_tokens(image.size, cfg, args.images)
-    except (CheckpointError, SampleError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    for what, tokens in parts:
-        print(f"{tokens:>6}  {what}")
-    print(f"{total:>6}  total")
-    if args.save:
-        picture().save(args.save)
-        print(f"wrote {args.save}", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()
+    anyres_picture.main()

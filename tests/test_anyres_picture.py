@@ -29,7 +29,7 @@ def rows_of(out: str) -> list[int]:
 
 
 def run(args, capsys):
-    anyres.main([str(a) for a in args])
+    anyres_picture.main([str(a) for a in args])
     return rows_of(capsys.readouterr().out)
 
 
@@ -50,7 +50,7 @@ def test_printed_rows_worked_out_by_hand(models, tmp_path, capsys):
 def test_rows_add_up_to_num_image_tokens(models, tmp_path, capsys, size, flags):
     photo(*size).save(tmp_path / "x.png")
     rows = run([tmp_path / "x.png", "--model", models / "next", *flags], capsys)
-    cfg = anyres.model_config(str(models / "next"), "transformers" if "--compat" in flags else "original")
+    cfg = anyres_picture.model_config(str(models / "next"), "transformers" if "--compat" in flags else "original")
     if flags[:1] == ["--max-grid"]:
         cfg.higher_anyres = anyres.HigherAnyRes(max_grid=4)
     assert sum(rows[:-1]) == rows[-1] == anyres.num_image_tokens(size, cfg)
@@ -66,7 +66,7 @@ def test_video_rows(models, tmp_path, capsys):
 def test_canvas_panel(models):
     """1000 x 600 on LLaVA-1.6 at one screen pixel per canvas pixel: two 336 px crops per side, unpad cuts 10 feature
     rows (140 px) above and below, the newline column stands beside rows 140..532."""
-    cfg = anyres.model_config(str(models / "next"), "original")
+    cfg = anyres_picture.model_config(str(models / "next"), "original")
     image = photo(1000, 600)
     panel, titles, crop = anyres_picture.draw_canvas(image, cfg, box=672)
     assert crop == 336 and panel.size == (672 + anyres_picture.NEWLINE_COLUMN, 672)
@@ -85,19 +85,19 @@ def test_canvas_panel(models):
 
 def test_single_crop_panel_and_saved_picture(models, tmp_path, capsys):
     photo(500, 300).save(tmp_path / "x.png")
-    anyres.main([str(tmp_path / "x.png"), "--model", str(models / "onevision"), "--images", "2", "--save", str(tmp_path / "pic.png")])
+    anyres_picture.main([str(tmp_path / "x.png"), "--model", str(models / "onevision"), "--images", "2", "--save", str(tmp_path / "pic.png")])
     assert rows_of(capsys.readouterr().out) == [729, 1, 730]
     picture = Image.open(tmp_path / "pic.png")
     # the image (fitted in 300 px), the padded 384 crop (shown at 460 px) side by side; no base view, no grid
     assert picture.width >= 20 + 300 + 40 + 460 and picture.height >= 50 + 460
-    cfg = anyres.model_config(str(models / "onevision"), "original")
+    cfg = anyres_picture.model_config(str(models / "onevision"), "original")
     panel, titles, _ = anyres_picture.draw_canvas(Image.open(tmp_path / "x.png"), cfg, num_images=2, box=384)
     assert panel.size == (384, 384) and titles == ["the one crop the tower sees, 384 x 384 (padded to a square)"]
     assert panel.getpixel((192, 10)) == (127, 127, 127)  # SigLIP's mean colour above the image
 
 
 def test_no_image_prints_the_budget_table(capsys):
-    anyres.main([])
+    anyres_picture.main([])
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("| setting |") and "OneVision" in out
 
@@ -110,5 +110,5 @@ def test_bad_input_is_one_line(models, tmp_path, args, message):
     photo(50, 50).save(tmp_path / "x.png")
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit:
-        anyres.main([a.format(tmp=tmp_path, models=models) for a in args])
+        anyres_picture.main([a.format(tmp=tmp_path, models=models) for a in args])
     assert str(exit.value).startswith("error: ") and message in str(exit.value) and "\n" not in str(exit.value)
