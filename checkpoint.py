@@ -34,7 +34,8 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from convert import CheckpointError, parse_size, save_pretrained
+from convert import CheckpointError
+from export import parse_size, save_pretrained
 
 # ----------------------------------------------------------------------------------------------------------------
 # Saving

@@ -1,9 +1,11 @@
 """The llava-hf folder that other tools read: transformers' AutoProcessor and AutoModelForImageTextToText, vLLM,
-SGLang and lmms-eval. convert.save_pretrained writes the weights; this file writes everything around them.
+SGLang and lmms-eval: the weights, streamed into shards (save_pretrained), and everything around them.
 
     tokenizer (tokenizers)   --with_media_tokens-->  a copy with <image> (and OneVision's <video>) as special tokens
     model (V, D) embeddings  --add_media_rows----->  (V', D), V' a multiple of 64 that holds those ids (convert.py)
     Template (data.py)       --jinja_template----->  the same strings as a Jinja chat template (apply_chat_template)
+    state dict (ours)        --save_pretrained---->  model.safetensors or model-0000k-of-0000n.safetensors + index,
+                                                     one tensor gathered at a time, then the files below
     LlavaConfig              --write_hf_metadata-->  config.json (image_token_index, ...), processor_config.json,
                                                      preprocessor_config.json, tokenizer.json, tokenizer_config.json,
                                                      chat_template.jinja / .json, generation_config.json
@@ -16,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -23,8 +26,8 @@ from pathlib import Path
 import torch
 
 from anyres import tower_mean_std
-from convert import (TEMPLATE_KEY, CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config,
-                     load_pretrained, load_tokenizer, parse_size, read_tensors, resolve, save_pretrained)
+from convert import (TEMPLATE_KEY, CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config, hf_key,
+                     load_pretrained, load_tokenizer, read_tensors, resolve)
 from data import TEMPLATES, stop_token_ids, system_slot
 from model import Llava, LlavaConfig
 
@@ -271,6 +274,68 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     if cfg.vision is not None:
         dump("processor_config.json", processor_config(cfg))
         dump("preprocessor_config.json", image_processor_config(cfg))  # read by older transformers and vLLM builds
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The weights: streamed into safetensors shards
+
+
+def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
+                    template: str | None = None, eos_ids=(), rank: int = 0):
+    """Write safetensors shards (+ index when there are several) and, through export.write_hf_metadata, config.json,
+    the tokenizer, processor, chat-template and generation files to `folder`. `state_dict` (ours) defaults to the
+    model's; its tensors may be FSDP2 shards (DTensors), which every rank must then pass here: each is gathered in
+    turn and only rank 0 writes. `template` is the chat format the model was trained with (default: guessed from
+    the tokenizer), kept in config.json for infer.py and the next stage; `eos_ids` adds stop ids for
+    generation_config.json."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    to_hf = hf_key if model.cfg.vision is not None else (lambda k: "model." + k[len("language_model."):] if k.startswith("language_model.") else k)
+    write_weights({to_hf(k): v for k, v in state.items()}, Path(folder) if rank == 0 else None, max_shard_bytes)
+    if rank == 0:
+        dtype = next(iter(state.values())).dtype if state else None
+        write_hf_metadata(Path(folder), model.cfg, tokenizer, template, eos_ids, dtype)
+
+
+def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
+    """Stream `tensors` into model.safetensors, or model-0000k-of-0000n.safetensors + model.safetensors.index.json
+    when they pass `max_shard_bytes`, holding at most one output shard plus one full tensor. The shards are planned
+    from shapes alone; a DTensor (an FSDP2 shard) is all-gathered when its turn comes, so every rank calls this,
+    and ranks without a `folder` drop what they gathered."""
+    from safetensors.torch import save_file
+
+    shards, size = [[]], 0  # (key lists) a tensor larger than a shard gets one of its own, as transformers does
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    for name, keys in zip(names, shards):
+        shard = {}
+        for key in keys:
+            tensor = tensors[key].detach()
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # DTensor: a collective
+            if folder is not None:
+                shard[key] = full.to("cpu").contiguous()
+        if folder is not None:
+            save_file(shard, str(folder / name), metadata={"format": "pt"})
+    if folder is not None and len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
+    """"5GB" -> 5 * 10^9 bytes, "200KB" -> 200 * 10^3, "2GiB" -> 2 * 2^30 (the units transformers' max_shard_size takes)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        raise SystemExit(f"error: {flag} {text!r}: expected a size such as 5GB, 500MB or 200KB")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
 # ----------------------------------------------------------------------------------------------------------------

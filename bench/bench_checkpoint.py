@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from convert import parse_size, write_weights  # noqa: E402
+from export import parse_size, write_weights  # noqa: E402
 
 
 class PeakRSS:

@@ -14,7 +14,8 @@ import torch
 from conftest import ROOT
 from test_train import config, dataset, losses, run_torchrun, weights  # noqa: F401 (dataset is a fixture)
 
-from convert import load_pretrained, parse_size
+from convert import load_pretrained
+from export import parse_size
 from train import train
 
 STEPS = 8
@@ -57,7 +58,7 @@ def test_llava_hf_shards_hold_at_most_max_shard_size(dataset, monkeypatch, tmp_p
     they hold every tensor once, as the index says."""
     import safetensors.torch
 
-    from convert import save_pretrained
+    from export import save_pretrained
 
     model, _ = load_pretrained(str(dataset[1]))
     written = {}

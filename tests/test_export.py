@@ -117,7 +117,8 @@ def test_a_tokenizer_without_image_gets_the_token_and_a_vocabulary_row(tiny, tmp
 def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tmp_path, capsys):
     """save_pretrained never reshapes weights (a resumed run must find what it saved): with no row free for
     <image> it writes the token at the next id, says so, and convert.py adds the row."""
-    from convert import load_pretrained, load_tokenizer, save_pretrained
+    from convert import load_pretrained, load_tokenizer
+    from export import save_pretrained
 
     src = tmp_path / "src"
     shutil.copytree(tiny("next_llama"), src)

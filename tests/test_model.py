@@ -230,7 +230,7 @@ def test_knobs_splice_the_counted_tokens_and_survive_a_checkpoint(tiny, tmp_path
     counter reserved (it raises otherwise), and a saved checkpoint loads with the same knobs and logits."""
     import dataclasses
 
-    from convert import save_pretrained
+    from export import save_pretrained
 
     model, _ = load_pretrained(str(tiny("onevision_qwen2")))
     image, video = photo(130, 36, seed=4), video_frames(3)

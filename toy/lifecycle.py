@@ -31,7 +31,7 @@ from PIL import Image
 
 from toy import world
 from anyres import process_image, process_images, process_video
-from convert import save_pretrained
+from export import save_pretrained
 from data import (IGNORE_INDEX, image_files_of, load_image, load_video, render_conversation, render_prompt,
                   stop_token_ids, tokenize)
 from model import Llava, LlavaConfig, TextConfig, VisionConfig, VisionTower, init_fresh
