@@ -124,16 +124,14 @@ def model_config(cfg):
     return out
 
 
-def meta_model(cfg):
-    """Llava on the meta device with train.py's LoRA and trainable flags (GPUs assumed: a LoRA base is bf16 with --bf16)."""
-    import train
+def meta_model(cfg, prepare):
+    """Llava on the meta device with train.py's LoRA and trainable flags: `prepare` is train.prepare_stage, handed in
+    by train.py so that the two files do not import each other (GPUs assumed: a LoRA base is bf16 with --bf16)."""
     from model import Llava
 
     with torch.device("meta"):
         model = Llava(model_config(cfg))
-    if cfg.lora_rank:
-        train.add_lora(model, cfg, bf16_base=cfg.bf16)
-    train.set_trainable(model, cfg)
+    prepare(model, cfg, bf16_base=cfg.bf16)
     return model
 
 
@@ -149,8 +147,8 @@ def local_numel(p, gpus: int, sharded: bool) -> int:
     return math.ceil(rows / gpus) * (p.numel() // rows if rows else 0)
 
 
-def plan(cfg, gpus: int, gpu_memory: int, model=None) -> Plan:
-    model = model if model is not None else meta_model(cfg)
+def plan(cfg, gpus: int, gpu_memory: int, model) -> Plan:
+    """The bytes one of `gpus` GPUs holds for `model` (a meta_model) under these flags."""
     sharded = cfg.fsdp
     params = list(model.parameters())
     trainable = [p for p in params if p.requires_grad]
@@ -264,6 +262,6 @@ def report(cfg, p: Plan) -> str:
     return "\n".join(lines)
 
 
-def main(cfg):
+def main(cfg, prepare):
     gpus = cfg.gpus or (torch.cuda.device_count() or 1)
-    print(report(cfg, plan(cfg, gpus, parse_bytes(cfg.gpu_memory))))
+    print(report(cfg, plan(cfg, gpus, parse_bytes(cfg.gpu_memory), meta_model(cfg, prepare))))

@@ -185,6 +185,13 @@ def all_sum(value: float, device) -> float:
 # What learns, and how fast
 
 
+def prepare_stage(model, cfg: TrainConfig, bf16_base: bool):
+    """LoRA adapters where asked, then which parameters learn (memory_plan.py prepares its meta model with this too)."""
+    if cfg.lora_rank:
+        add_lora(model, cfg, bf16_base)
+    set_trainable(model, cfg)
+
+
 def set_trainable(model, cfg: TrainConfig):
     """Stage 1: the projector only. Stages 1.5 and 2: everything, the vision tower unless frozen. LoRA: the
     adapters and the projector."""
@@ -371,9 +378,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     chat_template = own if cfg.template == "plain" else cfg.template
     model.to(device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.lora_rank:
-        add_lora(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
-    set_trainable(model, cfg)
+    prepare_stage(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
     if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
         raise SystemExit(f"error: global batch {cfg.global_batch_size} is not a multiple of micro batch "
@@ -651,7 +656,7 @@ def main(argv=None):
         if cfg.plan:
             from memory_plan import main as print_plan
 
-            return print_plan(cfg)
+            return print_plan(cfg, prepare=prepare_stage)
         train(cfg)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None

@@ -137,15 +137,11 @@ def gpu(args):
     torch.manual_seed(0)
     model = build(args.preset, args.layers, device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
-    if cfg.lora_rank:  # as train.py does: adapters in fp32, the frozen base in bf16
-        train.add_lora(model, cfg, bf16_base=True)
-    train.set_trainable(model, cfg)
+    train.prepare_stage(model, cfg, bf16_base=True)  # as train.py does: LoRA adapters in fp32, the frozen base in bf16
     data = batches(model, args.preset, args.micro_batch_size, args.steps * args.accumulation)
     cfg.max_len = max(b["input_ids"].shape[1] for b in data)
     meta = build(args.preset, args.layers, "meta")
-    if cfg.lora_rank:
-        train.add_lora(meta, cfg, bf16_base=True)
-    train.set_trainable(meta, cfg)
+    train.prepare_stage(meta, cfg, bf16_base=True)
     plan = memory_plan.plan(cfg, 1, torch.cuda.get_device_properties(device).total_memory, model=meta)
     name = torch.cuda.get_device_name(device)
     print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''} on {name}: {plan.param_count / 1e9:.2f} B parameters, micro-batch {args.micro_batch_size} x "

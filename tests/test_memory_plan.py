@@ -13,6 +13,7 @@ from conftest import ROOT, photo
 import memory_plan
 from anyres import process_image
 from model import IMAGE_TOKEN, Llava, LlavaConfig, TextConfig, VisionConfig, init_fresh
+import train
 from train import TrainConfig, parallelize, set_trainable
 
 
@@ -36,16 +37,16 @@ def fsdp_bytes(model, cfg, world):
 def test_plan_bytes_equal_the_sharded_meta_model(tiny, world, kind):
     flags = dict(stage2={}, stage1={"stage": "1"}, lora_bf16={"lora_rank": 8, "bf16": True})[kind]
     cfg = TrainConfig(model=str(tiny("next_qwen2")), fsdp=True, **flags)
-    p = memory_plan.plan(cfg, world, 80 * 10**9)
-    assert (p.params, p.grads, p.optimizer) == fsdp_bytes(memory_plan.meta_model(cfg), cfg, world)
+    p = memory_plan.plan(cfg, world, 80 * 10**9, memory_plan.meta_model(cfg, train.prepare_stage))
+    assert (p.params, p.grads, p.optimizer) == fsdp_bytes(memory_plan.meta_model(cfg, train.prepare_stage), cfg, world)
     if kind == "lora_bf16":  # the frozen base is stored in bf16
-        assert {q.dtype for q in memory_plan.meta_model(cfg).parameters() if not q.requires_grad} == {torch.bfloat16}
+        assert {q.dtype for q in memory_plan.meta_model(cfg, train.prepare_stage).parameters() if not q.requires_grad} == {torch.bfloat16}
 
 
 def test_ddp_plan_is_one_whole_replica(tiny):
     cfg = TrainConfig(model=str(tiny("next_qwen2")), freeze_vision_tower=True)
-    model = memory_plan.meta_model(cfg)
-    p = memory_plan.plan(cfg, 8, 80 * 10**9)
+    model = memory_plan.meta_model(cfg, train.prepare_stage)
+    p = memory_plan.plan(cfg, 8, 80 * 10**9, model)
     learning = sum(q.numel() for q in model.parameters() if q.requires_grad)
     assert (p.params, p.grads, p.optimizer) == (4 * sum(q.numel() for q in model.parameters()), 4 * learning, 8 * learning)
 
