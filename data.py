@@ -14,6 +14,7 @@ training, and labels are read off the same tokenisation inference uses, so the t
 
 import json
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -347,6 +348,23 @@ def place_images(messages, placement: str = "interleaved", key=0):
 
 
 MAX_IMAGE_PIXELS = 1 << 27  # 134M pixels (16384 x 8192; 400 MB once decoded): larger ones are refused unread
+
+
+def place_visuals(prompt: str, num_images: int, video: bool) -> tuple[str, list[str]]:
+    """The prompt with one `<image>` per visual, and the visuals' kinds ("image" / "video") in prompt order.
+
+    `<image>` marks where the next image goes and `<video>` where the video goes (interleaved); visuals without
+    a placeholder go in front of the text, the video first, each on its own line (the in-the-front format the
+    released models were trained with for a single image)."""
+    placed = re.findall(r"<image>|<video>", prompt)
+    missing_images = num_images - placed.count("<image>")
+    if missing_images < 0 or placed.count("<video>") > int(video):
+        raise ValueError(f"the prompt has {placed.count('<image>')} <image> and {placed.count('<video>')} <video> "
+                         f"placeholders for {num_images} images and {int(video)} videos")
+    front = "<video>\n" * (video and "<video>" not in placed) + "<image>\n" * missing_images
+    prompt = front + prompt
+    kinds = ["video" if m == "<video>" else "image" for m in re.findall(r"<image>|<video>", prompt)]
+    return prompt.replace("<video>", "<image>"), kinds
 
 
 def load_image(path):

@@ -1,4 +1,4 @@
-"""lmms-eval adapter: this model as the lmms-eval model "llava_scratch", generating through `infer.generate_batch`.
+"""lmms-eval adapter: this model as the lmms-eval model "llava_scratch", generating through `generate.generate_batch`.
 
     python eval_lmms.py --model_args pretrained=llava-onevision-qwen2-0.5b-ov --tasks mme,pope --batch_size 8
     (lmms-eval's own command line with this model registered; `--model llava_scratch` is implied)
@@ -38,7 +38,8 @@ except ImportError as e:
 from anyres import process_images, process_video
 from convert import CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
 from data import load_video, render_prompt, stop_token_ids, tokenize
-from infer import generate_batch, place_visuals
+from data import place_visuals
+from generate import generate_batch
 
 MODEL_NAME = "llava_scratch"
 

@@ -33,10 +33,9 @@ def add_flags(p):
     g.add_argument("--batch-size", type=int, default=8, help="questions generated together (--batch-file)")
 
 
-def run(args, device: str, dtype):
-    """infer.main's branch for --chat and --batch-file."""
-    from infer import load_model
-
+def run(args, device: str, dtype, load_model):
+    """infer.main's branch for --chat and --batch-file; `load_model` is infer.load_model, handed in so that the two
+    files do not import each other."""
     if args.batch_file:
         if args.chat or args.inputs:
             sys.exit("error: --batch-file takes its images and questions from the file: drop the IMAGE/PROMPT "
@@ -153,7 +152,7 @@ def drop_added_prefix(tokenizer, ids: list[int]) -> list[int]:
 @torch.inference_mode()
 def continue_generation(model, cache, new_ids, images, *, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
     """Prefill `new_ids` on top of what `cache` holds, then decode one token at a time; yields the new ids."""
-    from infer import sample
+    from generate import sample
 
     device = model.output_embeddings().device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -172,7 +171,7 @@ HELP = "/image PATH adds an image to your next message, /reset starts over, Ctrl
 def chat(session: Session, images, args, stdin=None, first: str | None = None):
     """The terminal loop: a line in, the answer streamed out (stdout); prompts and notes go to stderr. `first` is
     a first message given on the command line."""
-    from infer import stream_answer
+    from generate import stream_answer
 
     stdin = stdin or sys.stdin
     pending = list(images)
@@ -267,7 +266,7 @@ def answer_file(model, tokenizer, template, stop, questions, args):
     """Answer every question not yet in args.output, args.batch_size at a time, appending as each batch ends."""
     from tqdm import tqdm
 
-    from infer import generate_batch
+    from generate import generate_batch
 
     output = Path(args.output)
     done = answered_ids(output)
@@ -292,7 +291,7 @@ def answer_file(model, tokenizer, template, stop, questions, args):
 
 def question_prompt(model, tokenizer, template, question, image_folder):
     """(prompt ids, [ProcessedImage]) of one question: its image in front of the text (as LLaVA's loader puts it)."""
-    from infer import place_visuals
+    from data import place_visuals
 
     names = question.get("image") or []
     names = [names] if isinstance(names, str) else names

@@ -258,7 +258,7 @@ def in_child(fn, *args):
 
 
 def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool, variant=None):
-    import infer
+    import generate as generation
 
     vocab = ours.cfg.text.vocab_size
     prompt = torch.randint(10, min(vocab, 1000), (32,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -267,7 +267,7 @@ def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool, var
     def ours_run(compiled, model=ours, key=None):
         def run():
             stamps, tokens = [], []
-            for token in infer.generate(model, prompt, max_new_tokens=new_tokens, compile=compiled):
+            for token in generation.generate(model, prompt, max_new_tokens=new_tokens, compile=compiled):
                 stamps.append(time.perf_counter())
                 tokens.append(token)
             results[key or ("ours_compiled" if compiled else "ours")] = tokens
@@ -296,7 +296,7 @@ def bench_decode(ours, theirs, new_tokens: int, repeats: int, compile: bool, var
 
 
 def bench_first_token(ours, theirs, processor, crop: int, repeats: int):
-    import infer
+    import generate as generation
     from anyres import process_image
 
     image = photo(2 * crop, 2 * crop, seed=1)
@@ -308,7 +308,7 @@ def bench_first_token(ours, theirs, processor, crop: int, repeats: int):
     firsts = {}
 
     def ours_run():
-        firsts["ours"] = next(infer.generate(ours, ids, [processed], max_new_tokens=1))
+        firsts["ours"] = next(generation.generate(ours, ids, [processed], max_new_tokens=1))
 
     def theirs_run():
         with torch.inference_mode():

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 from anyres import process_image  # noqa: E402
 from data import render_prompt, tokenize  # noqa: E402
-from infer import generate, generate_batch  # noqa: E402
+from generate import generate, generate_batch  # noqa: E402
 from model import Llava, LlavaConfig, TextConfig, VisionConfig, init_fresh  # noqa: E402
 from serve import Session  # noqa: E402
 from tests.conftest import photo  # noqa: E402

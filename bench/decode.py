@@ -5,7 +5,7 @@ Run by hand (bench_gpu.sh runs it on one GPU); --small runs the same code on a t
     python bench/decode.py --device cpu --small --batches 1,2  # quick check of the script itself
 
 For each weight format (bf16, int8 from quantize.py) and batch size B: B prompts of 32 random tokens, greedy, then
---new-tokens steps through infer.generation_loop (eager, and with --compile the compiled decode step); tokens/s =
+--new-tokens steps through generate.generation_loop (eager, and with --compile the compiled decode step); tokens/s =
 B x steps / seconds from the first to the last step. A decode step reads every decoder weight once whatever B is,
 so the bound at batch B is B x bandwidth / (weight bytes + B x KV-cache bytes); the share printed is the measured
 rate over that bound, with the bandwidth of a device-to-device copy measured in the same run (and over --peak-gbps,
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
-import infer  # noqa: E402
+import generate as generation  # noqa: E402
 import quantize  # noqa: E402
 from model import Llava, LlavaConfig, TextConfig, init_fresh  # noqa: E402
 
@@ -82,7 +82,7 @@ def sync(device):
 def rate(model, batch: int, new_tokens: int, compile: bool, device) -> float:
     prompts = [torch.randint(10, 500, (32,), generator=torch.Generator().manual_seed(b)).tolist() for b in range(batch)]
     stamps = []
-    for step in infer.generation_loop(model, prompts, [[] for _ in prompts], max_new_tokens=new_tokens,
+    for step in generation.generation_loop(model, prompts, [[] for _ in prompts], max_new_tokens=new_tokens,
                                       temperature=0.0, top_p=1.0, seed=0, compile=compile):
         sync(device)  # sample() already read the tokens back; this only makes the clock honest
         stamps.append(time.perf_counter())

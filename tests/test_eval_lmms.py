@@ -1,6 +1,6 @@
 """eval_lmms.py against the real lmms-eval package (CI installs it with --no-deps): the model registry finds the
 adapter by name, lmms-eval's own argument parsing builds it, and answers to lmms-eval `Instance` requests equal
-`infer.generate` run on each prompt alone."""
+`generate.generate` run on each prompt alone."""
 
 import pytest
 import torch
@@ -13,7 +13,7 @@ from lmms_eval.models import get_model  # noqa: E402
 import eval_lmms  # noqa: E402
 from anyres import process_image  # noqa: E402
 from data import render_prompt, tokenize  # noqa: E402
-from infer import generate  # noqa: E402
+from generate import generate  # noqa: E402
 from model import KVCache  # noqa: E402
 
 TASK, SPLIT = "toy_vqa", "test"
@@ -45,7 +45,7 @@ def adapter(tiny):
 
 
 def alone(adapter, doc_id, max_new_tokens):
-    """The answer infer.generate gives this document on its own: "<image>\\n" + question in the model's template."""
+    """The answer generate.generate gives this document on its own: "<image>\\n" + question in the model's template."""
     image = process_image(DOCS[doc_id]["image"], adapter.model.cfg)
     prompt = render_prompt(adapter.template, [("user", "<image>\n" + DOCS[doc_id]["question"])])
     ids = tokenize(adapter.tokenizer, prompt, [image.num_tokens])

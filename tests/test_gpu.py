@@ -9,7 +9,7 @@ import torch
 from conftest import photo
 from test_train import config, dataset, losses, run_torchrun  # noqa: F401  (dataset is a fixture)
 
-import infer
+import generate as generation
 from anyres import process_image
 from convert import load_pretrained
 from model import IMAGE_TOKEN
@@ -78,6 +78,6 @@ def test_greedy_tokens_on_cuda_equal_the_cpu(dataset, compile):  # noqa: F811
     cpu, _ = load_pretrained(str(dataset[1]))
     gpu, _ = load_pretrained(str(dataset[1]), device="cuda")
     ids, images = image_prompt(cpu)
-    want = list(infer.generate(cpu, ids, images, max_new_tokens=12))
-    got = list(infer.generate(gpu, ids, images, max_new_tokens=12, compile=compile))
+    want = list(generation.generate(cpu, ids, images, max_new_tokens=12))
+    got = list(generation.generate(gpu, ids, images, max_new_tokens=12, compile=compile))
     assert got == want

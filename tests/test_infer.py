@@ -8,6 +8,9 @@ import sys
 import pytest
 from conftest import ROOT, photo
 
+import generate as generation
+
+import data
 import infer
 from anyres import process_image
 from convert import load_pretrained, load_tokenizer
@@ -32,7 +35,7 @@ def test_json_output_matches_the_model(tiny, image_file, capsys):
     tokenizer = load_tokenizer(folder, str(folder))
     image = process_image(photo(70, 30, seed=7), model.cfg)
     prompt = render_prompt("qwen_1_5", [("user", "<image>\nWhat is it?")])
-    expected = list(infer.generate(model, tokenize(tokenizer, prompt, [image.num_tokens]), [image], max_new_tokens=6))
+    expected = list(generation.generate(model, tokenize(tokenizer, prompt, [image.num_tokens]), [image], max_new_tokens=6))
     assert result["output_token_ids"] == expected and len(expected) == 6
     assert result["image_tokens"] == [image.num_tokens]
     assert result["prompt_token_ids"] == tokenize(tokenizer, prompt, [1])  # one IMAGE_TOKEN per image
@@ -62,12 +65,12 @@ def test_more_placeholders_than_images_is_an_error(tiny, image_file):
 
 def test_placement_rules():
     # placeholders are honoured; visuals without one go in front, the video first
-    assert infer.place_visuals("What changed between <image> and <image>?", 2, False) == (
+    assert data.place_visuals("What changed between <image> and <image>?", 2, False) == (
         "What changed between <image> and <image>?", ["image", "image"])
-    assert infer.place_visuals("Compare.", 2, False) == ("<image>\n<image>\nCompare.", ["image", "image"])
-    assert infer.place_visuals("Is <image> in the clip?", 1, True) == (
+    assert data.place_visuals("Compare.", 2, False) == ("<image>\n<image>\nCompare.", ["image", "image"])
+    assert data.place_visuals("Is <image> in the clip?", 1, True) == (
         "<image>\nIs <image> in the clip?", ["video", "image"])
-    assert infer.place_visuals("Is <image> in <video>?", 1, True) == ("Is <image> in <image>?", ["image", "video"])
+    assert data.place_visuals("Is <image> in <video>?", 1, True) == ("Is <image> in <image>?", ["image", "video"])
 
 
 def test_two_images_and_a_video_from_the_command_line(tiny, tmp_path, capsys):
@@ -93,7 +96,7 @@ def test_two_images_and_a_video_from_the_command_line(tiny, tmp_path, capsys):
     assert len(gif) == 3 and all(f.size == (40, 40) for f in gif)  # GIF frames are palette-quantised copies
     visuals = process_images([a, b], model.cfg) + [process_video(gif, model.cfg)]
     prompt = render_prompt("qwen_1_5", [("user", "Between <image> and <image>, what moves in <image>?")])
-    expected = list(infer.generate(model, tokenize(tokenizer, prompt, [v.num_tokens for v in visuals]), visuals,
+    expected = list(generation.generate(model, tokenize(tokenizer, prompt, [v.num_tokens for v in visuals]), visuals,
                                    max_new_tokens=5))
     assert result["output_token_ids"] == expected
 

@@ -9,7 +9,7 @@ from conftest import photo
 import tiny_checkpoints as tc
 from anyres import process_image, process_images, process_video, video_tokens
 from convert import load_pretrained
-from infer import generate
+from generate import generate
 from model import IMAGE_TOKEN, KVCache
 
 TOL = 1e-4

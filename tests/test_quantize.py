@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import generate as generation
+
 import infer
 import quantize
 from convert import load_pretrained, load_tokenizer
@@ -98,7 +100,7 @@ def test_int8_weights_are_a_quarter_of_fp32(smollm2):
 def test_int8_keeps_the_greedy_tokens(smollm2):
     _, full, int8, tokenizer = smollm2
     ids = prompt(tokenizer, "What is the capital of France?")
-    assert list(infer.generate(int8, ids, max_new_tokens=16)) == list(infer.generate(full, ids, max_new_tokens=16))
+    assert list(generation.generate(int8, ids, max_new_tokens=16)) == list(generation.generate(full, ids, max_new_tokens=16))
 
 
 @pytestmark_smollm2

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import photo
 
+import generate as generation
+
 import infer
 import serve
 from convert import load_pretrained, load_tokenizer
@@ -46,9 +48,9 @@ def test_later_turns_prefill_only_their_tokens_and_match_a_fresh_generation(next
 
     history = session.ids[:n2]  # everything up to turn 2's generation prompt
     assert IMAGE_TOKEN in history and len(first) == len(second) == 4
-    assert list(infer.generate(model, history, session.images[:1], max_new_tokens=4)) == second
+    assert list(generation.generate(model, history, session.images[:1], max_new_tokens=4)) == second
     history3 = session.ids[:len(session.ids) - len(third)]
-    assert list(infer.generate(model, history3, session.images, max_new_tokens=4)) == third
+    assert list(generation.generate(model, history3, session.images, max_new_tokens=4)) == third
 
 
 def test_turn_text_follows_the_template_and_the_system_message(next_llama):
@@ -121,7 +123,7 @@ def test_question_file_resumes_after_the_answers_it_has(tiny, question_file, tmp
     partial = tmp_path / "partial.jsonl"  # two answers, then a line torn by a killed run
     partial.write_text(json.dumps(full[3]) + "\n" + json.dumps(full[0]) + "\n" + '{"question_id": 1, "te')
     asked = []
-    generate_batch = infer.generate_batch
+    generate_batch = generation.generate_batch
     monkeypatch.setattr(infer, "generate_batch", lambda m, prompts, *a, **k: asked.append(len(prompts)) or generate_batch(m, prompts, *a, **k))
     resumed = run_file(folder, question_file, partial, "--batch-size", "3")
     assert sum(asked) == 4  # questions 1, 2, 4 and text-only

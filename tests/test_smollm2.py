@@ -5,6 +5,8 @@ logits as transformers' LlamaForCausalLM and answers simple questions sensibly."
 import pytest
 import torch
 
+import generate as generation
+
 import infer
 from convert import load_pretrained, load_tokenizer
 from gguf_bridge.convert_gguf import convert, gguf_path
@@ -60,4 +62,4 @@ def test_greedy_tokens_match_transformers(smollm2):
     ids = torch.tensor([prompt])
     with torch.no_grad():
         theirs = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=2)[0, len(prompt):]
-    assert list(infer.generate(model, prompt, max_new_tokens=16)) == theirs.tolist()
+    assert list(generation.generate(model, prompt, max_new_tokens=16)) == theirs.tolist()

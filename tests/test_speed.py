@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import photo
 
-import infer
+import generate as generation
 from anyres import process_image
 from convert import load_pretrained
 from model import IMAGE_TOKEN, KVCache
@@ -55,7 +55,7 @@ def eager_and_static(model, ids, images, steps, step_fn, max_len):
 
 def test_static_cache_step_equals_dynamic_cache(qwen):
     ids, images = prompt(qwen, [(45, 30)], (5, 6, 7, 8))
-    (tokens, logits), (static_tokens, static_logits) = eager_and_static(qwen, ids, images, 10, infer.decode_step, len(ids) + 10)
+    (tokens, logits), (static_tokens, static_logits) = eager_and_static(qwen, ids, images, 10, generation.decode_step, len(ids) + 10)
     assert static_tokens == tokens
     assert (static_logits - logits).abs().max() <= 1e-5
 
@@ -67,7 +67,7 @@ compiler = pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++"
 @compiler
 def test_compiled_step_equals_eager_without_recompiling(qwen):
     torch._dynamo.reset()
-    step = infer.compiled_decode_step("cpu")
+    step = generation.compiled_decode_step("cpu")
     ids, images = prompt(qwen, [(30, 70)], (5, 6, 7, 8))
     with torch._dynamo.config.patch(error_on_recompile=True):  # a new graph for a later token would raise
         # 256 slots: the size generate() rounds this prompt's cache up to, so the graph serves it too
@@ -76,7 +76,7 @@ def test_compiled_step_equals_eager_without_recompiling(qwen):
     assert (compiled_logits - logits).abs().max() <= 1e-4
     # through generate(): the same tokens, and one cache shape (rounded to 256 slots) means one graph
     with torch._dynamo.config.patch(error_on_recompile=True):
-        assert list(infer.generate(qwen, ids, images, max_new_tokens=10, compile=True)) == tokens
+        assert list(generation.generate(qwen, ids, images, max_new_tokens=10, compile=True)) == tokens
 
 
 def batch_prompts(model):
@@ -88,17 +88,17 @@ def batch_prompts(model):
 
 def test_batch_equals_one_by_one(qwen):
     prompts = batch_prompts(qwen)
-    alone = [list(infer.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
+    alone = [list(generation.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
     assert len({len(ids) for ids, _ in prompts}) == 3  # really padded
-    batched = infer.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts], max_new_tokens=8)
+    batched = generation.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts], max_new_tokens=8)
     assert batched == alone
 
 
 def test_batch_stops_each_row_at_its_stop_token(qwen):
     prompts = batch_prompts(qwen)
-    alone = [list(infer.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
+    alone = [list(generation.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
     stop = alone[1][2]  # the text-only prompt's third token
-    batched = infer.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts],
+    batched = generation.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts],
                                    max_new_tokens=8, stop_ids={stop})
     for row, full in zip(batched, alone):
         expected = full[:full.index(stop) + 1] if stop in full else full
@@ -108,7 +108,7 @@ def test_batch_stops_each_row_at_its_stop_token(qwen):
 @compiler
 def test_compiled_batch_equals_one_by_one(qwen):
     prompts = batch_prompts(qwen)
-    alone = [list(infer.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
-    batched = infer.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts],
+    alone = [list(generation.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
+    batched = generation.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts],
                                    max_new_tokens=8, compile=True)
     assert batched == alone

@@ -13,6 +13,8 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
+import generate as generation
+
 import infer  # noqa: E402
 import tensor_parallel  # noqa: E402
 from anyres import process_image  # noqa: E402
@@ -29,7 +31,7 @@ def cases(model, image_path) -> dict:
                               ("image", [5, 6] + [IMAGE_TOKEN] * image.num_tokens + [7, 8, 9], [image])):
         with torch.inference_mode():
             logits = model(torch.tensor([ids]), images)
-        out[name] = (logits, list(infer.generate(model, ids, images, max_new_tokens=6)))
+        out[name] = (logits, list(generation.generate(model, ids, images, max_new_tokens=6)))
     return out
 
 

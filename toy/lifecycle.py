@@ -209,8 +209,8 @@ def visuals(record, cfg, folder: Path, blank: bool):
 def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, batch: int = 50):
     """Share of one-word answers right, greedy, overall and per question type; `blank` swaps each image for a black
     one of the same size (same token count), which no model can answer from. Prompts go `batch` at a time through
-    infer.generate_batch (left-padded: the same greedy answers as one at a time, in fewer passes)."""
-    from infer import generate_batch
+    generate.generate_batch (left-padded: the same greedy answers as one at a time, in fewer passes)."""
+    from generate import generate_batch
 
     model.eval()
     stop = stop_token_ids(tokenizer, "qwen_1_5")
