@@ -124,7 +124,7 @@ def test_question_file_resumes_after_the_answers_it_has(tiny, question_file, tmp
     partial.write_text(json.dumps(full[3]) + "\n" + json.dumps(full[0]) + "\n" + '{"question_id": 1, "te')
     asked = []
     generate_batch = generation.generate_batch
-    monkeypatch.setattr(infer, "generate_batch", lambda m, prompts, *a, **k: asked.append(len(prompts)) or generate_batch(m, prompts, *a, **k))
+    monkeypatch.setattr(generation, "generate_batch", lambda m, prompts, *a, **k: asked.append(len(prompts)) or generate_batch(m, prompts, *a, **k))
     resumed = run_file(folder, question_file, partial, "--batch-size", "3")
     assert sum(asked) == 4  # questions 1, 2, 4 and text-only
     assert sorted(map(str, (r["question_id"] for r in resumed))) == sorted(map(str, (r["question_id"] for r in full)))

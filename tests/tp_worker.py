@@ -49,8 +49,12 @@ def main(argv):
         results[folder] = cases(model, image_path)
     if tensor_parallel.rank() == 0:
         torch.save(results, out)
+    # one process group for the whole run: infer.main ends its group (tensor_parallel.finish), and a group created
+    # again on the same port can race the old one's shutdown, which no real run (one infer.main per process) does
+    finish, tensor_parallel.finish = tensor_parallel.finish, lambda: None
     for folder in folders:
         infer.main(cli_args(folder, image_path) + flags)
+    finish()
 
 
 if __name__ == "__main__":
