@@ -259,16 +259,7 @@ def _learn_merges(alphabet_map: dict[int, str], n_merges: int) -> list[tuple[str
             break
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
         merges.append(best)
-        for w in words:
-            s, out, i = seqs[w], [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = out
+        _apply_merge(seqs, best)
     # pad with distinct 2-char merges of single bytes if the corpus ran out (it does not for 59/60 merges)
     alphabet = [alphabet_map[i] for i in sorted(alphabet_map)]
     have = {a + b for a, b in merges} | set(alphabet)
@@ -280,6 +271,20 @@ def _learn_merges(alphabet_map: dict[int, str], n_merges: int) -> list[tuple[str
                 merges.append((a, b))
                 have.add(a + b)
     return merges
+
+
+def _apply_merge(seqs: dict, best: tuple[str, str]):
+    """Join every adjacent occurrence of the pair `best` in each word's symbol list, left to right."""
+    for w, s in seqs.items():
+        out, i = [], 0
+        while i < len(s):
+            if i + 1 < len(s) and (s[i], s[i + 1]) == best:
+                out.append(s[i] + s[i + 1])
+                i += 2
+            else:
+                out.append(s[i])
+                i += 1
+        seqs[w] = out
 
 
 def _learn_piece_merges(letters: list[str], n_merges: int) -> list[tuple[str, str]]:
@@ -300,16 +305,7 @@ def _learn_piece_merges(letters: list[str], n_merges: int) -> list[tuple[str, st
                     pairs[(a, b)] += c
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
         merges.append(best)
-        for w in words:
-            s, out, i = seqs[w], [], 0
-            while i < len(s):
-                if i + 1 < len(s) and (s[i], s[i + 1]) == best:
-                    out.append(s[i] + s[i + 1])
-                    i += 2
-                else:
-                    out.append(s[i])
-                    i += 1
-            seqs[w] = out
+        _apply_merge(seqs, best)
     return merges
 
 
