@@ -250,11 +250,7 @@ def _learn_merges(alphabet_map: dict[int, str], n_merges: int) -> list[tuple[str
     seqs = {w: list(w) for w in words}
     merges: list[tuple[str, str]] = []
     while len(merges) < n_merges:
-        pairs: Counter = Counter()
-        for w, c in words.items():
-            s = seqs[w]
-            for a, b in zip(s, s[1:]):
-                pairs[(a, b)] += c
+        pairs = _count_pairs(words, seqs)
         if not pairs:
             break
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
@@ -271,6 +267,17 @@ def _learn_merges(alphabet_map: dict[int, str], n_merges: int) -> list[tuple[str
                 merges.append((a, b))
                 have.add(a + b)
     return merges
+
+
+def _count_pairs(words: Counter, seqs: dict, keep=lambda a, b: True) -> Counter:
+    """How often each adjacent symbol pair that `keep` accepts occurs, weighted by word frequency."""
+    pairs: Counter = Counter()
+    for w, c in words.items():
+        s = seqs[w]
+        for a, b in zip(s, s[1:]):
+            if keep(a, b):
+                pairs[(a, b)] += c
+    return pairs
 
 
 def _apply_merge(seqs: dict, best: tuple[str, str]):
@@ -297,12 +304,7 @@ def _learn_piece_merges(letters: list[str], n_merges: int) -> list[tuple[str, st
     seqs = {w: list(w) for w in words}
     merges: list[tuple[str, str]] = []
     while len(merges) < n_merges:
-        pairs: Counter = Counter()
-        for w, c in words.items():
-            s = seqs[w]
-            for a, b in zip(s, s[1:]):
-                if all(ch in letters for ch in a + b):
-                    pairs[(a, b)] += c
+        pairs = _count_pairs(words, seqs, keep=lambda a, b: all(ch in letters for ch in a + b))
         best = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))[0]
         merges.append(best)
         _apply_merge(seqs, best)
