@@ -647,10 +647,13 @@ def main(argv=None):
         import plot
 
         return plot.main([a for a in argv if a != "--plot"])
-    if not argv:
-        from toy.lifecycle import life_cycle
+    if not argv or (argv[0] == "--seed" and len(argv) == 2):  # the embedded default: the toy life cycle
+        from toy.lifecycle import ToyRun, life_cycle
 
-        return life_cycle(trainer=sys.modules[__name__])
+        seed = int(argv[1]) if argv and argv[1].isdigit() else 0 if not argv else None
+        if seed is None:
+            raise SystemExit(f"error: --seed {argv[1]!r}: expected a whole number, e.g. python train.py --seed 1")
+        return life_cycle(sys.modules[__name__], ToyRun(out="runs/toy" if seed == 0 else f"runs/toy-seed{seed}", seed=seed))
     cfg = parse_args(argv)
     try:
         if cfg.plan:

@@ -8,13 +8,14 @@
     stage 1 / 1.5 / 2          train.train, exactly as the real recipes run it: projector only on captions (plain
                                template), then projector and LLM on detailed captions, then on multi-turn VQA
                                (qwen_1_5 template), AnyRes on throughout; the tower stays frozen after stage 0
-    Interleave                 continue from stage 2 on two-image and 3-frame video questions (formats mixed) with
-                               single-image replay, the tower frozen, as NeXT-Interleave continues a stage-2 model
+    (Interleave)               with ToyRun.stages "1,1.5,2,interleave" (toy/ablations.py): continue from stage 2 on
+                               two-image and 3-frame video questions (formats mixed) with single-image replay, as
+                               NeXT-Interleave continues a stage-2 model; not in the default (near chance at this size)
     evaluation                 greedy answers to held-out questions on new scenes, and on the same scenes blanked;
-                               then the two-image ("which has more shapes?") and motion ("which way?") sets
+                               after an Interleave stage, the two-image ("which has more shapes?") and motion sets
 
 The last line printed is `toy: held-out accuracy A, blank-image accuracy B, wall S s` (scripts read it). Then
-`python infer.py runs/toy/data/images/eval_000000.png "What color is the circle?" --model runs/toy/interleave/final`.
+`python infer.py runs/toy/data/images/eval_000000.png "What color is the circle?" --model runs/toy/stage2/final`.
 """
 
 import json
@@ -41,23 +42,41 @@ from model import Llava, LlavaConfig, TextConfig, VisionConfig, VisionTower, ini
 class ToyRun:
     out: str = "runs/toy"
     seed: int = 0
-    n_train: int = 20000
+    n_train: int = 10000  # scenes (stage 2 sees about one epoch of them)
     n_eval: int = 1000
     # model: a CLIP-style tower (48 px crops, 16 px patches = one scene cell each) and a Llama-style decoder
     vision_width: int = 128
     vision_layers: int = 3  # used by LLaVA; the saved tower has one more, as CLIP's hidden state -2 implies
-    text_width: int = 192
+    text_width: int = 192  # 128 (4 heads) ran 1.8x faster but never learned the letter and shape questions
+    text_heads: int = 6  # of head_dim text_width / text_heads, sharing 2 key/value heads
     text_layers: int = 4
-    # steps per stage (batch 32), chosen by the runs in docs/toy-results.md
-    stage0_vision_steps: int = 300  # until the per-patch labels are all right (loss ~0)
+    # stage 0: the stand-ins (see stage0_vision)
+    stage0_vision_steps: int = 250  # until the per-patch labels are all right (loss ~0.01)
+    stage0_images: int = 16  # scenes per stage-0 step
+    stage0_position_std: float = 0.3
     # 0: the "pretrained LLM" is the random initialisation, saved and loaded like any base LLM (pretraining it on
     # the toy's text alone slowed its learning to look: docs/toy-results.md)
     stage0_text_steps: int = 0
-    stage1_steps: int = 40
-    stage15_steps: int = 60
-    stage2_steps: int = 750  # the most that keeps the whole life cycle under 10 minutes on 2 cores
-    interleave_steps: int = 30
-    batch: int = 32
+    # stages 1-2 and Interleave, batch 8: per sample seen, 8 learned far faster than 32 (docs/toy-results.md)
+    batch: int = 8
+    stage1_steps: int = 80
+    stage15_steps: int = 240
+    stage2_steps: int = 1200
+    interleave_steps: int = 200
+    stage1_lr: float = 2e-3
+    stage15_lr: float = 1e-3
+    stage2_lr: float = 7e-4
+    interleave_lr: float = 7e-4
+    # what runs after stage 0 (STAGES), each stage continuing from the one before. The Interleave stage is not in the
+    # default: its two-image and video questions stay near chance in the toy (docs/toy-results.md)
+    stages: str = "1,1.5,2"
+    image_aspect_ratio: str = "anyres"  # of every stage after stage 0 (the ablations try "pad")
+    token_threshold: int = 0  # Higher-AnyRes tau (0: none)
+    image_placement: str = "mixed"  # the Interleave stage's two-image records: "front" | "interleaved" | "mixed"
+    data: str = ""  # the data folder ("": OUT/data), made if missing
+    stage0: str = ""  # stage 0's folder ("": OUT/stage0), made if missing or made with other settings
+    blank_eval: bool = True  # also score the held-out questions on blanked images
+    quiet: bool = False  # no progress bars
 
 
 GRID_PINPOINTS = "[[48, 96], [48, 144]]"  # the toy's AnyRes canvases, as (w, h): one crop wide
@@ -70,7 +89,8 @@ def tower_config(run: ToyRun) -> VisionConfig:
 
 def decoder_config(run: ToyRun, vocab_size: int) -> TextConfig:
     return TextConfig(vocab_size=vocab_size, hidden_size=run.text_width, intermediate_size=4 * run.text_width // 3 * 2,
-                      num_layers=run.text_layers, num_heads=6, num_kv_heads=2, head_dim=run.text_width // 6,
+                      num_layers=run.text_layers, num_heads=run.text_heads, num_kv_heads=2,
+                      head_dim=run.text_width // run.text_heads,
                       rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=1024)
 
 
@@ -81,21 +101,21 @@ def decoder_config(run: ToyRun, vocab_size: int) -> TextConfig:
 def stage0_vision(run: ToyRun, data: Path, folder: Path, lr_factor):
     """Train the tower as the stand-in for a pretrained CLIP, then save it as a CLIP vision-model folder.
 
-    This is the toy's own stand-in, not LLaVA: real LLaVA starts from a CLIP or SigLIP that already sees. Two heads
-    read the features LLaVA will use:
-    - content, CLIP-style: a crop patch's feature must point at the embedding of what its cell holds (nothing, one
-      of the 12 colour-shape objects, or one of the 6 letters) more than at any other, by cosine, as CLIP's image
-      embedding points at its caption's;
-    - column: which of its view's 3 patch columns an object lies in, on the crops and on the base view (the scenes
-      are one crop wide, so in both views that is the object's third of the image). Only object patches are
-      labelled, so that the "where" code rides on the objects' own tokens.
-    The position embedding starts at std 0.1 instead of 0.02, so that the column head can learn within 300 steps.
-    Why each choice: docs/toy-results.md."""
+    Everything the toy does that LLaVA does not is here (real LLaVA starts from a CLIP or SigLIP that already sees):
+    - a content head, CLIP-style: a crop patch's feature must point, by cosine, at the embedding of what its cell
+      holds (nothing, one of the 12 colour-shape objects, or one of the 6 letters) more than at any other class;
+    - a column head: which of its view's 3 patch columns an object lies in, on the crops and the base view (the
+      scenes are one crop wide, so that is the object's third of the image): a real CLIP's patch features carry
+      where they are, a tower trained on contents alone keeps too little of it to answer "left, middle or right";
+    - the position embedding starts at std 0.3 instead of CLIP's 0.02, so that the column head is learned at every
+      seed within the steps (at 0.1 some seeds' towers told the columns apart in crops 0.79 of the time);
+    - after stage 0 the tower stays frozen (trained further, it washed the column code out).
+    Measurements behind each: docs/toy-results.md."""
     labels = np.load(data / "stage0.npz")
     cfg = LlavaConfig(vision=tower_config(run), image_aspect_ratio="anyres", grid_pinpoints=json.loads(GRID_PINPOINTS))
     tower = init_fresh(_meta(VisionTower, cfg.vision))
     with torch.no_grad():
-        tower.position_embedding.weight.normal_(0, 0.1)
+        tower.position_embedding.weight.normal_(0, run.stage0_position_std)
     C, S, L = (len(labels[f"{k}_names"]) for k in ("color", "shape", "letter"))  # class tables, "none" first
     classes = nn.Parameter(torch.randn(C * S + L, run.vision_width))  # (K, D): empty, colour x shape, then letters
     column = nn.Linear(run.vision_width, 3)
@@ -103,7 +123,7 @@ def stage0_vision(run: ToyRun, data: Path, folder: Path, lr_factor):
     rng = np.random.default_rng(run.seed)
     for step in range(run.stage0_vision_steps):
         pixels, contents, columns, base, base_columns = [], [], [], [], []
-        for i in rng.choice(len(labels["image"]), run.batch // 2, replace=False):
+        for i in rng.choice(len(labels["image"]), run.stage0_images, replace=False):
             image = process_image(load_image(data / str(labels["image"][i])), cfg)
             cols, rows = image.grid
             pixels.append(image.pixels[1:])  # the crops
@@ -232,60 +252,100 @@ def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, b
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def life_cycle(trainer, run: ToyRun = ToyRun()):
-    """Every stage, then the evaluation. `trainer` is train.py itself, handed in by its main() so that the two files
-    do not import each other: its `train`, `TrainConfig` and `lr_factor` run the stages exactly as the recipes."""
+# The stages after stage 0, each continuing from the one before it (the first from stage 0's tower and decoder):
+# name -> (output folder, data file, template, the ToyRun fields of its steps and lr)
+STAGES = {
+    "1": ("stage1", "pretrain.json", "plain", "stage1_steps", "stage1_lr"),
+    "1.5": ("stage1.5", "recap.json", "qwen_1_5", "stage15_steps", "stage15_lr"),
+    "2": ("stage2", "instruct.json", "qwen_1_5", "stage2_steps", "stage2_lr"),
+    # NeXT-Interleave: two-image and video questions (in front and interleaved, mixed) with single-image replay
+    "interleave": ("interleave", "interleave.json", "qwen_1_5", "interleave_steps", "interleave_lr"),
+}
+
+
+def stage_configs(trainer, run: ToyRun, data: Path, stage0: Path) -> list:
+    """One TrainConfig per stage of run.stages, exactly as the recipes run them (the tower frozen: see stage0_vision)."""
+    out, previous, configs = Path(run.out), None, []
+    knobs = {"token_threshold": run.token_threshold} if run.token_threshold else {}
+    for name in run.stages.split(","):
+        folder, records, template, steps, lr = STAGES[name]
+        start = dict(model=str(previous / "final")) if previous else dict(llm=str(stage0 / "llm"),
+                                                                           vision_tower=str(stage0 / "tower"))
+        configs.append(trainer.TrainConfig(
+            stage="1" if name == "1" else "2" if name == "interleave" else name, **start, data=str(data / records),
+            image_folder=str(data), template=template, lr=getattr(run, lr), max_steps=getattr(run, steps),
+            freeze_vision_tower=True, output_dir=str(out / folder), global_batch_size=run.batch,
+            micro_batch_size=run.batch, max_len=512, seed=run.seed, save_every=10_000, keep_last=1,
+            image_aspect_ratio=run.image_aspect_ratio, grid_pinpoints=GRID_PINPOINTS, knobs=knobs,
+            image_placement=run.image_placement, frames=world.VIDEO_FRAMES, quiet=run.quiet))
+        previous = out / folder
+    return configs
+
+
+STAGE0_FIELDS = ("seed", "vision_width", "vision_layers", "text_width", "text_heads", "text_layers", "stage0_vision_steps",
+                 "stage0_images", "stage0_position_std", "stage0_text_steps")  # the ToyRun fields stage 0 depends on
+
+
+def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
+    """The data set and stage 0's stand-ins, each made only if missing or made with other settings:
+    (data folder, stage-0 folder)."""
+    data = Path(run.data or Path(run.out) / "data")
+    wanted = json.loads(json.dumps(world.manifest(world.ToyConfig(), run.n_train, run.n_eval, run.seed)))  # as read back
+    if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
+        world.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed, progress=not run.quiet)
+    stage0 = Path(run.stage0 or Path(run.out) / "stage0")
+    made_with = {k: getattr(run, k) for k in STAGE0_FIELDS} | {"data": wanted}
+    stamp = stage0 / "made_with.json"
+    if not stamp.exists() or json.loads(stamp.read_text()) != made_with:
+        from tokenizers import Tokenizer
+
+        torch.manual_seed(run.seed)
+        log(f"stage 0: vision tower, final loss {stage0_vision(run, data, stage0 / 'tower', trainer.lr_factor):.3f}")
+        text_loss = stage0_text(run, data, Tokenizer.from_file(str(data / "tokenizer.json")), stage0 / "llm")
+        log(f"stage 0: language model, {f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
+        stamp.write_text(json.dumps(made_with) + "\n")
+    return data, stage0
+
+
+def evaluate(model, tokenizer, data: Path, run: ToyRun) -> dict:
+    """Held-out accuracy (overall and per type), on the same scenes blanked, and on the two-image and video sets when
+    the model was trained on them."""
+    records = json.loads((data / "eval.json").read_text())
+    scores = {"visual_tokens": float(np.mean([process_image(load_image(data / r["image"]), model.cfg).num_tokens
+                                               for r in records[:100]]))}
+    scores["heldout"], scores["per_type"] = vqa_accuracy(model, tokenizer, records, data)
+    if run.blank_eval:
+        scores["blank"], _ = vqa_accuracy(model, tokenizer, records, data, blank=True)
+    if "interleave" in run.stages.split(","):  # NeXT-Interleave's inputs: two images, and a 3-frame video
+        for kind in ("compare", "motion"):
+            scores[kind], _ = vqa_accuracy(model, tokenizer, json.loads((data / f"eval_{kind}.json").read_text()), data)
+    return scores
+
+
+def life_cycle(trainer, run: ToyRun = ToyRun()) -> dict:
+    """Every stage, then the evaluation; returns the scores. `trainer` is train.py itself, handed in by its main() so
+    that the two files do not import each other: its `train`, `TrainConfig` and `lr_factor` run the stages exactly as the
+    recipes."""
     from tokenizers import Tokenizer
 
     from convert import load_pretrained
 
     start = time.perf_counter()
-    torch.manual_seed(run.seed)
-    out = Path(run.out)
-    data = out / "data"
-    wanted = json.loads(json.dumps(world.manifest(world.ToyConfig(), run.n_train, run.n_eval, run.seed)))  # as read back
-    if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
-        world.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed)  # new, changed or incomplete
-    tokenizer = Tokenizer.from_file(str(data / "tokenizer.json"))
     log = lambda msg: print(f"[{time.perf_counter() - start:6.1f} s] {msg}", flush=True)  # noqa: E731
-    log(f"stage 0: vision tower, final loss {stage0_vision(run, data, out / 'stage0' / 'tower', trainer.lr_factor):.3f}")
-    text_loss = stage0_text(run, data, tokenizer, out / "stage0" / "llm")
-    log(f"stage 0: language model, {f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
-
-    common = dict(image_folder=str(data), global_batch_size=run.batch, micro_batch_size=run.batch, max_len=512,
-                  seed=run.seed, save_every=10_000, keep_last=1, image_aspect_ratio="anyres", grid_pinpoints=GRID_PINPOINTS)
-    stages = [
-        trainer.TrainConfig(stage="1", llm=str(out / "stage0" / "llm"), vision_tower=str(out / "stage0" / "tower"),
-                    data=str(data / "pretrain.json"), template="plain", lr=2e-3, max_steps=run.stage1_steps,
-                    output_dir=str(out / "stage1"), **common),
-        # the tower stays frozen from here on: trained further, it washed the column code out (docs/toy-results.md)
-        trainer.TrainConfig(stage="1.5", model=str(out / "stage1" / "final"), data=str(data / "recap.json"), template="qwen_1_5",
-                    lr=1e-3, freeze_vision_tower=True, max_steps=run.stage15_steps, output_dir=str(out / "stage1.5"),
-                    **common),
-        # lr 5e-4: at 1e-3 the decoder learned position or shape, not both (docs/toy-results.md)
-        trainer.TrainConfig(stage="2", model=str(out / "stage1.5" / "final"), data=str(data / "instruct.json"), template="qwen_1_5",
-                    lr=5e-4, freeze_vision_tower=True, max_steps=run.stage2_steps, output_dir=str(out / "stage2"),
-                    **common),
-        # NeXT-Interleave: continue the stage-2 model on two-image and video questions (in front and interleaved,
-        # mixed) with single-image replay, the tower frozen
-        trainer.TrainConfig(stage="2", model=str(out / "stage2" / "final"), data=str(data / "interleave.json"), template="qwen_1_5",
-                    lr=2e-4, freeze_vision_tower=True, max_steps=run.interleave_steps, image_placement="mixed",
-                    frames=world.VIDEO_FRAMES, output_dir=str(out / "interleave"), **common),
-    ]
-    for cfg in stages:
+    data, stage0 = prepare(run, trainer, log)
+    configs = stage_configs(trainer, run, data, stage0)
+    for cfg in configs:
+        torch.manual_seed(run.seed)
         trainer.train(cfg)
         last = json.loads((Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])
         log(f"{Path(cfg.output_dir).name}: {cfg.max_steps} steps, final loss {last['loss']:.3f}")
 
-    model, _ = load_pretrained(str(out / "interleave" / "final"))
-    records = json.loads((data / "eval.json").read_text())
-    accuracy, per_type = vqa_accuracy(model, tokenizer, records, data)
-    blank, _ = vqa_accuracy(model, tokenizer, records, data, blank=True)
-    log("held-out accuracy per type: " + ", ".join(f"{t} {a:.2f}" for t, a in per_type.items()))
-    # NeXT-Interleave's inputs: two images in one prompt, and a 3-frame video (chance 0.50 and 0.25)
-    interleave = {kind: json.loads((data / f"eval_{kind}.json").read_text()) for kind in ("compare", "motion")}
-    scores = {kind: (vqa_accuracy(model, tokenizer, recs, data)[0], vqa_accuracy(model, tokenizer, recs, data, blank=True)[0])
-              for kind, recs in interleave.items()}
-    print(f"toy: multi-image accuracy {scores['compare'][0]:.2f} (blank {scores['compare'][1]:.2f}), "
-          f"motion accuracy {scores['motion'][0]:.2f} (blank {scores['motion'][1]:.2f})")
-    print(f"toy: held-out accuracy {accuracy:.2f}, blank-image accuracy {blank:.2f}, wall {time.perf_counter() - start:.0f} s")
+    model, _ = load_pretrained(configs[-1].output_dir + "/final")
+    scores = evaluate(model, Tokenizer.from_file(str(data / "tokenizer.json")), data, run)
+    scores["wall"] = time.perf_counter() - start
+    log("held-out accuracy per type: " + ", ".join(f"{t} {a:.2f}" for t, a in scores["per_type"].items()))
+    if "compare" in scores:
+        print(f"toy: multi-image accuracy {scores['compare']:.2f}, motion accuracy {scores['motion']:.2f}")
+    print(f"toy: held-out accuracy {scores['heldout']:.2f}, blank-image accuracy {scores.get('blank', float('nan')):.2f}, "
+          f"wall {scores['wall']:.0f} s")
+    return scores
