@@ -9,7 +9,7 @@ The stages (which parameters learn is `set_trainable`):
     1.5  the whole model, on high-quality detailed captions (OneVision's "mid" stage)
     2    the whole model, on instructions; --freeze-vision-tower keeps the tower fixed (LLaVA-1.5, Interleave)
 
-    python train.py                                  the toy life cycle on CPU (toy/lifecycle.py; data from toy/world.py)
+    python train.py [--seed N]                       the toy life cycle on CPU (toy/lifecycle.py; data from toy/world.py)
     python train.py --recipe llava-v1.5-stage1       a real stage (RECIPES below; flags override its values)
     torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final
              --data mix.json --image-folder /data --fsdp --bf16
