@@ -72,7 +72,6 @@ def test_records_follow_the_llava_format(out, scenes):
     n_text = sum("image" not in r and "video" not in r for r in instruct)
     assert n_text == round(N_TRAIN * CFG.p_text_only / (1 - CFG.p_text_only)) > 0
     assert max(len(r["conversations"]) for r in instruct) == 2 * CFG.max_turns
-    assert min(len(r["conversations"]) for r in instruct if "image" in r) == 2 * CFG.min_turns
     assert {r["image"] for r in load(out, "pretrain")} == {r["image"] for r in load(out, "recap")}
     train = {r["image"] for r in instruct if isinstance(r.get("image"), str)}
     assert len(train) == N_TRAIN and not train & {r["image"] for r in load(out, "eval")}
@@ -164,31 +163,15 @@ def turn_shares(cfg: toy.ToyConfig, n: int = 2000):
     return {k: c / sum(turns.values()) for k, c in turns.items()}, letter_asked
 
 
-def test_stage_2_asks_several_questions_per_image_most_about_the_objects():
-    # every question a scene answers is a candidate turn, so scenes with several objects get several colour, shape and
-    # position questions (the ones that need one object's tokens picked out of several); letters are in half of the
-    # scenes and drawn like the others got half the count's share, so the default asks whenever it can
+def test_stage_2_asks_each_question_type_about_as_often():
+    # letters are in half of the scenes, so drawing the types uniformly gives them half the others' share (measured:
+    # stage 2 then answered one letter to every letter question in most runs); the default asks whenever it can
     shares, letter_asked = turn_shares(CFG)
     assert all(letter_asked) and len(letter_asked) > 800
     assert set(shares) == set(toy.QUESTION_TYPES)
-    assert all(0.12 < share < 0.32 for share in shares.values()), shares
-    assert shares["position"] > shares["count"] and shares["shape"] > shares["count"]
+    assert all(0.15 < share < 0.30 for share in shares.values()), shares
     uniform, letter_asked = turn_shares(toy.ToyConfig(always_ask_letter=False))
-    assert uniform["letter"] < 0.10 and not all(letter_asked)
-
-
-def test_every_question_lists_each_answerable_target_once():
-    scene = {"size": [48, 96], "background": 0, "letter": {"char": "K", "col": 0, "row": 0}, "objects": [
-        {"color": "red", "shape": "circle", "col": 1, "row": 0}, {"color": "red", "shape": "square", "col": 2, "row": 3},
-        {"color": "blue", "shape": "circle", "col": 0, "row": 5}]}
-    questions = toy.every_question(scene)
-    # colour: only the square's shape is unique; shape: only blue is unique; position: each of the three objects
-    assert [(t, x if not isinstance(x, dict) else x["color"] + " " + x["shape"]) for t, x in questions] == [
-        ("color", "square"), ("shape", "blue"), ("count", None), ("position", "red circle"),
-        ("position", "red square"), ("position", "blue circle"), ("letter", None)]
-    rng = __import__("random").Random(0)
-    assert [toy.QUESTION_TYPES[t](rng, scene, CFG, x)[1] for t, x in questions] == [
-        "red", "circle", "three", "middle", "right", "left", "K"]
+    assert uniform["letter"] < 0.13 and not all(letter_asked)
 
 
 def test_tokenizer_round_trips_chatml_and_has_fixed_special_ids(out):

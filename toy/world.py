@@ -20,8 +20,8 @@ Files under out_dir (byte-identical for the same arguments):
                     square." (4 prompt variants)
     recap.json      stage 1.5 (full model): "<image>\\nDescribe the image in detail." -> "There are two shapes. The
                     red circle is on the left. ... The letter K is written in the middle." (3 prompt variants)
-    instruct.json   stage 2 (full model): 2-5 VQA turns per image drawn from every question it answers (every_question;
-                    `<image>\\n` in the first human turn only) plus ~5% text-only trivia conversations with no "image" key
+    instruct.json   stage 2 (full model): 1-3 VQA turns per image (types distinct within a conversation, `<image>\\n` in
+                    the first human turn only) plus ~5% text-only trivia conversations with no "image" key
     interleave.json the Interleave stage (continues from stage 2): p_compare / p_motion x n_train two-image ("image":
                     [a, b]) and video ("video": a 3-frame GIF under videos/) records, "Which image has more shapes?",
                     "Which way does the red circle move?", and as many single-image instruct records replayed
@@ -86,12 +86,9 @@ class ToyConfig:
     p_letter: float = 0.5  # share of scenes with a letter
     margin: int = 1  # px between an object and its cell's border
     max_background: int = 24  # the background is grey level 0..max_background
-    # VQA turns per instruct conversation, drawn from every question the scene answers (several colour, shape and
-    # position questions when it has several objects): the turns share one image's tokens, so more answers per step
-    min_turns: int = 2
-    max_turns: int = 5
-    # Ask the letter question in every scene that has a letter: drawn like the others, letters got too few turns to
-    # be told apart (docs/toy-results.md)
+    max_turns: int = 3  # VQA turns per instruct conversation: 1..max_turns
+    # Ask the letter question in every scene that has a letter, so that it gets about the share of turns each other
+    # type gets (25% against 19%) instead of half of it (docs/toy-results.md, "Letters")
     always_ask_letter: bool = True
     p_text_only: float = 0.05  # share of instruct records that are text-only trivia
     # the Interleave stage's data (interleave.json), per training image: two-image records ("which has more
@@ -204,37 +201,37 @@ def unique(objects, key):
     return sorted(v for v in set(values) if values.count(v) == 1)
 
 
-def ask_color(rng, scene, cfg, shape=None):
+def ask_color(rng, scene, cfg):
     shapes = unique(scene["objects"], "shape")
     if not shapes:
         return None
-    s = shape or rng.choice(shapes)
+    s = rng.choice(shapes)
     q = rng.choice(["What color is the {}?", "Which color does the {} have?"]).format(s)
     return q, next(o["color"] for o in scene["objects"] if o["shape"] == s)
 
 
-def ask_shape(rng, scene, cfg, color=None):
+def ask_shape(rng, scene, cfg):
     colors = unique(scene["objects"], "color")
     if not colors:
         return None
-    c = color or rng.choice(colors)
+    c = rng.choice(colors)
     q = rng.choice(["What shape is {}?", "What is the shape of the {} object?"]).format(c)
     return q, next(o["shape"] for o in scene["objects"] if o["color"] == c)
 
 
-def ask_count(rng, scene, cfg, _=None):
+def ask_count(rng, scene, cfg):
     q = rng.choice(["How many shapes are there?", "How many shapes are in the image?"])
     return q, NUMBERS[len(scene["objects"])]
 
 
-def ask_position(rng, scene, cfg, obj=None):
-    o = obj or rng.choice(scene["objects"])
+def ask_position(rng, scene, cfg):
+    o = rng.choice(scene["objects"])
     q = rng.choice(["Is the {} {} on the left, in the middle or on the right?",
                     "Where is the {} {}: left, middle or right?"]).format(o["color"], o["shape"])
     return q, position(o["col"], scene, cfg)
 
 
-def ask_letter(rng, scene, cfg, _=None):
+def ask_letter(rng, scene, cfg):
     if not scene["letter"]:
         return None
     return rng.choice(["What letter is written?", "Which letter is shown?"]), scene["letter"]["char"]
@@ -242,14 +239,6 @@ def ask_letter(rng, scene, cfg, _=None):
 
 QUESTION_TYPES = {"color": ask_color, "shape": ask_shape, "count": ask_count, "position": ask_position,
                   "letter": ask_letter}
-
-
-def every_question(scene) -> list:
-    """(type, target) of every question the scene answers: a colour question per shape only one object has, a shape
-    question per such colour, a position question per object, the count, and the letter if there is one."""
-    objects = scene["objects"]
-    return ([("color", s) for s in unique(objects, "shape")] + [("shape", c) for c in unique(objects, "color")]
-            + [("count", None)] + [("position", o) for o in objects] + [("letter", None)] * bool(scene["letter"]))
 
 
 def answer_words(cfg: ToyConfig) -> dict:
@@ -327,10 +316,11 @@ def train_sample(seed: int, i: int, cfg: ToyConfig):
     rng = random.Random(f"toy:{seed}:train:{i}")
     image, scene = render_scene(rng, cfg)
     path, sid = f"images/train_{i:06d}.png", f"train_{i:06d}"
-    questions = every_question(scene)
-    first = [q for q in questions if q[0] == "letter"] if cfg.always_ask_letter else []
-    turns = min(rng.randint(cfg.min_turns, cfg.max_turns), len(questions))
-    picked = first + rng.sample([q for q in questions if q not in first], turns - len(first))
+    # the types this scene can answer (a throwaway rng: only whether each can be asked matters here)
+    types = [t for t, ask in QUESTION_TYPES.items() if ask(random.Random(0), scene, cfg) is not None]
+    first = ["letter"] if cfg.always_ask_letter and "letter" in types else []
+    turns = rng.randint(1, min(cfg.max_turns, len(types)))
+    picked = first + rng.sample([t for t in types if t not in first], turns - len(first))
     rng.shuffle(picked)
     records = {
         "pretrain": {"id": sid, "image": path,
@@ -338,7 +328,7 @@ def train_sample(seed: int, i: int, cfg: ToyConfig):
         "recap": {"id": sid, "image": path,
                   "conversations": conversation([(rng.choice(RECAP_PROMPTS), detailed_caption(scene, cfg))])},
         "instruct": {"id": sid, "image": path,
-                     "conversations": conversation([QUESTION_TYPES[t](rng, scene, cfg, target) for t, target in picked])},
+                     "conversations": conversation([QUESTION_TYPES[t](rng, scene, cfg) for t in picked])},
     }
     return path, image, scene, records
 
