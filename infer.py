@@ -6,7 +6,8 @@
     against the KV cache until a stop token or --max-new-tokens.
 
 The answer streams to stdout; everything else goes to stderr. --json prints one JSON object instead.
---quantize int8 stores the decoder's matrices in int8 (quantize.py); `torchrun --nproc_per_node N infer.py ...`
+--quantize int8 stores the decoder's matrices in int8, int8-dynamic also rounds each token's activations to int8 (the
+fast CPU path; quantize.py); `torchrun --nproc_per_node N infer.py ...`
 splits the decoder over N processes, one GPU each or gloo on CPU (tensor_parallel.py); only rank 0 prints.
 """
 
@@ -53,8 +54,9 @@ def parse_args(argv):
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (OneVision: 32)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="int8 weight-only decoder and output head, quantised while loading (quantize.py)")
+    p.add_argument("--quantize", choices=quantize.MODES, default=None,
+                   help="int8: weight-only decoder and output head, quantised while loading (quantize.py); "
+                        "int8-dynamic: also each token's activations in int8, the fast path on a CPU")
     add_knob_flags(p)
     serve.add_flags(p)
     p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
@@ -133,10 +135,17 @@ def load_model(args, device: str, dtype, kinds):
     (--quantize) or split over the ranks of torchrun (tensor_parallel.py) as each weight is read."""
     parallel = tensor_parallel.world_size() > 1
     if parallel and args.quantize:
-        sys.exit("error: --quantize int8 does not combine with tensor parallelism yet: run it in one process "
-                 "(LLaVA-NeXT-72B in int8 fits one 141 GB GPU)")
+        sys.exit(f"error: --quantize {args.quantize} does not combine with tensor parallelism yet: run it in one "
+                 "process (LLaVA-NeXT-72B in int8 fits one 141 GB GPU)")
+    if args.quantize == "int8-dynamic" and (device != "cpu" or not quantize.dynamic_available()):
+        sys.exit("error: --quantize int8-dynamic runs on x86 CPUs (PyTorch's fbgemm kernels); "
+                 + ("on a GPU use --quantize int8" if device != "cpu" else "use --quantize int8 on this machine"))
+    if args.quantize == "int8-dynamic" and args.compile:
+        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile (on a CPU the "
+                 "compiled step does not pay) or use --quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
-               else quantize.int8_layers if args.quantize == "int8" else None)
+               else functools.partial(quantize.int8_layers, dynamic=args.quantize == "int8-dynamic")
+               if args.quantize else None)
     try:
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat,
                                         prepare=prepare)
@@ -145,7 +154,7 @@ def load_model(args, device: str, dtype, kinds):
         sys.exit(f"error: {e}")
     if parallel:
         tensor_parallel.shard_tied_head(model)
-    elif args.quantize == "int8":
+    elif args.quantize:
         quantize.quantize_tied_head(model)
     if kinds and model.vision_tower is None:
         sys.exit(f"error: {args.model} is a text-only model; it cannot take images or videos")

@@ -19,40 +19,60 @@ int8 matrix directly; its x86 kernels (AVX2, AVX-512) are vectorised for bfloat1
 to a scalar loop ~10x slower than fp32 MKL), so an fp32 model's activations are rounded to bf16 for the product
 and its result widened back. Elsewhere (CUDA) the plain dequantise-matmul F.linear(x, q.to(x.dtype)) * s, which
 torch.compile fuses into one kernel that reads int8 (eager, it materialises the matrix each call: slower than bf16).
+
+int8-dynamic (CPU): int8 weights, and each token's activations rounded to 8 bits on the fly, so that the product
+runs on int8 dot products (fbgemm's quantized::linear_dynamic; torchao calls it int8_dynamic_activation_int8_weight;
+llama.cpp rounds activations to 8 bits too, finer: a scale per 32 values). On an AVX2 CPU the weight-only kernel
+above converts every weight to float and is compute-bound; the int8 dot products keep up with the memory. The price
+is accuracy. fbgemm rounds x in one range, [min(x, 0), max(x, 0)] with 0 a level, for the whole (M, in) input: one
+token while decoding, so its own; for a prompt each row is first divided by its larger side (max |x|, signed), so
+that every token gets (nearly) its own. Its AVX2 kernel sums pairs of u8 x s8 products in int16: 255 * 63 * 2 fits
+and 255 * 127 * 2 does not, so the weights use 7 bits (|q| <= 63, s = max |W| / 63) and the activations all 8,
+which moves the logits less than 8-bit weights with 7-bit activations (the activations' rounding is the larger).
+Bound: a step of x is at most 2 max|x| / 255, and x_j moves by at most one (half of it rounding, half where fbgemm's
+integer zero point shifts the range), which adds  s_i 2 max|x| / 255 * sum_j |q_ij|  to the weights' s_i / 2 ||x||_1
+(x stays fp32: no bf16 terms); tests/test_quantize.py checks it layer by layer too.
 """
+
+import warnings
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+MODES = ("int8", "int8-dynamic")  # --quantize: weight-only; int8 weights and per-token int8 activations (CPU)
+DYNAMIC_QMAX = 63  # int8-dynamic's weights use 7 bits, so that its 8-bit activations never saturate (see above)
 
-def quantize_per_channel(w: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w (out, in) -> (q (out, in) int8, scales (out,) in `dtype`), symmetric, zero point 0."""
+
+def quantize_per_channel(w: torch.Tensor, dtype, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) -> (q (out, in) int8 in [-qmax, qmax], scales (out,) in `dtype`), symmetric, zero point 0."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
-    # divide by the scale as stored: rounded to bf16 it may be up to 2^-9 smaller than max/127, and max / scale still
-    # stays below 127.5, so the clamp never bites and every weight moves by at most scale / 2
-    q = torch.round(w / scales.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    scales = (w.abs().amax(dim=1) / qmax).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
+    # divide by the scale as stored: rounded to bf16 it may be up to 2^-9 smaller than max/qmax, and max / scale still
+    # stays below qmax + 1/2, so the clamp never bites and every weight moves by at most scale / 2
+    q = torch.round(w / scales.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
     return q, scales
 
 
 class Int8Linear(nn.Module):
-    """A drop-in for nn.Linear: `weight` int8 (out, in), `scales` (out,) and `bias` in the compute dtype.
+    """A drop-in for nn.Linear: `weight` int8 (out, in), `scales` (out,) and `bias` in the compute dtype; for
+    int8-dynamic `packed` holds the matrix instead, in fbgemm's layout (`weight` is None).
 
     Built on the meta device, its weight is a float placeholder of the checkpoint's shape, so that convert.py checks
     names and shapes as for any layer; `load_weight` then quantises the tensor read from the checkpoint, one layer at
     a time, so the full-precision model never exists in memory."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dynamic: bool = False):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.dynamic = in_features, out_features, dynamic
+        self.packed = None  # int8-dynamic: the int8 matrix in fbgemm's packed layout, which replaces `weight`
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device="meta"), requires_grad=False)
         self.register_buffer("scales", torch.empty(out_features, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype=None):
-        layer = cls(weight.shape[1], weight.shape[0], bias is not None)
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, dtype=None, dynamic=False):
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, dynamic)
         dtype = dtype or weight.dtype
         layer.load_weight("weight", weight, dtype, weight.device)
         if bias is not None:
@@ -62,14 +82,28 @@ class Int8Linear(nn.Module):
     def load_weight(self, name: str, tensor: torch.Tensor, dtype, device):
         """convert.load_weights hands each checkpoint tensor of this layer here instead of assigning it."""
         if name == "weight":
-            q, scales = quantize_per_channel(tensor.to(device), dtype)
-            self.weight = nn.Parameter(q, requires_grad=False)
+            q, scales = quantize_per_channel(tensor.to(device), dtype, DYNAMIC_QMAX if self.dynamic else 127)
             self.scales = scales
+            if self.dynamic:
+                self.packed, self.weight = pack_for_fbgemm(q, scales), None
+            else:
+                self.weight = nn.Parameter(q, requires_grad=False)
         else:
             self.bias = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
 
     def forward(self, x):  # (..., in) -> (..., out)
-        if x.device.type == "cpu" and self.in_features % 8 == 0:  # the kernel reads rows in aligned blocks of 8
+        if self.packed is not None:  # int8-dynamic
+            x2 = x.reshape(-1, self.in_features).float()  # (M, in)
+            if len(x2) == 1:  # one token (decoding): fbgemm's one range is already its own
+                y = torch.ops.quantized.linear_dynamic(x2, self.packed, False)  # False: 8-bit activations
+            else:  # a prompt: each row divided by its larger side, so that every token gets (nearly) its own range
+                lo, hi = x2.aminmax(dim=1, keepdim=True)  # (M, 1) each
+                major = torch.where(hi >= -lo, hi, lo)
+                major = torch.where(major == 0, 1.0, major)  # a row of zeros
+                y = torch.ops.quantized.linear_dynamic(x2 / major, self.packed, False) * major
+            y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        elif x.device.type == "cpu" and self.in_features % 8 == 0 and not torch.compiler.is_compiling():
+            # the kernel reads rows in aligned blocks of 8 (traced by torch.compile, the plain product below)
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in), see the module docstring
             if x2.data_ptr() % 16:  # a view into a row's middle: the kernel's aligned loads would fault
                 x2 = x2.clone()
@@ -80,19 +114,34 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{'int8-dynamic' if self.dynamic else 'int8'}")
 
 
-def int8_layers(model: nn.Module) -> nn.Module:
+def dynamic_available() -> bool:
+    """fbgemm's int8 kernels ship in PyTorch's x86 builds."""
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+def pack_for_fbgemm(q: torch.Tensor, scales: torch.Tensor):
+    """(out, in) int8 + (out,) scales -> fbgemm's packed matrix (its own copy; the caller drops q)."""
+    with warnings.catch_warnings():  # PyTorch marks its quantised tensor type deprecated; the packing needs one
+        warnings.filterwarnings("ignore", message="torch.quantize_per_tensor", category=UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(q.cpu(), scales.double().cpu(),
+                                                      torch.zeros(len(scales), dtype=torch.long), 0)
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def int8_layers(model: nn.Module, dynamic: bool = False) -> nn.Module:
     """Swap every nn.Linear of the language model, and the output head, for an Int8Linear; call on the meta-device
     model before its weights are loaded (convert.load_pretrained's `prepare`). A tied head has no matrix of its own
     yet: `quantize_tied_head` adds it once the embedding is loaded."""
     for module in list(model.language_model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, name, Int8Linear(child.in_features, child.out_features, child.bias is not None))
+                setattr(module, name, Int8Linear(child.in_features, child.out_features, child.bias is not None, dynamic))
     if isinstance(model.lm_head, nn.Linear):
-        model.lm_head = Int8Linear(model.lm_head.in_features, model.lm_head.out_features)
+        model.lm_head = Int8Linear(model.lm_head.in_features, model.lm_head.out_features, dynamic=dynamic)
     return model
 
 
@@ -101,5 +150,6 @@ def quantize_tied_head(model: nn.Module) -> nn.Module:
     head is read whole for every token (a quarter of Qwen2-0.5B's weights) while the embedding is only looked up."""
     if model.lm_head is None:
         embed = model.language_model.embed_tokens.weight
-        model.lm_head = Int8Linear.from_float(embed, dtype=embed.dtype)
+        dynamic = any(isinstance(m, Int8Linear) and m.dynamic for m in model.language_model.modules())
+        model.lm_head = Int8Linear.from_float(embed, dtype=embed.dtype, dynamic=dynamic)
     return model

@@ -20,6 +20,7 @@ on a shared machine.
         bytes (1 per int8 weight, 2 per bf16 one).
 
     python bench/bench.py --only P1 --quantize int8            # int8 weights vs fp32, ours and transformers'
+    python bench/bench.py --only P1 --quantize int8-dynamic    # int8 weights and activations (the CPU fast path)
     python bench/bench.py --only P1 --dtype bfloat16           # bf16 on CPU
     P2  time to first token for a 672x672 image (pixels already processed: preprocessing is P3): vision tower,
         projector, prefill of 2928 image + 32 text positions, one greedy token.
@@ -124,13 +125,15 @@ def load_their_processor(folder: Path):
     return AutoImageProcessor.from_pretrained(str(folder), backend="pil")
 
 
-def load_ours(folder: Path, dtype=torch.float32, quantize_int8=False):
+def load_ours(folder: Path, dtype=torch.float32, quantize_mode=None):
+    import functools
+
     import quantize
     from convert import load_pretrained
 
-    model = load_pretrained(str(folder), compat="transformers", dtype=dtype,
-                            prepare=quantize.int8_layers if quantize_int8 else None)[0]
-    return quantize.quantize_tied_head(model) if quantize_int8 else model
+    prepare = functools.partial(quantize.int8_layers, dynamic=quantize_mode == "int8-dynamic") if quantize_mode else None
+    model = load_pretrained(str(folder), compat="transformers", dtype=dtype, prepare=prepare)[0]
+    return quantize.quantize_tied_head(model) if quantize_mode else model
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -174,8 +177,11 @@ def matmul_rate(n: int = 4096) -> float:
 
 def decode_bytes_per_token(model, context: int) -> int:
     """Bytes one decode step must read: every decoder matrix and norm, the output head, and the KV cache, each in
-    its stored dtype (int8 layers: 1 byte a weight, plus their scales)."""
+    its stored dtype (int8 layers: 1 byte a weight, plus their scales; int8-dynamic ones keep it packed, outside
+    their parameters)."""
     t = model.cfg.text
+    packed = sum(m.in_features * m.out_features for m in [*model.language_model.modules(), model.lm_head]
+                 if getattr(m, "packed", None) is not None)
     tensors = [p for n, p in model.language_model.named_parameters() if "embed_tokens" not in n]
     tensors += [b for n, b in model.language_model.named_buffers() if n.endswith("scales")]
     if model.lm_head is not None:
@@ -184,7 +190,7 @@ def decode_bytes_per_token(model, context: int) -> int:
         tensors.append(model.language_model.embed_tokens.weight)
     dtype = model.language_model.embed_tokens.weight.dtype  # the compute dtype, which the KV cache is in
     kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * context * dtype.itemsize
-    return sum(x.numel() * x.element_size() for x in tensors) + kv
+    return sum(x.numel() * x.element_size() for x in tensors) + packed + kv
 
 
 def prefill_flops(model, crops: int, image_tokens: int, text_tokens: int) -> float:
@@ -400,7 +406,8 @@ def main(argv=None):
     p.add_argument("--train-len", type=int, default=256, help="tokens per training sample (P4)")
     p.add_argument("--compile", action="store_true", help="P1 also with the compiled decode step (compiles first)")
     p.add_argument("--only", default="P1,P2,P3,P4,P5", help="comma-separated subset of P1..P5")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="P1 also with int8 weights (P1v)")
+    p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
+                   help="P1 also with int8 weights (P1v), as infer.py's --quantize")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="P1 also in this compute dtype (P1v; float32 alone adds no variant)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "llava-bench"),
@@ -435,7 +442,7 @@ def main(argv=None):
         crop = ours.cfg.vision.image_size
         if "P1" in only:
             dtype = getattr(torch, args.dtype)
-            variant = (load_ours(folder, dtype, args.quantize == "int8")
+            variant = (load_ours(folder, dtype, args.quantize)
                        if args.quantize or dtype != torch.float32 else None)
             rates, same, context = bench_decode(ours, theirs, args.new_tokens, args.repeats, args.compile, variant)
             roof = bandwidth * 1e9 / decode_bytes_per_token(ours, context + args.new_tokens)
