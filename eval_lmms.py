@@ -123,7 +123,8 @@ class LlavaScratch(lmms):
                 continuation = continuation(self.task_dict[task][split][doc_id])
             ids, processed = self.encode(context, self.visuals(doc_to_visual, doc_id, task, split))
             target = self.tokenizer.encode(continuation, add_special_tokens=False).ids
-            full = torch.tensor([ids + target], device=self.model.output_embeddings().device)  # (1, T + K)
+            device = self.model.language_model.embed_tokens.weight.device
+            full = torch.tensor([ids + target], device=device)  # (1, T + K)
             logits = self.model(full, processed or None)[0, len(ids) - 1:-1].float()  # (K, V): the continuation's
             expected = full[0, len(ids):]
             loss = F.cross_entropy(logits, expected)

@@ -354,7 +354,8 @@ class Llava(nn.Module):
     def encode_images(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         """All crops of all images (and video frames) through the tower in one batch, then each image through the
         projector, pooled if it is a video (or if the knobs say so), and merged on its own."""
-        pixels = torch.cat([im.pixels for im in images]).to(self.output_embeddings().device)  # (N, 3, C, C)
+        device = self.language_model.embed_tokens.weight.device
+        pixels = torch.cat([im.pixels for im in images]).to(device)  # (N, 3, C, C)
         features = self.vision_tower(pixels)  # (N, n*n, D_vision)
         knobs, out = self.cfg.higher_anyres, []
         for f, im in zip(features.split([im.pixels.shape[0] for im in images]), images):

