@@ -17,8 +17,10 @@ prefill, where int8 storage saves memory but no time.
 Kernels. On CPU (rows of a multiple of 8 values, as in every released model), torch._weight_int8pack_mm reads the
 int8 matrix directly; its x86 kernels (AVX2, AVX-512) are vectorised for bfloat16 activations only (fp32 ones fall
 to a scalar loop ~10x slower than fp32 MKL), so an fp32 model's activations are rounded to bf16 for the product
-and its result widened back. Elsewhere (CUDA) the plain dequantise-matmul F.linear(x, q.to(x.dtype)) * s, which
-torch.compile fuses into one kernel that reads int8 (eager, it materialises the matrix each call: slower than bf16).
+and its result widened back. It converts every weight for every row of x, so a prompt of 48 tokens or more runs
+faster on the plain dequantise-matmul F.linear(x, q.to(x.dtype)) * s, which materialises the matrix once per call.
+That is also the path on CUDA, where torch.compile fuses it into one kernel that reads int8 (eager, it
+materialises the matrix each call: slower than bf16).
 
 int8-dynamic (CPU): int8 weights, and each token's activations rounded to 8 bits on the fly, so that the product
 runs on int8 dot products (fbgemm's quantized::linear_dynamic; torchao calls it int8_dynamic_activation_int8_weight;
@@ -102,8 +104,10 @@ class Int8Linear(nn.Module):
                 major = torch.where(major == 0, 1.0, major)  # a row of zeros
                 y = torch.ops.quantized.linear_dynamic(x2 / major, self.packed, False) * major
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        elif x.device.type == "cpu" and self.in_features % 8 == 0 and not torch.compiler.is_compiling():
-            # the kernel reads rows in aligned blocks of 8 (traced by torch.compile, the plain product below)
+        elif (x.device.type == "cpu" and self.in_features % 8 == 0 and x.numel() < 48 * self.in_features
+              and not torch.compiler.is_compiling()):
+            # the kernel reads rows in aligned blocks of 8; from 48 rows on (a prompt) the plain product below is
+            # faster, as it is where torch.compile traces the layer
             x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()  # (M, in), see the module docstring
             if x2.data_ptr() % 16:  # a view into a row's middle: the kernel's aligned loads would fault
                 x2 = x2.clone()

@@ -43,6 +43,18 @@ def test_cpu_kernel_equals_the_dequantised_product(width):
     assert (y.float() - reference).abs().max() <= 2**-7 * reference.abs().max()
 
 
+def test_a_prompt_takes_the_dequantised_product():
+    # from 48 rows on the CPU layer multiplies fp32 activations by the dequantised matrix (faster there than the
+    # kernel, which converts every weight for every row); below, the kernel rounds activations to bf16
+    torch.manual_seed(0)
+    layer = quantize.Int8Linear.from_float(torch.randn(24, 64), dtype=torch.float32)
+    dequantised = layer.weight.float() * layer.scales[:, None]
+    prompt, decode = torch.randn(48, 64), torch.randn(47, 64)
+    assert torch.allclose(layer(prompt), F.linear(prompt, dequantised), atol=1e-5)
+    assert not torch.allclose(layer(decode), F.linear(decode, dequantised), atol=1e-5)
+    assert (layer(decode) - F.linear(decode, dequantised)).abs().max() <= 2**-7 * F.linear(decode, dequantised).abs().max()
+
+
 def test_compiled_layer_equals_eager():
     # torch.compile cannot lower the CPU kernel: traced, the layer takes the plain dequantise-matmul
     torch.manual_seed(0)
