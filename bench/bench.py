@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
+import quantize  # noqa: E402
 from model import IMAGE_TOKEN  # noqa: E402
 
 IMAGE_TOKEN_ID = 151646  # the id llava-hf's Qwen checkpoints give <image>; any id inside the vocabulary works
@@ -128,7 +129,6 @@ def load_their_processor(folder: Path):
 def load_ours(folder: Path, dtype=torch.float32, quantize_mode=None):
     import functools
 
-    import quantize
     from convert import load_pretrained
 
     prepare = functools.partial(quantize.int8_layers, dynamic=quantize_mode == "int8-dynamic") if quantize_mode else None
@@ -406,7 +406,7 @@ def main(argv=None):
     p.add_argument("--train-len", type=int, default=256, help="tokens per training sample (P4)")
     p.add_argument("--compile", action="store_true", help="P1 also with the compiled decode step (compiles first)")
     p.add_argument("--only", default="P1,P2,P3,P4,P5", help="comma-separated subset of P1..P5")
-    p.add_argument("--quantize", choices=["int8", "int8-dynamic"], default=None,
+    p.add_argument("--quantize", choices=quantize.MODES, default=None,
                    help="P1 also with int8 weights (P1v), as infer.py's --quantize")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="P1 also in this compute dtype (P1v; float32 alone adds no variant)")
