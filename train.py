@@ -650,9 +650,9 @@ def main(argv=None):
     if not argv or (argv[0] == "--seed" and len(argv) == 2):  # the embedded default: the toy life cycle
         from toy.lifecycle import ToyRun, life_cycle
 
-        seed = int(argv[1]) if argv and argv[1].isdigit() else 0 if not argv else None
-        if seed is None:
+        if argv and not argv[1].isdigit():
             raise SystemExit(f"error: --seed {argv[1]!r}: expected a whole number, e.g. python train.py --seed 1")
+        seed = int(argv[1]) if argv else 0
         return life_cycle(sys.modules[__name__], ToyRun(out="runs/toy" if seed == 0 else f"runs/toy-seed{seed}", seed=seed))
     cfg = parse_args(argv)
     try:

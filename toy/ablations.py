@@ -17,6 +17,7 @@ OUT/NAME/NAME.png (matplotlib, an optional dependency of this command), and prin
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -70,14 +71,15 @@ CLAIMS = {
 }
 
 
+SCALED = ("n_train", "stage0_vision_steps", "stage1_steps", "stage15_steps", "stage2_steps", "interleave_steps")
+
+
 def arm_run(out: Path, name: str, arm: str, seed: int, scale: float) -> ToyRun:
     """The ToyRun of one arm at one seed. Its folder is named by the arm's changes, so arms that change nothing (the
     baselines of several claims) are one run, and by the seed, whose data and stage 0 every arm shares."""
     changes = CLAIMS[name].arms[arm]
-    base = {k: getattr(ToyRun, k) for k in ("n_train", "stage0_vision_steps", "stage1_steps", "stage15_steps",
-                                            "stage2_steps", "interleave_steps")}
-    base |= dict(ABLATION_RUN) | changes
-    for k in ("n_train", "stage0_vision_steps", "stage1_steps", "stage15_steps", "stage2_steps", "interleave_steps"):
+    base = {k: getattr(ToyRun, k) for k in SCALED} | ABLATION_RUN | changes
+    for k in SCALED:  # --scale: data and steps
         base[k] = max(2, round(base[k] * scale))
     base["n_eval"] = max(10, round(base["n_eval"] * min(1.0, scale * 4)))
     seed_dir = out / f"seed{seed}-scale{scale:g}"
@@ -116,7 +118,9 @@ def run_ablation(name: str, seeds, out: Path, jobs: int, scale: float) -> dict:
     runs = {(arm, s): arm_run(out, name, arm, s, scale) for s in seeds for arm in claim.arms}
     todo = [key for key, run in runs.items() if not (Path(run.out) / "scores.json").exists()]
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    with ProcessPoolExecutor(jobs) as pool:
+    # spawned, not forked: a fork of a process whose torch already runs threads (OpenMP, torch.compile's workers)
+    # can hang on a lock one of them held
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         seeds_left = sorted({s for _, s in todo})  # each seed's data and stage 0 first: its arms share them
         list(pool.map(prepare_seed, [runs[next(iter(claim.arms)), s] for s in seeds_left], [threads] * len(seeds_left)))
         futures = {pool.submit(run_one, runs[key], threads): key for key in todo}
