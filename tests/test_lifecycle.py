@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from toy.lifecycle import ToyRun, life_cycle, patch_targets
+from toy.lifecycle import BINDING, ToyRun, life_cycle, patch_targets, share_right
 
 import infer
 import train
@@ -28,11 +28,21 @@ def test_stage0_targets_mark_each_objects_third_in_the_crops_and_in_the_base_vie
     assert base_where.tolist() == [0, x, x, x, x, x, x, x, 2]
 
 
+def test_share_right_is_the_share_of_each_group_and_leaves_out_none():
+    records = [{"type": "shape", "objects": 1}, {"type": "shape", "objects": 3}, {"type": "shape", "objects": 2},
+               {"type": "count", "objects": 2}]
+    right = [True, False, True, True]
+    assert share_right(right, records, lambda r: r["type"]) == {"shape": 2 / 3, "count": 1.0}
+    among_several = lambda r: r["type"] if r["type"] in BINDING and r["objects"] > 1 else None  # noqa: E731
+    assert share_right(right, records, among_several) == {"shape": 0.5}
+
+
 def test_toy_life_cycle_end_to_end(tmp_path, capsys):
     run = ToyRun(out=str(tmp_path / "toy"), n_train=256, n_eval=25, stage0_vision_steps=10, stage1_steps=8,
                  stage15_steps=8, stage2_steps=24, interleave_steps=8, batch=16, stages="1,1.5,2,interleave")
     scores = life_cycle(train, run)
     assert set(scores["per_type"]) == {"color", "shape", "count", "position", "letter"} and 33 <= scores["visual_tokens"] <= 45
+    assert set(scores["among_several"]) <= set(BINDING) and all(0 <= a <= 1 for a in scores["among_several"].values())
     *_, interleave, last = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(r"toy: held-out accuracy (\d\.\d\d), blank-image accuracy (\d\.\d\d), wall (\d+) s", last)
     assert match, last

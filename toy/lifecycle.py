@@ -226,15 +226,15 @@ def visuals(record, cfg, folder: Path, blank: bool):
 
 
 @torch.inference_mode()
-def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, batch: int = 50):
-    """Share of one-word answers right, greedy, overall and per question type; `blank` swaps each image for a black
-    one of the same size (same token count), which no model can answer from. Prompts go `batch` at a time through
+def answers_right(model, tokenizer, records, folder: Path, blank: bool = False, batch: int = 50) -> list:
+    """Whether each record's one-word answer is right, greedy; `blank` swaps each image for a black one of the same
+    size (same token count), which no model can answer from. Prompts go `batch` at a time through
     generate.generate_batch (left-padded: the same greedy answers as one at a time, in fewer passes)."""
     from generate import generate_batch
 
     model.eval()
     stop = stop_token_ids(tokenizer, "qwen_1_5")
-    right, per_type = 0, {}
+    right = []
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         visual = [visuals(r, model.cfg, folder, blank) for r in chunk]
@@ -242,11 +242,17 @@ def vqa_accuracy(model, tokenizer, records, folder: Path, blank: bool = False, b
                             [p.num_tokens for p in processed]) for r, processed in zip(chunk, visual)]
         for r, out in zip(chunk, generate_batch(model, prompts, visual, max_new_tokens=6, stop_ids=stop)):
             answer = tokenizer.decode([t for t in out if t not in stop]).strip().rstrip(".").lower()
-            ok = answer == r["answer"].lower()
-            right += ok
-            n, k = per_type.get(r["type"], (0, 0))
-            per_type[r["type"]] = (n + 1, k + ok)
-    return right / len(records), {t: k / n for t, (n, k) in per_type.items()}
+            right.append(answer == r["answer"].lower())
+    return right
+
+
+def share_right(right, records, group) -> dict:
+    """{group(record): share of its records answered right}, leaving out records whose group is None."""
+    tally = {}
+    for ok, r in zip(right, records):
+        if (g := group(r)) is not None:
+            tally.setdefault(g, []).append(ok)
+    return {g: sum(oks) / len(oks) for g, oks in tally.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -307,18 +313,28 @@ def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
     return data, stage0
 
 
+BINDING = ("color", "shape", "position")  # the question types that name one object of the scene
+
+
 def evaluate(model, tokenizer, data: Path, run: ToyRun) -> dict:
-    """Held-out accuracy (overall and per type), on the same scenes blanked, and on the two-image and video sets when
-    the model was trained on them."""
+    """Held-out accuracy (overall, per type, and per type on the questions about one object among several), on the
+    same scenes blanked, and on the two-image and video sets when the model was trained on them."""
     records = json.loads((data / "eval.json").read_text())
     scores = {"visual_tokens": float(np.mean([process_image(load_image(data / r["image"]), model.cfg).num_tokens
                                                for r in records[:100]]))}
-    scores["heldout"], scores["per_type"] = vqa_accuracy(model, tokenizer, records, data)
+    right = answers_right(model, tokenizer, records, data)
+    scores["heldout"], scores["per_type"] = float(np.mean(right)), share_right(right, records, lambda r: r["type"])
+    # binding: a question about one object of several needs the decoder to pick that object's tokens out of the
+    # others' (what the toy learns last; with one object, any object token answers it)
+    objects = {path: len(scene["objects"]) for path, scene in json.loads((data / "scenes.json").read_text()).items()}
+    scores["among_several"] = share_right(right, records, lambda r: r["type"] if r["type"] in BINDING and
+                                          objects[r["image"]] > 1 else None)
     if run.blank_eval:
-        scores["blank"], _ = vqa_accuracy(model, tokenizer, records, data, blank=True)
+        scores["blank"] = float(np.mean(answers_right(model, tokenizer, records, data, blank=True)))
     if "interleave" in run.stages.split(","):  # NeXT-Interleave's inputs: two images, and a 3-frame video
         for kind in ("compare", "motion"):
-            scores[kind], _ = vqa_accuracy(model, tokenizer, json.loads((data / f"eval_{kind}.json").read_text()), data)
+            scores[kind] = float(np.mean(answers_right(model, tokenizer, json.loads(
+                (data / f"eval_{kind}.json").read_text()), data)))
     return scores
 
 
@@ -344,6 +360,8 @@ def life_cycle(trainer, run: ToyRun = ToyRun()) -> dict:
     scores = evaluate(model, Tokenizer.from_file(str(data / "tokenizer.json")), data, run)
     scores["wall"] = time.perf_counter() - start
     log("held-out accuracy per type: " + ", ".join(f"{t} {a:.2f}" for t, a in scores["per_type"].items()))
+    log("the same, about one object among 2-3: " + ", ".join(f"{t} {scores['among_several'][t]:.2f}" for t in BINDING
+                                                            if t in scores["among_several"]))
     if "compare" in scores:
         print(f"toy: multi-image accuracy {scores['compare']:.2f}, motion accuracy {scores['motion']:.2f}")
     print(f"toy: held-out accuracy {scores['heldout']:.2f}, blank-image accuracy {scores.get('blank', float('nan')):.2f}, "
