@@ -49,6 +49,25 @@ def test_stage1_and_interleave_arms_run_their_own_stages(out, capsys):
     results, _ = run("interleave", out, capsys)
     for arm in results.values():
         assert 0 <= arm[0]["compare"] <= 1 and 0 <= arm[0]["motion"] <= 1
-    assert not (seed / "stages=1+interleave" / "stage2").exists()
+    (from_stage_1,) = seed.glob("*stages=1+interleave")
+    assert (from_stage_1 / "interleave").is_dir() and not (from_stage_1 / "stage2").exists()
     _, lines = run("interleave", out, capsys)  # a second call trains nothing: every arm-seed is read back
     assert not any(", seed 0: " in line for line in lines), lines
+
+
+def test_verdict_compares_the_means_and_each_seed_with_its_own():
+    def results(first, other):
+        return {arm: [{"heldout": v, "per_type": {}} for v in values] for arm, values in zip(claim.arms, (first, other))}
+
+    claim = ablations.CLAIMS["interleave"]
+    # the interleave claim as measured: higher at each seed, though one seed's first arm is below another's second
+    line = ablations.verdict(claim, results([0.68, 0.578, 0.68], [0.622, 0.51, 0.652]))
+    assert line.startswith("heldout: from stage 2 0.646 vs from stage 1 0.595") and line.endswith("(every seed)"), line
+    line = ablations.verdict(claim, results([0.68, 0.50, 0.68], [0.622, 0.51, 0.652]))
+    assert line.endswith("agrees with the paper (on the mean, not at every seed)"), line
+    assert ablations.verdict(claim, results([0.5, 0.5], [0.6, 0.4])).endswith("does not agree with the paper")
+    threshold = ablations.CLAIMS["threshold"]  # a `keeps` claim: tau 18 keeps 96% of the score, tau 9 only 50%
+    runs = {arm: [{"heldout": v, "per_type": {}}] for arm, v in zip(threshold.arms, (0.8, 0.77, 0.4))}
+    assert ablations.verdict(threshold, runs).endswith("does not keep 95% of it, disagreeing with the paper")
+    runs["tau 9"] = [{"heldout": 0.76, "per_type": {}}]
+    assert ablations.verdict(threshold, runs).endswith("keeps 95% of it, agreeing with the paper")
