@@ -6,7 +6,8 @@ import re
 
 import torch
 
-from toy.lifecycle import BINDING, ToyRun, life_cycle, patch_targets, share_right
+from toy import world
+from toy.lifecycle import BINDING, ToyRun, class_embeddings, life_cycle, patch_targets, share_right, stage0_vision
 
 import infer
 import train
@@ -26,6 +27,30 @@ def test_stage0_targets_mark_each_objects_third_in_the_crops_and_in_the_base_vie
     assert where.tolist() == [[x, x, x, 0, x, x, x, x, x], [x, x, x, x, x, 2, x, x, x]]
     # the base view squeezes 6 rows into 3: rows 0-1, 2-3, 4-5; its columns are the thirds, as the crops' are
     assert base_where.tolist() == [0, x, x, x, x, x, x, x, 2]
+
+
+def test_class_embeddings_are_built_from_words_so_shape_weighs_as_much_as_colour():
+    torch.manual_seed(0)
+    C, S, L = 5, 4, 7  # "none" first: 4 colours, 3 shapes, 6 letters
+    table = class_embeddings(C, S, L, width=128)
+    red_circle, red_square, blue_circle = table[1 * S + 1], table[1 * S + 2], table[2 * S + 1]
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()  # noqa: E731
+    # sharing the colour or the shape counts the same; sharing nothing, nothing
+    assert abs(cos(red_circle, red_square) - 0.5) < 1e-5 and abs(cos(red_circle, blue_circle) - 0.5) < 1e-5
+    assert abs(cos(red_circle, table[2 * S + 2])) < 1e-5 and abs(cos(red_circle, table[C * S + 3])) < 1e-5
+    unused = [c * S for c in range(1, C)] + list(range(1, S)) + [C * S]  # label 0 beside another label
+    assert table[unused].abs().max() == 0 and table[0].norm() > 1
+
+
+def test_stage0_tower_learns_every_patch_label_and_each_objects_column(tmp_path):
+    # the labels all right means a loss near 0.01; without the learning-rate warm-up the column head lags behind
+    # (0.05 on this small set; 0.7 at seed 1 with the default 20,000 scenes: docs/toy-results.md)
+    data = tmp_path / "data"
+    world.write_dataset(data, n_train=2000, n_eval=10, seed=1, progress=False)
+    torch.manual_seed(1)
+    loss = stage0_vision(ToyRun(seed=1), data, tmp_path / "tower", train.lr_factor)
+    assert loss < 0.03, loss
+    assert json.loads((tmp_path / "tower" / "config.json").read_text())["model_type"] == "clip_vision_model"
 
 
 def test_share_right_is_the_share_of_each_group_and_leaves_out_none():
@@ -53,7 +78,8 @@ def test_toy_life_cycle_end_to_end(tmp_path, capsys):
     infer.main([str(tmp_path / "toy" / "data" / "images" / "eval_000000.png"), "What color is the circle?",
                 "--model", str(tmp_path / "toy" / "interleave" / "final"), "--json", "--max-new-tokens", "3"])
     answer = json.loads(capsys.readouterr().out)
-    assert answer["image_tokens"][0] in (30, 33, 51)  # 9 base tokens + the grid with a newline per row and len(answer["output_token_ids"]) >= 1
+    assert answer["image_tokens"][0] in (30, 33, 51)  # 9 base tokens + the grid with a newline per row
+    assert len(answer["output_token_ids"]) >= 1
 
 
 def test_train_py_seed_alone_runs_the_toy_at_that_seed(monkeypatch):
