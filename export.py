@@ -63,6 +63,11 @@ def with_media_tokens(tokenizer, cfg: LlavaConfig):
     return tokenizer, {t: tokenizer.token_to_id(t) for t in media_tokens(cfg)}
 
 
+def padded_vocab_size(n_ids: int) -> int:
+    """Rows for n_ids token ids, rounded up to a multiple of 64 as the released checkpoints and conversions pad."""
+    return math.ceil(n_ids / 64) * 64
+
+
 @torch.no_grad()
 def add_media_rows(model: Llava, tokenizer) -> bool:
     """Grow the embeddings (and an untied head) so that every id of `tokenizer` is a row: to a multiple of 64, the
@@ -72,7 +77,7 @@ def add_media_rows(model: Llava, tokenizer) -> bool:
     need = max(tokenizer.get_vocab_size(with_added_tokens=True), old)
     if need <= old:
         return False
-    new = math.ceil(need / 64) * 64
+    new = padded_vocab_size(need)
     embed = model.language_model.embed_tokens
     rows = embed.weight.mean(0, keepdim=True).expand(new - old, -1)
     embed.weight = torch.nn.Parameter(torch.cat([embed.weight, rows]), requires_grad=embed.weight.requires_grad)

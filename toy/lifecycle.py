@@ -19,7 +19,6 @@ The last line printed is `toy: held-out accuracy A, blank-image accuracy B, wall
 """
 
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from PIL import Image
 
 from toy import world
 from anyres import process_image, process_images, process_video
-from export import save_pretrained
+from export import padded_vocab_size, save_pretrained
 from data import (IGNORE_INDEX, image_files_of, load_image, load_video, render_conversation, render_prompt,
                   stop_token_ids, tokenize)
 from model import Llava, LlavaConfig, TextConfig, VisionConfig, VisionTower, init_fresh
@@ -207,9 +206,8 @@ def stage0_text(run: ToyRun, data: Path, tokenizer, folder: Path):
         for r in json.loads((data / f"{name}.json").read_text()):
             text, _ = render_conversation("qwen_1_5", world.to_messages(r["conversations"]))
             texts.append(tokenize(tokenizer, text.replace("<image>\n", "")))
-    # rows for <image> and <video> too, padded to a multiple of 64 as released checkpoints pad theirs
-    vocab_size = math.ceil((tokenizer.get_vocab_size() + 2) / 64) * 64
-    cfg = LlavaConfig(vision=None, text=decoder_config(run, vocab_size))
+    # a row for <image> too, which the saved stages add to the tokenizer (add_media_rows would otherwise be needed)
+    cfg = LlavaConfig(vision=None, text=decoder_config(run, padded_vocab_size(tokenizer.get_vocab_size() + 1)))
     model = init_fresh(_meta(Llava, cfg)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     rng = np.random.default_rng(run.seed)
