@@ -35,7 +35,7 @@ def test_arms_differ_in_visual_tokens_as_the_setting_says(name, out, capsys):
     if name == "anyres":  # the toy's scenes are 1x2 or 1x3 crops: 9 base tokens + 3 per row (with its newline) x 6 or 9
         assert tokens["pad"] == 9 and 33 <= tokens["anyres"] <= 45, tokens
     else:  # tau shrinks the grid's feature map (18 or 27 tokens before its newlines) to about tau
-        assert tokens["tau 9"] < tokens["tau 18"] < tokens["no threshold"], tokens
+        assert 15 <= tokens["tau 9"] < tokens["no threshold"] - 10, tokens
     pytest.importorskip("matplotlib")
     assert (out / name / f"{name}.png").stat().st_size > 5000
 
@@ -66,8 +66,8 @@ def test_verdict_compares_the_means_and_each_seed_with_its_own():
     line = ablations.verdict(claim, results([0.68, 0.50, 0.68], [0.622, 0.51, 0.652]))
     assert line.endswith("agrees with the paper (on the mean, not at every seed)"), line
     assert ablations.verdict(claim, results([0.5, 0.5], [0.6, 0.4])).endswith("does not agree with the paper")
-    threshold = ablations.CLAIMS["threshold"]  # a `keeps` claim: tau 18 keeps 96% of the score, tau 9 only 50%
-    runs = {arm: [{"heldout": v, "per_type": {}}] for arm, v in zip(threshold.arms, (0.8, 0.77, 0.4))}
+    threshold = ablations.CLAIMS["threshold"]  # a `keeps` claim: tau 9 keeps 50% of the score, then 95%
+    runs = {arm: [{"heldout": v, "per_type": {}}] for arm, v in zip(threshold.arms, (0.8, 0.4))}
     assert ablations.verdict(threshold, runs).endswith("does not keep 95% of it, disagreeing with the paper")
     runs["tau 9"] = [{"heldout": 0.76, "per_type": {}}]
     assert ablations.verdict(threshold, runs).endswith("keeps 95% of it, agreeing with the paper")
