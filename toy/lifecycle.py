@@ -69,7 +69,7 @@ class ToyRun:
     stage15_lr: float = 1e-3
     stage2_lr: float = 5e-4  # at 1e-3 the decoder learned position or shape, not both (docs/toy-results.md)
     interleave_lr: float = 2e-4
-    # of each stage's steps: with the recipes' 0.03, stage 2 spiked and stalled at one seed of five (docs/toy-results.md)
+    # of each stage's steps; with the recipes' 0.03, stage 2 stalled at one seed of five (docs/toy-results.md)
     warmup_ratio: float = 0.1
     # what runs after stage 0 (STAGES), each stage continuing from the one before. The Interleave stage is not in the
     # default: its two-image and video questions stay near chance in the toy (docs/toy-results.md)
