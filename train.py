@@ -644,7 +644,7 @@ def fetch_recipe_data(recipe: dict, args) -> dict:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--plot" in argv:  # curves of finished or running runs: no training flags, nothing of the training loop
-        import plot
+        from tools import plot
 
         return plot.main([a for a in argv if a != "--plot"])
     if not argv or (argv[0] == "--seed" and len(argv) == 2):  # the embedded default: the toy life cycle

@@ -1,4 +1,4 @@
-"""eval.py: every metric on cases worked out by hand from its benchmark's definition, the file format, and the
+"""tools/eval.py: every metric on cases worked out by hand from its benchmark's definition, the file format, and the
 one-line errors. Where lmms-eval is installed, its own normalisation and ChartQA functions are a second oracle."""
 
 import importlib.util
@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import eval as ev
+from tools import eval as ev
 
 
 @pytest.mark.parametrize("raw, normal", [
@@ -164,10 +164,10 @@ def test_bad_files_are_one_line_errors(tmp_path, answers, gold, message):
 def test_command_line(tmp_path):
     answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "Gadsen"}, {"question_id": 2, "text": "xyz"}])
     gold = write_jsonl(tmp_path / "g.jsonl", [{"question_id": 1, "answers": ["Gadsden"]}, {"question_id": 2, "answer": "abc"}])
-    done = subprocess.run([sys.executable, "eval.py", str(answers), "--annotations", str(gold), "--metric", "anls", "--json"],
+    done = subprocess.run([sys.executable, "-m", "tools.eval", str(answers), "--annotations", str(gold), "--metric", "anls", "--json"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["score"] == pytest.approx((1 - 1 / 7) / 2)
-    missing = subprocess.run([sys.executable, "eval.py", str(tmp_path / "nope.jsonl"), "--annotations", str(gold),
+    missing = subprocess.run([sys.executable, "-m", "tools.eval", str(tmp_path / "nope.jsonl"), "--annotations", str(gold),
                               "--metric", "anls"], cwd=ROOT, capture_output=True, text=True)
     assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jsonl'}: no such file"]
 

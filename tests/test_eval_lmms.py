@@ -1,4 +1,4 @@
-"""eval_lmms.py against the real lmms-eval package (CI installs it with --no-deps): the model registry finds the
+"""tools/eval_lmms.py against the real lmms-eval package (CI installs it with --no-deps): the model registry finds the
 adapter by name, lmms-eval's own argument parsing builds it, and answers to lmms-eval `Instance` requests equal
 `generate.generate` run on each prompt alone."""
 
@@ -10,7 +10,7 @@ pytest.importorskip("lmms_eval.api.model", reason="lmms-eval is not installed (C
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 
-import eval_lmms  # noqa: E402
+from tools import eval_lmms  # noqa: E402
 from anyres import process_image  # noqa: E402
 from data import render_prompt, tokenize  # noqa: E402
 from generate import generate  # noqa: E402

@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import Image
 
-import plot
+from tools import plot
 import train
 
 pytest.importorskip("matplotlib")

@@ -18,7 +18,7 @@ import quantize
 from anyres import process_image
 from convert import load_pretrained, load_tokenizer
 from data import render_prompt, tokenize
-from gguf_bridge.convert_gguf import convert, gguf_path
+from tools.convert_gguf import convert, gguf_path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

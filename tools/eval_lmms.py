@@ -1,6 +1,6 @@
 """lmms-eval adapter: this model as the lmms-eval model "llava_scratch", generating through `generate.generate_batch`.
 
-    python eval_lmms.py --model_args pretrained=llava-onevision-qwen2-0.5b-ov --tasks mme,pope --batch_size 8
+    python -m tools.eval_lmms --model_args pretrained=llava-onevision-qwen2-0.5b-ov --tasks mme,pope --batch_size 8
     (lmms-eval's own command line with this model registered; `--model llava_scratch` is implied)
 
 or from Python: `lmms_eval.evaluator.simple_evaluate(model=LlavaScratch("runs/stage2/final"), tasks=[...])`.
@@ -33,7 +33,7 @@ try:
     from lmms_eval.models import MODEL_REGISTRY_V2
     from lmms_eval.models.registry_v2 import ModelManifest
 except ImportError as e:
-    sys.exit(f"error: eval_lmms.py needs lmms-eval ({e}): pip install lmms-eval")
+    sys.exit(f"error: tools/eval_lmms.py needs lmms-eval ({e}): pip install lmms-eval")
 
 from anyres import process_images, process_video
 from convert import CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
@@ -143,7 +143,7 @@ def cut_at(text: str, until: list[str]) -> str:
     return text
 
 
-MODEL_REGISTRY_V2.register_manifest(ModelManifest(MODEL_NAME, simple_class_path=f"eval_lmms.{LlavaScratch.__name__}"),
+MODEL_REGISTRY_V2.register_manifest(ModelManifest(MODEL_NAME, simple_class_path=f"tools.eval_lmms.{LlavaScratch.__name__}"),
                                     overwrite=True)
 
 
