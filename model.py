@@ -206,7 +206,7 @@ class KVCache:
     """Keys and values of every layer, pre-allocated for `max_len` positions: (layers, B, kv_heads, max_len, hd).
 
     `length` counts the positions already written; the decoder advances it after each forward. The compiled
-    decode step (infer.py, "Fast path") instead names the slot to write as a tensor, so that one compiled graph
+    decode step (generate.py, "Fast path") instead names the slot to write as a tensor, so that one compiled graph
     serves every step: a Python int that changed each token would be baked into the graph and recompile it.
     """
 

@@ -52,7 +52,7 @@ class ToyRun:
     text_heads: int = 6  # of head_dim text_width / text_heads, sharing 2 key/value heads
     text_layers: int = 4
     # stage 0: the stand-ins (see stage0_vision)
-    # until the per-patch labels are all right (loss ~0.01) at every seed: 300 left two seeds of five at 0.03-0.07
+    # until the per-patch labels are all right (loss ~0.01) at every seed (docs/toy-results.md)
     stage0_vision_steps: int = 450
     stage0_images: int = 16  # scenes per stage-0 step
     stage0_position_std: float = 0.1
@@ -70,7 +70,7 @@ class ToyRun:
     stage15_lr: float = 1e-3
     stage2_lr: float = 5e-4  # at 1e-3 the decoder learned position or shape, not both (docs/toy-results.md)
     interleave_lr: float = 2e-4
-    # of each stage's steps; with the recipes' 0.03, stage 2 stalled at one seed of five (docs/toy-results.md)
+    # of each stage's steps; longer than the recipes' 0.03, against stage 2 stalling at some seeds (docs/toy-results.md)
     warmup_ratio: float = 0.1
     # what runs after stage 0 (STAGES), each stage continuing from the one before. The Interleave stage is not in the
     # default: its two-image and video questions stay near chance in the toy (docs/toy-results.md)
