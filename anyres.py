@@ -131,6 +131,10 @@ def knobs_from_flags(args) -> dict:
 # Grid selection
 
 
+# LLaVA-NeXT's five canvases of 336-px crops (2x1, 1x2, 2x2, 3x1, 1x3): the 1.6 release's image_grid_pinpoints
+NEXT_GRIDS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
 def parse_grid_pinpoints(value, crop_size: int) -> list[list[int]]:
     """Pinpoints from a config: a list, its string form, or the training range syntax "(1x1),...,(6x6)".
 

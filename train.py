@@ -10,7 +10,7 @@ The stages (which parameters learn is `set_trainable`):
     2    the whole model, on instructions; --freeze-vision-tower keeps the tower fixed (LLaVA-1.5, Interleave)
 
     python train.py [--seed N]                       the toy life cycle on CPU (toy/lifecycle.py; data from toy/world.py)
-    python train.py --recipe llava-v1.5-stage1       a real stage (RECIPES below; flags override its values)
+    python train.py --recipe llava-v1.5-stage1       a real stage (recipes.py; flags override its values)
     torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final
              --data mix.json --image-folder /data --fsdp --bf16
 
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
+from recipes import RECIPES, fetch_recipe_data
 from checkpoint import (barrier, check_output_dir, latest_checkpoint, publish, publish_final, resume_from,
                         save_checkpoint, unwrap)
 from convert import CheckpointError, default_template, load_parts, load_pretrained, load_tokenizer
@@ -101,53 +102,6 @@ class TrainConfig:
     plan: bool = False  # print the memory plan per GPU for these flags (memory_plan.py) and exit; nothing is loaded
     gpus: int = 0  # --plan: GPUs in all, across nodes (0: this machine's)
     gpu_memory: str = "80GB"  # --plan: memory of one GPU
-
-
-# Published recipes (the official scripts: LLaVA-1.5's scripts/v1_5/*.sh, LLaVA-NeXT's scripts/train/*.sh). Data:
-# `data_hub` is a dataset repo fetched with huggingface_hub; `data_json` the file in it; images come from
-# `data_images` (an archive in the repo, unpacked once) or from --image-folder.
-STAGE1_CLIP_VICUNA = dict(stage="1", llm="lmsys/vicuna-7b-v1.5", vision_tower="openai/clip-vit-large-patch14-336",
-                          template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
-                          micro_batch_size=32, max_len=2048,
-                          data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip")
-RECIPES = {
-    "llava-v1.5-stage1": STAGE1_CLIP_VICUNA,
-    "llava-v1.5-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-5, global_batch_size=128,
-                              micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
-                              data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
-    # LLaVA-1.5's finetune_lora.sh: the stage-2 data and template, adapters of rank 128 (alpha 256) on every decoder
-    # linear at lr 2e-4, the projector at 2e-5, tower frozen; batch 16 per GPU on 8 GPUs
-    "llava-v1.5-lora": dict(stage="2", template="vicuna_v1", image_aspect_ratio="pad", lr=2e-4, projector_lr=2e-5,
-                            global_batch_size=128, micro_batch_size=16, max_len=2048, freeze_vision_tower=True,
-                            lora_rank=128, lora_alpha=256, lora_dropout=0.05,
-                            data_hub="liuhaotian/LLaVA-Instruct-150K", data_json="llava_v1_5_mix665k.json"),
-    "llava-next-stage1": STAGE1_CLIP_VICUNA,  # LLaVA-NeXT reuses LLaVA-1.5's alignment stage
-    "llava-next-stage2": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
-                              grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-5,
-                              vision_lr=2e-6, global_batch_size=128, micro_batch_size=4, max_len=4096,
-                              data_hub="lmms-lab/LLaVA-NeXT-Data"),
-    # the same LoRA settings on LLaVA-NeXT's stage 2 (not an official script: NeXT's release trained the full model)
-    "llava-next-stage2-lora": dict(stage="2", template="vicuna_v1", image_aspect_ratio="anyres",
-                                   grid_pinpoints="[[336,672],[672,336],[672,672],[1008,336],[336,1008]]", lr=2e-4,
-                                   projector_lr=2e-5, global_batch_size=128, micro_batch_size=4, max_len=4096,
-                                   freeze_vision_tower=True, lora_rank=128, lora_alpha=256, lora_dropout=0.05,
-                                   data_hub="lmms-lab/LLaVA-NeXT-Data"),
-    "onevision-0.5b-stage1": dict(stage="1", llm="Qwen/Qwen2-0.5B-Instruct", vision_tower="google/siglip-so400m-patch14-384",
-                                  template="plain", image_aspect_ratio="square", lr=1e-3, global_batch_size=256,
-                                  micro_batch_size=16, max_len=8192,
-                                  data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json", data_images="images.zip"),
-    "onevision-0.5b-stage1.5": dict(stage="1.5", template="qwen_1_5", image_aspect_ratio="anyres_max_9",
-                                    grid_pinpoints="(1x1),...,(6x6)", lr=1e-5, vision_lr=2e-6, global_batch_size=256,
-                                    micro_batch_size=1, max_len=8192),
-    "onevision-0.5b-stage2": dict(stage="2", template="qwen_1_5", image_aspect_ratio="anyres_max_9",
-                                  grid_pinpoints="(1x1),...,(6x6)", lr=1e-5, vision_lr=2e-6, global_batch_size=256,
-                                  micro_batch_size=1, max_len=32768),
-    # NeXT-Interleave: continue a stage-2 model (--model) on M4-Instruct with the tower frozen (the Interleave blog), several
-    # images per sample padded to squares, in the interleaved and the in-the-front formats mixed half and half
-    "interleave-continue": dict(stage="2", template="qwen_1_5", lr=1e-5, freeze_vision_tower=True, global_batch_size=128,
-                                micro_batch_size=1, max_len=32768, image_placement="mixed",
-                                data_hub="lmms-lab/M4-Instruct-Data"),
-}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -606,39 +560,12 @@ def parse_args(argv) -> TrainConfig:
     values = {}
     if args.recipe:
         recipe = dict(RECIPES[args.recipe])
-        data = fetch_recipe_data(recipe, args) if not args.data and not args.plan else {}
+        data = fetch_recipe_data(recipe, args.image_folder or "") if not args.data and not args.plan else {}
         values.update({k: v for k, v in recipe.items() if not k.startswith("data_")}, **data)
     knobs = knobs_from_flags(args)
     values.update({k: v for k, v in vars(args).items() if v is not None and k != "recipe" and k not in knobs})
     values["knobs"] = {**values.get("knobs", {}), **knobs}
     return TrainConfig(**values)
-
-
-def fetch_recipe_data(recipe: dict, args) -> dict:
-    """Download a recipe's dataset repo through huggingface_hub (the cache is reused) and unpack its images once."""
-    if "data_hub" not in recipe:
-        raise SystemExit("error: this recipe has no public dataset; pass --data and --image-folder")
-    if "data_json" not in recipe:
-        raise SystemExit(f"error: {recipe['data_hub']} has no single JSON file in the LLaVA format that this recipe "
-                         f"can name; download it (README, 'Training') and pass --data / --image-folder")
-    from huggingface_hub import snapshot_download
-
-    patterns = [recipe["data_json"]] + ([recipe["data_images"]] if "data_images" in recipe else [])
-    try:
-        folder = Path(snapshot_download(recipe["data_hub"], repo_type="dataset", allow_patterns=patterns))
-    except Exception as e:
-        raise SystemExit(f"error: could not download {recipe['data_hub']} ({type(e).__name__}); run `huggingface-cli "
-                         f"download --repo-type dataset {recipe['data_hub']}` where there is network") from e
-    image_folder = args.image_folder or str(folder)
-    if "data_images" in recipe and not args.image_folder:
-        import zipfile
-
-        image_folder = str(folder / "unpacked")
-        if not Path(image_folder).exists():
-            with zipfile.ZipFile(folder / recipe["data_images"]) as z:
-                z.extractall(Path(image_folder + ".tmp"))
-            os.replace(image_folder + ".tmp", image_folder)
-    return {"data": str(folder / recipe["data_json"]), "image_folder": image_folder}
 
 
 def main(argv=None):
