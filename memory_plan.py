@@ -18,7 +18,8 @@ and two estimates:
                  autocast (no FSDP2 mixed precision) its cached bf16 copy of every weight
     activations  per sample of max_len tokens and a largest image (every crop of the widest grid): what autograd
                  keeps for backward, counted tensor by tensor for model.py's blocks (bf16 with --bf16), or, with
-                 --gradient-checkpointing, each block's input plus one block recomputed
+                 --gradient-checkpointing, each block's input plus one block recomputed, in the decoder and in a
+                 vision tower that trains (a frozen tower keeps nothing for backward, checkpointed or not)
 
 The largest micro-batch that fits is (usable - fixed) // activations per sample, usable being the GPU's memory less
 a reserve for the CUDA context, NCCL buffers and the allocator's fragmentation.
@@ -213,9 +214,12 @@ def activation_bytes(model, tokens: int, crops: int, act: int, checkpointed: boo
     if crops and model.vision_tower is not None:
         v = model.cfg.vision
         P = v.side ** 2 + (v.kind == "clip")
-        if any(p.requires_grad for p in model.vision_tower.parameters()):
+        if model.vision_tower.trains():  # a frozen tower's forward records no graph: it keeps nothing
             vit_layer = P * act * (9 * v.hidden_size + 4 * v.intermediate_size)  # 2 LN inputs, q k v out, inputs; MLP
-            out += crops * v.num_layers * (P * v.hidden_size * act if checkpointed else vit_layer)
+            if checkpointed:  # VisionTower.forward, as the decoder: each block's input and one block recomputed
+                out += crops * (v.num_layers * P * v.hidden_size * act + vit_layer)
+            else:
+                out += crops * v.num_layers * vit_layer
         if any(p.requires_grad for p in model.projector.parameters()):
             out += crops * P * act * (v.hidden_size + 2 * t.hidden_size)  # its input, GELU's input, linear_2's input
     return out

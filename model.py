@@ -154,6 +154,9 @@ class VisionTower(nn.Module):
         self.position_embedding = nn.Embedding(n * n + is_clip, d, _weight=torch.empty(n * n + is_clip, d))
         self.pre_layrnorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps) if is_clip else None  # sic: CLIP's spelling
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
+        # training the tower (stage 1.5, OneVision's 37 crops): recompute each block in backward; a frozen tower
+        # keeps nothing for backward anyway
+        self.gradient_checkpointing = False
 
     def forward(self, pixels):  # (N, 3, C, C)
         x = self.patch_embedding(pixels.to(self.patch_embedding.weight.dtype))  # (N, D, n, n)
@@ -163,11 +166,15 @@ class VisionTower(nn.Module):
         x = x + self.position_embedding.weight
         if self.pre_layrnorm is not None:
             x = self.pre_layrnorm(x)
+        checkpointed = self.gradient_checkpointing and torch.is_grad_enabled() and self.trains()
         for layer in self.layers:
-            x = layer(x)
+            x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False) if checkpointed else layer(x)
         if self.cfg.select_feature == "patch" and self.class_embedding is not None:
             x = x[:, 1:]
         return x  # (N, n*n, D)
+
+    def trains(self) -> bool:  # memory_plan.py asks the same question
+        return any(p.requires_grad for p in self.parameters())
 
 
 # ----------------------------------------------------------------------------------------------------------------

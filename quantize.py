@@ -5,9 +5,16 @@ channel, while activations stay in the compute dtype (gpt-fast's WeightOnlyInt8L
     x (..., in) -> y = (x @ q.T) * s  (..., out)            one matrix-vector product per token when decoding
 
 Error bound. q = round(W / s) moves each weight by at most s/2 (no weight is clipped: |W_ij| / s <= 127), so output
-i of a layer moves by at most  s_i / 2 * ||x||_1. The CPU kernel below also rounds x and its result to bf16, adding
-127 s_i 2^-9 ||x||_1 + 2^-9 |y_i|; tests/test_quantize.py checks the sum layer by layer on real weights. Both are
-worst cases: rounding errors of random sign add up to about s_i / sqrt(12) * ||x||_2 instead.
+i of a layer moves by at most  s_i / 2 * ||x||_1. The CPU kernel below also rounds x, its result and (unless they are
+bf16 already) the scales to bf16, whose 8 significant bits round to within 2^-8 of the value, adding
+127 s_i 2^-8 ||x||_1 + 2^-8 |y_i| (2 * 2^-8 |y_i| with fp32 or fp16 scales); an fp16 result adds 2^-11 |y_i|.
+tests/test_quantize.py checks the sum layer by layer on real weights. All are worst cases: rounding errors of
+random sign add up to about s_i / sqrt(12) * ||x||_2 instead.
+
+float16. Its range cannot hold the scales of rows whose max |W| is below ~7.6e-6 (s < 6e-8, fp16's smallest
+subnormal) nor the unscaled products x @ q.T (|x| of a few hundred times 127 times thousands of inputs > 65504),
+so an fp16 model keeps its scales in fp32, and its dequantise-matmul runs in fp32 and rounds the result to fp16
+(the CPU kernel's bf16 has fp32's range); nothing overflows that the fp16 model itself would not.
 
 Why: a decode step reads every weight once, so at batch 1 its speed is the memory bandwidth divided by the weights'
 bytes; int8 reads a quarter of fp32 and half of bf16 (LLaVA-NeXT-72B: ~73 GB instead of ~145 GB in bf16, one 141 GB
@@ -49,16 +56,21 @@ DYNAMIC_QMAX = 63  # int8-dynamic's weights use 7 bits, so that its 8-bit activa
 def quantize_per_channel(w: torch.Tensor, dtype, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """w (out, in) -> (q (out, in) int8 in [-qmax, qmax], scales (out,) in `dtype`), symmetric, zero point 0."""
     w = w.float()
-    scales = (w.abs().amax(dim=1) / qmax).clamp(min=torch.finfo(torch.float32).tiny).to(dtype)
-    # divide by the scale as stored: rounded to bf16 it may be up to 2^-9 smaller than max/qmax, and max / scale still
+    scales = (w.abs().amax(dim=1) / qmax).clamp(min=torch.finfo(torch.float32).tiny).to(scale_dtype(dtype))
+    # divide by the scale as stored: rounded to bf16 it may be up to 2^-8 smaller than max/qmax, and max / scale still
     # stays below qmax + 1/2, so the clamp never bites and every weight moves by at most scale / 2
     q = torch.round(w / scales.float()[:, None]).clamp(-qmax, qmax).to(torch.int8)
     return q, scales
 
 
+def scale_dtype(dtype):
+    """The scales' dtype for a model in `dtype`: fp16 cannot hold a scale below 6e-8 (see the module docstring)."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 class Int8Linear(nn.Module):
-    """A drop-in for nn.Linear: `weight` int8 (out, in), `scales` (out,) and `bias` in the compute dtype; for
-    int8-dynamic `packed` holds the matrix instead, in fbgemm's layout (`weight` is None).
+    """A drop-in for nn.Linear: `weight` int8 (out, in), `scales` (out,) and `bias` in the compute dtype (scales in
+    fp32 for fp16); for int8-dynamic `packed` holds the matrix instead, in fbgemm's layout (`weight` is None).
 
     Built on the meta device, its weight is a float placeholder of the checkpoint's shape, so that convert.py checks
     names and shapes as for any layer; `load_weight` then quantises the tensor read from the checkpoint, one layer at
@@ -113,6 +125,8 @@ class Int8Linear(nn.Module):
                 x2 = x2.clone()
             y = torch._weight_int8pack_mm(x2, self.weight, self.scales.to(torch.bfloat16))  # (M, out)
             y = y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        elif x.dtype == torch.float16:  # x @ q.T overflows fp16 before the scale brings it back (module docstring)
+            y = (F.linear(x.float(), self.weight.float()) * self.scales).to(x.dtype)
         else:
             y = F.linear(x, self.weight.to(x.dtype)) * self.scales
         return y if self.bias is None else y + self.bias

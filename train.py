@@ -79,7 +79,7 @@ class TrainConfig:
     max_len: int = 2048  # tokens per sample, image tokens included; longer ones are cut (skipped if the cut falls in an image)
     freeze_vision_tower: bool = False  # stages 1.5/2: keep the vision tower fixed
     bf16: bool = False  # bf16 compute: FSDP2 mixed precision with --fsdp on GPUs, else autocast (fp32 weights and AdamW)
-    gradient_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, ~1/3 more compute
+    gradient_checkpointing: bool = False  # recompute each decoder block (and vision block, if it trains) in backward
     compile: bool = False  # torch.compile each decoder block
     fsdp: bool = False  # FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP
     save_every: int = 500  # steps between checkpoints (output_dir/checkpoints/step-N)
@@ -332,6 +332,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     chat_template = own if cfg.template == "plain" else cfg.template
     model.to(device).train()
     model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    if model.vision_tower is not None:  # checkpointed only while it trains (VisionTower.forward)
+        model.vision_tower.gradient_checkpointing = cfg.gradient_checkpointing
     prepare_stage(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
     accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
     if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:

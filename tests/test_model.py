@@ -247,3 +247,38 @@ def test_knobs_splice_the_counted_tokens_and_survive_a_checkpoint(tiny, tmp_path
     assert again.cfg.higher_anyres == model.cfg.higher_anyres
     with torch.no_grad():
         assert torch.equal(again(ids(processed), processed), tuned)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_checkpointed_tower_gives_the_same_gradients(tiny, frozen):
+    """--gradient-checkpointing recomputes each vision block in backward while the tower trains (stage 1.5): every
+    gradient equals the stored-activations run's (fp32, <= 1e-6); a frozen tower is not checkpointed at all."""
+    import torch.utils.checkpoint as ckpt
+
+    model, _ = load_pretrained(str(tiny("next_llama")))
+    model.train().requires_grad_(True)
+    model.vision_tower.requires_grad_(not frozen)
+    assert next(model.parameters()).dtype == torch.float32
+    image = process_image(photo(130, 36, seed=3), model.cfg)
+    ids = torch.tensor([[1, 5] + [IMAGE_TOKEN] * image.num_tokens + [7, 9, 11]])
+    calls, real = [], ckpt.checkpoint
+
+    def counting(fn, *args, **kwargs):
+        calls.append(type(fn).__name__)
+        return real(fn, *args, **kwargs)
+
+    grads = []
+    for on in (False, True):
+        model.zero_grad(set_to_none=True)
+        model.vision_tower.gradient_checkpointing = on
+        torch.utils.checkpoint.checkpoint = counting
+        try:
+            model(ids, [image]).float().logsumexp(-1).sum().backward()
+        finally:
+            torch.utils.checkpoint.checkpoint = real
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert calls == ([] if frozen else ["VisionBlock"] * model.cfg.vision.num_layers)
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("vision_tower.layers.") for n in grads[0]) != frozen
+    for name in grads[0]:
+        assert (grads[0][name] - grads[1][name]).abs().max() <= 1e-6, name

@@ -1,5 +1,6 @@
-"""int8 quantisation (quantize.py): the rounding moves each weight by at most half its row's step; on the real
-SmolLM2-135M weights every quantised layer stays within the error bound that step implies (weight-only, and
+"""int8 quantisation (quantize.py): the rounding moves each weight by at most half its row's step; the CPU kernel's
+bf16 roundings stay within their stated bound, and fp16 models keep rows of tiny weights and large activations; on
+the real SmolLM2-135M weights every quantised layer stays within the error bound that step implies (weight-only, and
 int8-dynamic with its per-token int8 activations), the greedy tokens of a short prompt are those of fp32, and
 `infer.py --quantize int8` / `int8-dynamic` still answer "Paris"."""
 
@@ -21,11 +22,13 @@ from data import render_prompt, tokenize
 from tools.convert_gguf import convert, gguf_path
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rounding_moves_each_weight_by_at_most_half_a_step(dtype):
-    w = torch.randn(64, 96) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different ranges
+    w = torch.randn(64, 96) * torch.logspace(-8, 1, 64)[:, None]  # rows of very different ranges, down to 1e-8
     q, scales = quantize.quantize_per_channel(w, dtype)
-    assert q.dtype == torch.int8 and scales.dtype == dtype and scales.shape == (64,)
+    # fp16 keeps its scales in fp32: rows below ~7.6e-6 would have a scale of 0 in fp16
+    assert q.dtype == torch.int8 and scales.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    assert scales.shape == (64,)
     step = scales.float()[:, None]
     assert ((w - q.float() * step).abs() <= step / 2 * (1 + 1e-6)).all()
     assert (q.abs().amax(dim=1) >= 126).all()  # each row's largest weight uses (nearly) the full int8 range
@@ -41,6 +44,29 @@ def test_cpu_kernel_equals_the_dequantised_product(width):
     y = layer(x)
     assert y.shape == (2, 3, 40) and y.dtype == torch.bfloat16
     assert (y.float() - reference).abs().max() <= 2**-7 * reference.abs().max()
+
+
+def kernel_bound(x, layer, y):
+    """The CPU kernel's rounding (quantize.py): x to bf16, 127 s_i 2^-8 ||x||_1, and the result and the scales to
+    bf16, 2^-8 |y_i| each (the scales' only where they are not bf16 already); x (M, in), y (M, out)."""
+    s, y = layer.scales.double(), y.double().abs()
+    scales_rounded = layer.scales.dtype != torch.bfloat16
+    return 127 * s * 2**-8 * x.double().abs().sum(-1, keepdim=True) + (1 + scales_rounded) * 2**-8 * y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_kernel_meets_the_stated_bf16_bound(dtype):
+    # activations placed where bf16 rounds them furthest (3/4 of 2^-8 from 1), their errors all of one sign and the
+    # product near 0: the error comes to over half the stated bound, so bf16's rounding taken as 2^-9 would fail
+    n = 64
+    a, c = 1 + 2**-8 - 2**-10, 1 + 2**-8 + 2**-10  # round down to 1, up to 1 + 2^-7
+    x = torch.tensor([a, -c] * (n // 2), dtype=dtype).repeat(3, 1)  # (3, n): 3 rows take the kernel
+    layer = quantize.Int8Linear.from_float(torch.ones(8, n), dtype=dtype)
+    y = layer(x)
+    dequantised = F.linear(x.double(), layer.weight.double() * layer.scales.double()[:, None])
+    bound = kernel_bound(x, layer, y) + (2**-11 * y.double().abs() if dtype == torch.float16 else 0)
+    ratio = ((y.double() - dequantised).abs() / bound).max()
+    assert 0.5 < ratio <= 1.0, ratio
 
 
 needs_fbgemm = pytest.mark.skipif(not quantize.dynamic_available(), reason="int8-dynamic needs an x86 build of torch")
@@ -91,6 +117,55 @@ def test_dynamic_kernel_within_its_bound(tokens):
     # every token is rounded in its own range: the smallest one's error is as small, relative to it, as the largest's
     relative = (layer(x) - F.linear(x, w, b)).abs().amax(1) / F.linear(x, w).abs().amax(1)
     assert relative.max() < 0.05, relative
+
+
+def fp16_layer(w, mode):
+    return quantize.Int8Linear.from_float(w, dtype=torch.float16, dynamic=mode == "int8-dynamic")
+
+
+def fp16_bound(x, layer, y, w):
+    """The stated bound for an fp16 layer against fp32's x @ w.T: the weights' rounding (int8-dynamic's with its
+    activations'), the CPU kernel's bf16 roundings where it runs, and the result's rounding to fp16."""
+    x64, kernel = x.double(), not layer.dynamic and len(x) < 48 and layer.in_features % 8 == 0
+    if layer.dynamic:
+        q, scales = quantize.quantize_per_channel(w, torch.float16, quantize.DYNAMIC_QMAX)
+        bound = dynamic_bound(x64, q, scales).double()
+    else:
+        bound = layer.scales.double() * x64.abs().sum(-1, keepdim=True) / 2
+    return bound + (kernel_bound(x, layer, y) if kernel else 0) + 2**-11 * y.double().abs() + 2**-25
+
+
+fp16_modes = ["int8", pytest.param("int8-dynamic", marks=needs_fbgemm)]
+
+
+@pytest.mark.parametrize("mode", fp16_modes)
+@pytest.mark.parametrize("tokens", [3, 48])  # 3: the CPU kernel (int8); 48: the dequantise-matmul, in fp32 for fp16
+def test_fp16_rows_of_tiny_weights(mode, tokens):
+    # max |w| ~ 1e-6: its scale (~8e-9) is below fp16's smallest subnormal (6e-8), and would be 0 stored in fp16
+    torch.manual_seed(0)
+    w = torch.rand(16, 64) * 0.5e-6 + 0.5e-6  # positive, as x below: |y| >= ||x||_1 max|w| / 2
+    x = (torch.rand(tokens, 64) * 50 + 50).half()
+    layer = fp16_layer(w, mode)
+    y, reference = layer(x), F.linear(x.double(), w.double())
+    assert y.dtype == torch.float16 and (y != 0).all()
+    assert ((y.double() - reference).abs() <= fp16_bound(x, layer, y, w)).all()
+    relative = ((y.double() - reference).abs() / reference).max()  # the bound over |y|: 1/127 (int8) and more
+    assert relative <= (0.02 if mode == "int8" else 0.05), relative
+
+
+@pytest.mark.parametrize("mode", fp16_modes)
+@pytest.mark.parametrize("tokens", [3, 48])
+@pytest.mark.parametrize("magnitude", [300, 3000])
+def test_fp16_large_activations_stay_finite(mode, tokens, magnitude):
+    # 127 * 300 * 256 inputs is far beyond fp16's 65504: the product must not be taken in fp16 before the scale
+    torch.manual_seed(0)
+    w = torch.randn(32, 256) * 0.02
+    x = (torch.randn(tokens, 256) * magnitude).half()
+    layer = fp16_layer(w, mode)
+    y, reference = layer(x), F.linear(x.double(), w.double())
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    ratio = ((y.double() - reference).abs() / fp16_bound(x, layer, y, w)).max()
+    assert 0 < ratio <= 1.0, ratio
 
 
 @pytest.mark.parametrize("mode, at_most", [("int8", 0.05), pytest.param("int8-dynamic", 0.1, marks=needs_fbgemm)])
@@ -155,8 +230,8 @@ def prompt(tokenizer, question):
 @pytestmark_smollm2
 def test_every_layer_within_the_bound(smollm2):
     """Bound per output i, for input x: int8 moves weight ij by at most s_i/2, so y_i by s_i/2 * sum_j |x_j|. The
-    CPU kernel also rounds x to bf16 (each |x_j| by 2^-9, times |q_ij| s_i <= 127 s_i) and its result to bf16
-    (2^-9 |y_i|):  |y_i - y8_i| <= s_i * ||x||_1 * (1/2 + 127/512) + |y8_i| / 512."""
+    CPU kernel also rounds x to bf16 (each |x_j| by 2^-8, times |q_ij| s_i <= 127 s_i), and the fp32 scales and its
+    result to bf16 (2^-8 |y_i| each):  |y_i - y8_i| <= s_i * ||x||_1 * (1/2 + 127/256) + 2 |y8_i| / 256."""
     _, full, int8, tokenizer = smollm2
     reference = dict(full.named_modules())
     worst, checked = [], []
@@ -166,7 +241,7 @@ def test_every_layer_within_the_bound(smollm2):
             x = inputs[0].float()
             w = reference[name].weight if name != "lm_head" else full.language_model.embed_tokens.weight
             y = F.linear(x, w)
-            bound = layer.scales.float() * x.abs().sum(-1, keepdim=True) * (0.5 + 127 / 512) + out.abs() / 512 + 1e-5
+            bound = layer.scales.float() * x.abs().sum(-1, keepdim=True) * (0.5 + 127 / 256) + 2 * out.abs() / 256 + 1e-5
             worst.append(float(((y - out).abs() / bound).max()))
             checked.append(name)
         return hook
