@@ -4,43 +4,12 @@ channel, while activations stay in the compute dtype (gpt-fast's WeightOnlyInt8L
     W (out, in) float  ->  q (out, in) int8,  s (out,)   W ~ q * s[:, None],   s = max_j |W_ij| / 127
     x (..., in) -> y = (x @ q.T) * s  (..., out)            one matrix-vector product per token when decoding
 
-Error bound. q = round(W / s) moves each weight by at most s/2 (no weight is clipped: |W_ij| / s <= 127), so output
-i of a layer moves by at most  s_i / 2 * ||x||_1. The CPU kernel below also rounds x, its result and (unless they are
-bf16 already) the scales to bf16, whose 8 significant bits round to within 2^-8 of the value, adding
-127 s_i 2^-8 ||x||_1 + 2^-8 |y_i| (2 * 2^-8 |y_i| with fp32 or fp16 scales); an fp16 result adds 2^-11 |y_i|.
-tests/test_quantize.py checks the sum layer by layer on real weights. All are worst cases: rounding errors of
-random sign add up to about s_i / sqrt(12) * ||x||_2 instead.
-
-float16. Its range cannot hold the scales of rows whose max |W| is below ~7.6e-6 (s < 6e-8, fp16's smallest
-subnormal) nor the unscaled products x @ q.T (|x| of a few hundred times 127 times thousands of inputs > 65504),
-so an fp16 model keeps its scales in fp32, and its dequantise-matmul runs in fp32 and rounds the result to fp16
-(the CPU kernel's bf16 has fp32's range); nothing overflows that the fp16 model itself would not.
-
-Why: a decode step reads every weight once, so at batch 1 its speed is the memory bandwidth divided by the weights'
-bytes; int8 reads a quarter of fp32 and half of bf16 (LLaVA-NeXT-72B: ~73 GB instead of ~145 GB in bf16, one 141 GB
-GPU). The vision tower and projector stay in the compute dtype: they run once per image, in the compute-bound
-prefill, where int8 storage saves memory but no time.
-
-Kernels. On CPU (rows of a multiple of 8 values, as in every released model), torch._weight_int8pack_mm reads the
-int8 matrix directly; its x86 kernels (AVX2, AVX-512) are vectorised for bfloat16 activations only (fp32 ones fall
-to a scalar loop ~10x slower than fp32 MKL), so an fp32 model's activations are rounded to bf16 for the product
-and its result widened back. It converts every weight for every row of x, so a prompt of 48 tokens or more runs
-faster on the plain dequantise-matmul F.linear(x, q.to(x.dtype)) * s, which materialises the matrix once per call.
-That is also the path on CUDA, where torch.compile fuses it into one kernel that reads int8 (eager, it
-materialises the matrix each call: slower than bf16).
-
-int8-dynamic (CPU): int8 weights, and each token's activations rounded to 8 bits on the fly, so that the product
-runs on int8 dot products (fbgemm's quantized::linear_dynamic; torchao calls it int8_dynamic_activation_int8_weight;
-llama.cpp rounds activations to 8 bits too, finer: a scale per 32 values). On an AVX2 CPU the weight-only kernel
-above converts every weight to float and is compute-bound; the int8 dot products keep up with the memory. The price
-is accuracy. fbgemm rounds x in one range, [min(x, 0), max(x, 0)] with 0 a level, for the whole (M, in) input: one
-token while decoding, so its own; for a prompt each row is first divided by its larger side (max |x|, signed), so
-that every token gets (nearly) its own. Its AVX2 kernel sums pairs of u8 x s8 products in int16: 255 * 63 * 2 fits
-and 255 * 127 * 2 does not, so the weights use 7 bits (|q| <= 63, s = max |W| / 63) and the activations all 8,
-which moves the logits less than 8-bit weights with 7-bit activations (the activations' rounding is the larger).
-Bound: a step of x is at most 2 max|x| / 255, and x_j moves by at most one (half of it rounding, half where fbgemm's
-integer zero point shifts the range), which adds  s_i 2 max|x| / 255 * sum_j |q_ij|  to the weights' s_i / 2 ||x||_1
-(x stays fp32: no bf16 terms); tests/test_quantize.py checks it layer by layer too.
+Each weight moves by at most s/2, so output i moves by at most s_i / 2 * ||x||_1; the bf16 kernel adds its own
+rounding (2^-8 relative). A decode step reads every weight once, so int8 (a quarter of fp32's bytes, half of bf16's)
+is faster where bandwidth bounds it. float16 keeps the scales in fp32 and multiplies in fp32 (its range holds neither
+tiny scales nor x @ q.T). int8-dynamic also rounds each token's activations to 8 bits, for fbgemm's int8 dot
+products on CPU (7-bit weights, so its int16 sums never saturate). The bounds, the float16 case and the kernels are
+worked through in docs/quantization.md.
 """
 
 import warnings
