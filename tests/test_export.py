@@ -175,3 +175,82 @@ def test_convert_py_is_the_command():
 
     done = subprocess.run([sys.executable, "convert.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0 and "usage: convert.py" in done.stdout and "--max-shard-size" in done.stdout
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every family the preset table knows, as the released llava-hf folders and their readers see it
+
+
+def siglip_anyres_source(tiny, tmp_path):
+    """An Interleave-shaped original checkpoint: SigLIP, plain "anyres" (no anyres_max), spatial_unpad; exported
+    as llava_next, since llava-hf's own Interleave conversion drops the AnyRes crops and the newline."""
+    src = source_folder(tiny, tmp_path, "onevision_qwen2", "original")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "image_aspect_ratio": "anyres"}))
+    return src
+
+
+def onevision_processor(folder):
+    """transformers' LlavaOnevisionProcessor on `folder` without its video processor (which needs torchvision,
+    absent here): the processor's own image-token expansion, from its processor_config.json."""
+    spec = json.loads((folder / "processor_config.json").read_text())
+    processor = object.__new__(transformers.LlavaOnevisionProcessor)
+    processor.image_processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+    processor.tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for key in ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token"):
+        setattr(processor, key, spec[key])
+
+    def call(images, text, return_tensors="pt"):
+        pixels = processor.image_processor(images=images, return_tensors="pt")
+        text = text.replace("<image>", processor.replace_image_token(pixels, 0))
+        return {**pixels, **processor.tokenizer(text, return_tensors="pt")}
+    return call
+
+
+# (tiny checkpoint, layout, family): LLaVA-1.6 34B and LLaMA3-LLaVA-NeXT are llava_next folders with a Llama
+# decoder, as NeXT Vicuna; NeXT 72B/110B are llava_next with a Qwen2 decoder and the CLIP tower
+FAMILY_FOLDERS = {
+    "llava-1.5": ("llava15_llama", "original"),
+    "next-vicuna": ("next_llama", "llava-hf"),
+    "next-mistral": ("next_mistral", "original"),
+    "next-qwen": ("next_qwen2", "original"),
+    "interleave": ("onevision_qwen2", "interleave"),
+    "onevision": ("onevision_qwen2", "original"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FOLDERS))
+def test_transformers_processor_on_the_export_gives_our_pixels_tokens_ids_and_logits(tiny, tmp_path, family):
+    """For a tall non-square image (500x900) and one smaller than a crop: transformers' own processor, reading
+    only the exported files, gives the pixel_values shape, <image> count and input ids our code gives for the
+    export, and transformers' model class on the export gives our logits."""
+    from anyres import process_image
+    from convert import load_pretrained, load_tokenizer
+    from data import tokenize
+    from model import IMAGE_TOKEN
+
+    name, layout = FAMILY_FOLDERS[family]
+    src = siglip_anyres_source(tiny, tmp_path) if layout == "interleave" else source_folder(tiny, tmp_path, name, layout)
+    out = tmp_path / "export"
+    theirs_model = export(src, out, "--dtype", "float32")
+    config = json.loads((out / "config.json").read_text())
+    processor = (onevision_processor(out) if config["model_type"] == "llava_onevision"
+                 else transformers.AutoProcessor.from_pretrained(str(out), backend="pil"))
+    # the reading transformers' processors follow ("transformers"), except LLaVA-1.5: its export pads to a square
+    # of the mean colour (do_pad), as the original trained, which is our "original" reading
+    ours, _ = load_pretrained(str(out), compat="original" if config["model_type"] == "llava" else "transformers")
+    tokenizer, image_id = load_tokenizer(out, str(out)), config["image_token_index"]
+    prompt = "USER: <image>\nWhat is shown? ASSISTANT:"
+    for size in ((500, 900), (20, 12)):
+        image = photo(*size, seed=5)
+        theirs = dict(processor(images=image, text=prompt, return_tensors="pt"))
+        processed = process_image(image, ours.cfg)
+        assert tuple(theirs["pixel_values"].shape[-4:]) == tuple(processed.pixels.shape), (family, size)
+        ids = tokenize(tokenizer, prompt, [processed.num_tokens], compat="transformers")
+        assert (theirs["input_ids"] == image_id).sum() == processed.num_tokens > 1
+        assert theirs["input_ids"][0].tolist() == [image_id if i == IMAGE_TOKEN else i for i in ids]
+        assert torch.allclose(theirs["pixel_values"][0], processed.pixels, atol=1e-5)
+        theirs.pop("batch_num_images", None)
+        with torch.no_grad():
+            diff = (theirs_model(**theirs).logits - ours(torch.tensor([ids]), [processed])).abs().max()
+        assert diff <= 1e-4, (family, size, diff)
