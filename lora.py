@@ -119,7 +119,8 @@ def save_adapter(state: dict, folder, rank: int, alpha: float, dropout: float, t
                   # a regex, matched against the whole module path: a plain name list would also catch the vision
                   # tower's q_proj / k_proj / v_proj
                   target_modules=rf".*language_model.*\.({'|'.join(targets)})", modules_to_save=["multi_modal_projector"],
-                  base_model_name_or_path=base_model_name(base_model) if base_model else None, fan_in_fan_out=False, init_lora_weights=True,
+                  base_model_name_or_path=base_model_name(base_model) if base_model else None,
+                  fan_in_fan_out=False, init_lora_weights=True,
                   use_rslora=False, use_dora=False, inference_mode=True, rank_pattern={}, alpha_pattern={},
                   layers_to_transform=None, layers_pattern=None, revision=None)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))

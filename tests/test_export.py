@@ -230,7 +230,8 @@ def test_transformers_processor_on_the_export_gives_our_pixels_tokens_ids_and_lo
     from model import IMAGE_TOKEN
 
     name, layout = FAMILY_FOLDERS[family]
-    src = siglip_anyres_source(tiny, tmp_path) if layout == "interleave" else source_folder(tiny, tmp_path, name, layout)
+    src = (siglip_anyres_source(tiny, tmp_path) if layout == "interleave"
+           else source_folder(tiny, tmp_path, name, layout))
     out = tmp_path / "export"
     theirs_model = export(src, out, "--dtype", "float32")
     config = json.loads((out / "config.json").read_text())
@@ -370,7 +371,8 @@ _ORIGINAL_LLM = {
                     num_key_value_heads=8, vocab_size=32000, rope_theta=1e6, rms_norm_eps=1e-5,
                     max_position_embeddings=32768, sliding_window=None),
     "yi": dict(hidden_size=7168, intermediate_size=20480, num_hidden_layers=60, num_attention_heads=56,
-               num_key_value_heads=8, vocab_size=64000, rope_theta=5e6, rms_norm_eps=1e-5, max_position_embeddings=4096),
+               num_key_value_heads=8, vocab_size=64000, rope_theta=5e6, rms_norm_eps=1e-5,
+               max_position_embeddings=4096),
     "llama3": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                    num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5,
                    max_position_embeddings=8192),
