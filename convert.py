@@ -147,6 +147,7 @@ def text_config(raw: dict, where: str) -> TextConfig:
         qkv_bias=family == "qwen2" or bool(c.get("attention_bias", False)),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
         max_position_embeddings=c["max_position_embeddings"],
+        family=family,
     )
 
 
@@ -504,28 +505,41 @@ def hf_key(key: str) -> str:
 
 
 def hf_config(cfg: LlavaConfig) -> dict:
-    """config.json in the llava-hf shape (every field written, none left to class defaults)."""
+    """config.json in the llava-hf shape (every field written, none left to class defaults), with the keys the
+    released llava-hf folders carry (ignore_index, use_image_newline_parameter, CLIP's projection_dim)."""
     t = cfg.text
-    text = dict(model_type="qwen2" if t.qkv_bias else "llama", vocab_size=t.vocab_size, hidden_size=t.hidden_size,
-                intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads,
-                num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim, rope_theta=t.rope_theta,
-                rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
+    family = t.family or ("qwen2" if t.qkv_bias else "llama")
+    # vLLM builds the decoder from text_config.architectures (llava.py, llava_next.py, llava_onevision.py:
+    # init_vllm_registered_model(hf_config=config.text_config); registry.py: "No model architectures are specified")
+    text = dict(model_type=family, architectures=[TEXT_ARCHITECTURES[family]], vocab_size=t.vocab_size,
+                hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
                 max_position_embeddings=t.max_position_embeddings, attention_bias=t.qkv_bias)
+    if family == "mistral":
+        text["sliding_window"] = None  # MistralConfig's default is 4096; LLaVA-1.6 Mistral attends to all tokens
     if cfg.vision is None:
-        return {**text, "architectures": ["Qwen2ForCausalLM" if t.qkv_bias else "LlamaForCausalLM"]}
+        return text
     v = cfg.vision
     if cfg.projector_type != "mlp2x_gelu" or (cfg.merge_type == "flat") == cfg.image_aspect_ratio.startswith("anyres"):
         raise ValueError(f"the llava-hf layout cannot express projector {cfg.projector_type!r} with "
                          f"{cfg.image_aspect_ratio!r} / {cfg.merge_type!r}")
     model_type = "llava" if cfg.merge_type == "flat" else "llava_onevision" if anyres_max_crops(cfg) else "llava_next"
+    # num_hidden_layers counts only the layers LLaVA reads (their weights are all we write), so the feature layer
+    # is the last one: the released folders say 24 and -2 for CLIP, the same features
     vision = dict(model_type=f"{v.kind}_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
                   num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
                   patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
+    if v.kind == "clip":
+        vision["projection_dim"] = 768  # the released towers' (CLIP's head, which LLaVA never runs)
     out = dict(model_type=model_type, architectures=[ARCHITECTURES[model_type]], text_config=text, vision_config=vision,
                vision_feature_layer=-1, vision_feature_select_strategy="default" if v.select_feature == "patch" else "full",
-               projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings)
+               projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings,
+               ignore_index=-100)  # the label mask value, in every released llava-hf config.json
     if model_type != "llava":
         out["image_grid_pinpoints"] = cfg.grid_pinpoints
+    if model_type == "llava_next":
+        out["use_image_newline_parameter"] = True
     if model_type == "llava_onevision":
         out["vision_aspect_ratio"] = cfg.image_aspect_ratio
     if knobs := cfg.higher_anyres.changed():
@@ -533,6 +547,7 @@ def hf_config(cfg: LlavaConfig) -> dict:
     return out
 
 
+TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
                  "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 

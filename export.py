@@ -183,21 +183,31 @@ def special_tokens(tokenizer, template: str) -> dict:
 
 
 def image_processor_config(cfg: LlavaConfig) -> dict:
-    """The image processor transformers uses for this model type, with every size written out (the class defaults
-    are 224 px). LLaVA-1.5's "pad" is LlavaImageProcessor's do_pad: a square of the mean colour, as trained."""
+    """The image processor transformers uses for this model type, with every size written out as the released
+    llava-hf folders write them (the class defaults are 224 px: a crop_size left out makes 224-px AnyRes tiles).
+
+    LlavaNext/LlavaOnevisionImageProcessor squash the base image to C x C and cut C-px tiles (crop_size) whatever
+    the tower, as the original AnyRes does; LLaVA-1.5 with CLIP resizes the short side and centre-crops (the
+    released CLIPImageProcessor settings), and "pad" is LlavaImageProcessor's do_pad: a square of the mean colour,
+    as trained. SigLIP without AnyRes squashes to C x C."""
     v, model_type = cfg.vision, hf_model_type(cfg)
     mean, std = tower_mean_std(v.kind)
     C = v.image_size
-    out = dict(image_processor_type=PROCESSORS[model_type][1], do_convert_rgb=True, do_resize=True, resample=3,
-               do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(mean), image_std=list(std))
-    if v.kind == "clip":  # CLIP resizes the short side and centre-crops; SigLIP squashes to C x C
-        out |= dict(size={"shortest_edge": C}, crop_size={"height": C, "width": C}, do_center_crop=True)
+    out = dict(image_processor_type=PROCESSORS[model_type][1], processor_class=PROCESSORS[model_type][0],
+               do_convert_rgb=True, do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255,
+               do_normalize=True, image_mean=list(mean), image_std=list(std))
+    square = {"height": C, "width": C}
+    if model_type == "llava_next":  # LlavaNextImageProcessor: the base image is resized to (shortest_edge,) * 2
+        out |= dict(size={"shortest_edge": C}, crop_size=square, do_center_crop=True, do_pad=True,
+                    image_grid_pinpoints=cfg.grid_pinpoints, aspect_ratio_setting="anyres")
+    elif model_type == "llava_onevision":
+        out |= dict(size=square, crop_size=square, do_center_crop=True, do_pad=True,
+                    image_grid_pinpoints=cfg.grid_pinpoints)
+    elif v.kind == "clip":
+        out |= dict(size={"shortest_edge": C}, crop_size=square, do_center_crop=True,
+                    do_pad=cfg.image_aspect_ratio == "pad")
     else:
-        out |= dict(size={"height": C, "width": C}, do_center_crop=False)
-    if model_type == "llava":
-        out["do_pad"] = cfg.image_aspect_ratio == "pad"
-    else:
-        out |= dict(do_pad=True, image_grid_pinpoints=cfg.grid_pinpoints)  # do_pad: stacks unequal crop counts
+        out |= dict(size=square, do_center_crop=False, do_pad=cfg.image_aspect_ratio == "pad")
     return out
 
 
@@ -215,7 +225,7 @@ def processor_config(cfg: LlavaConfig) -> dict:
                                       image_mean=image["image_mean"], image_std=image["image_std"])
     else:  # the count the processor expands <image> to is (C/p)^2 + CLS - (1 if the CLS is dropped)
         out |= dict(patch_size=v.patch_size, num_additional_image_tokens=int(v.kind == "clip"))
-    out["image_processor"] = image_processor_config(cfg)
+    out["image_processor"] = {k: x for k, x in image_processor_config(cfg).items() if k != "processor_class"}
     return out
 
 
@@ -226,6 +236,8 @@ def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype
     for name in ("bos", "eos", "pad"):
         if f"{name}_token" in specials:
             text[f"{name}_token_id"] = tokenizer.token_to_id(specials[f"{name}_token"])
+    if "pad_token_id" in text and cfg.vision is not None:
+        out["pad_token_id"] = text["pad_token_id"]  # where the LLaVA-1.5 llava-hf folders keep it
     if dtype is not None:
         out["dtype"] = str(dtype).removeprefix("torch.")
     if cfg.vision is None:

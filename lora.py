@@ -82,9 +82,32 @@ def peft_key(key: str) -> str:
     raise ValueError(f"{key}: not a decoder or projector tensor")
 
 
+def base_model_name(source: str) -> str | None:
+    """adapter_config.json's base_model_name_or_path for a run started from `source`: the name of a model in the
+    llava-hf layout, which transformers builds and peft puts the adapter on.
+
+    A preset short name or either of its repos -> the llava-hf repo; a folder or repo in the llava-hf layout -> itself
+    (a local folder as an absolute path). An original-layout checkpoint that is not a preset -> None: transformers
+    cannot build it, and its llava-hf form (`python convert.py SOURCE OUT`) has no name until someone writes it."""
+    from convert import CheckpointError, find_preset, read_json, resolve
+
+    preset = find_preset(source)
+    if preset is not None and preset.hf:
+        return preset.hf
+    try:
+        folder = resolve(source)
+        raw = read_json(folder / "config.json")
+    except (CheckpointError, OSError):
+        return None
+    if raw.get("model_type") not in ("llava", "llava_next", "llava_onevision") or "mm_vision_tower" in raw:
+        return None
+    return str(Path(source).expanduser().resolve()) if Path(source).expanduser().is_dir() else source
+
+
 def save_adapter(state: dict, folder, rank: int, alpha: float, dropout: float, targets, base_model: str = ""):
     """adapter_config.json + adapter_model.safetensors: the adapters and the projector (which LoRA training also
-    updates: peft's modules_to_save, stored under the module's plain path)."""
+    updates: peft's modules_to_save, stored under the module's plain path). `base_model` is what the run started
+    from (short name, repo id or folder); base_model_name says what is recorded for it."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -96,7 +119,8 @@ def save_adapter(state: dict, folder, rank: int, alpha: float, dropout: float, t
                   # a regex, matched against the whole module path: a plain name list would also catch the vision
                   # tower's q_proj / k_proj / v_proj
                   target_modules=rf".*language_model.*\.({'|'.join(targets)})", modules_to_save=["multi_modal_projector"],
-                  base_model_name_or_path=base_model or None, fan_in_fan_out=False, init_lora_weights=True,
+                  base_model_name_or_path=base_model_name(base_model) if base_model else None,
+                  fan_in_fan_out=False, init_lora_weights=True,
                   use_rslora=False, use_dora=False, inference_mode=True, rank_pattern={}, alpha_pattern={},
                   layers_to_transform=None, layers_pattern=None, revision=None)
     (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))

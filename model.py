@@ -67,6 +67,7 @@ class TextConfig:
     qkv_bias: bool = False  # Qwen1.5 / Qwen2
     tie_word_embeddings: bool = False  # the 0.5B Qwen models
     max_position_embeddings: int = 4096
+    family: str = ""  # "llama", "mistral" or "qwen2": the transformers class export.py names ("" = from qkv_bias)
 
 
 @dataclass

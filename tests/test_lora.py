@@ -3,6 +3,7 @@ computes what the adapter-applied model computes; and peft (test-only, like tran
 transformers' model of the base folder with the same logits as our merged model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from test_train import config, dataset  # noqa: F401  (the fixture)
 
 import tiny_checkpoints as tc
 from anyres import process_image
-from convert import load_pretrained
+from convert import PRESETS, load_pretrained
+from lora import base_model_name
 from model import IMAGE_TOKEN
 from train import train
 
@@ -58,7 +60,11 @@ def test_peft_loads_the_adapter_onto_the_base_with_the_same_logits(lora_run):
     _, _, final, base_folder = lora_run
     config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
-    reference = peft.PeftModel.from_pretrained(tc.load_reference(base_folder), str(final / "adapter")).eval()
+    # the run started from a llava-hf folder: the adapter names it, and peft puts the adapter on the model
+    # transformers builds from that name
+    assert config["base_model_name_or_path"] == str(base_folder.resolve())
+    base = tc.load_reference(Path(config["base_model_name_or_path"]))
+    reference = peft.PeftModel.from_pretrained(base, str(final / "adapter")).eval()
     loaded = {n for n, _ in reference.named_parameters() if "lora_A" in n}
     assert len(loaded) == 7 * 2 and not any("vision_tower" in n for n in loaded)  # the decoder's linears only
     ours, _ = load_pretrained(str(final), compat="transformers")
@@ -84,3 +90,21 @@ def test_lora_with_dropout_resumes_bit_identically(dataset, tmp_path):  # noqa: 
     losses = [[json.loads(line)["loss"] for line in (tmp_path / x / "run" / "metrics.jsonl").read_text().splitlines()]
               for x in "ab"]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+@pytest.mark.parametrize("source", ["llava-v1.6-mistral-7b", "liuhaotian/llava-v1.6-mistral-7b",
+                                    "llava-hf/llava-v1.6-mistral-7b-hf", "llava-next-72b", "lmms-lab/llava-next-72b"])
+def test_an_adapter_from_a_preset_names_its_llava_hf_repo(source):
+    """A preset (short name, original repo or llava-hf repo) -> the llava-hf repo, the layout transformers + peft
+    load; no download is needed to say so."""
+    hf = next(p.hf for p in PRESETS.values() if source in (p.original, p.hf) or PRESETS.get(source) is p)
+    assert hf.startswith("llava-hf/") and base_model_name(source) == hf
+
+
+def test_an_adapter_from_an_original_layout_folder_names_no_base(tiny, tmp_path):
+    """transformers cannot build an original-layout checkpoint that is no preset: nothing is named (its llava-hf
+    form is whatever `python convert.py` writes, later); a llava-hf folder is named by its absolute path."""
+    original = tc.to_original_layout(tiny("next_qwen2"), tmp_path / "original", tower_dir=tmp_path / "tower",
+                                     shard_format="safetensors", include_tower=True)
+    assert base_model_name(str(original)) is None
+    assert base_model_name(str(tiny("next_qwen2"))) == str(tiny("next_qwen2").resolve())
