@@ -347,12 +347,13 @@ def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
 
 
 def parse_size(text: str, flag: str = "--max-shard-size") -> int:
-    """"5GB" -> 5 * 10^9 bytes, "200KB" -> 200 * 10^3, "2GiB" -> 2 * 2^30 (the units transformers' max_shard_size takes)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
-        raise SystemExit(f"error: {flag} {text!r}: expected a size such as 5GB, 500MB or 200KB")
-    return int(float(m.group(1)) * units[m.group(2).upper()])
+    """"5GB" -> 5 * 10^9 bytes, "200KB" -> 200 * 10^3, "2GiB" -> 2 * 2^30, "80G" -> 80 * 10^9 (the units transformers'
+    max_shard_size takes); --max-shard-size and --gpu-memory both read sizes here."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise SystemExit(f"error: {flag} {text!r}: expected a size such as 5GB, 500MB, 80GB or 24GiB")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -174,7 +174,7 @@ class VisionTower(nn.Module):
             x = x[:, 1:]
         return x  # (N, n*n, D)
 
-    def trains(self) -> bool:  # memory_plan.py asks the same question
+    def trains(self) -> bool:  # tools/memory_plan.py asks the same question
         return any(p.requires_grad for p in self.parameters())
 
 

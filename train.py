@@ -99,7 +99,7 @@ class TrainConfig:
     lora_alpha: float = 0.0  # the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)
     lora_dropout: float = 0.05  # on the adapters' input (LLaVA's default)
     lora_targets: str = ""  # comma-separated decoder linears, e.g. q_proj,v_proj ("": all seven, as LLaVA does)
-    plan: bool = False  # print the memory plan per GPU for these flags (memory_plan.py) and exit; nothing is loaded
+    plan: bool = False  # print the memory plan per GPU for these flags (tools/memory_plan.py) and exit; nothing is loaded
     gpus: int = 0  # --plan: GPUs in all, across nodes (0: this machine's)
     gpu_memory: str = "80GB"  # --plan: memory of one GPU
 
@@ -140,7 +140,7 @@ def all_sum(value: float, device) -> float:
 
 
 def prepare_stage(model, cfg: TrainConfig, bf16_base: bool):
-    """LoRA adapters where asked, then which parameters learn (memory_plan.py prepares its meta model with this too)."""
+    """LoRA adapters where asked, then which parameters learn (tools/memory_plan.py prepares its meta model with this too)."""
     if cfg.lora_rank:
         add_lora(model, cfg, bf16_base)
     set_trainable(model, cfg)
@@ -586,7 +586,7 @@ def main(argv=None):
     cfg = parse_args(argv)
     try:
         if cfg.plan:
-            from memory_plan import main as print_plan
+            from tools.memory_plan import main as print_plan
 
             return print_plan(cfg, prepare=prepare_stage)
         train(cfg)

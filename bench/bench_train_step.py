@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import memory_plan  # noqa: E402
+from tools import memory_plan  # noqa: E402
 import train  # noqa: E402
 from anyres import ProcessedImage, num_image_tokens  # noqa: E402
 from data import IGNORE_INDEX  # noqa: E402

@@ -73,7 +73,8 @@ def test_llava_hf_shards_hold_at_most_max_shard_size(dataset, monkeypatch, tmp_p
 
 
 def test_parse_size():
-    assert [parse_size(s) for s in ("5GB", "200KB", "2GiB", "1.5MB", "100")] == [5 * 10**9, 200_000, 2 << 30, 1_500_000, 100]
+    assert [parse_size(s) for s in ("5GB", "200KB", "2GiB", "1.5MB", "100", "80G")] == [5 * 10**9, 200_000, 2 << 30, 1_500_000,
+                                                                                   100, 80 * 10**9]
     with pytest.raises(SystemExit, match="--max-shard-size '5 apples'"):
         parse_size("5 apples")
 

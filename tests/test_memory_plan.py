@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from conftest import ROOT, photo
 
-import memory_plan
+from tools import memory_plan
 from anyres import process_image
 from model import IMAGE_TOKEN, Llava, LlavaConfig, TextConfig, VisionConfig, init_fresh
 import train
@@ -153,4 +153,4 @@ def test_plan_command_line(tiny):
     assert "FSDP2 over 128 GPUs, 16 nodes of 8" in done.stdout and "largest micro-batch that fits" in done.stdout
     bad = run("--gpu-memory", "lots")
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == ["error: --gpu-memory 'lots': expected a size such as 80GB, 141GB or 24GiB"]
+    assert bad.stderr.strip().splitlines() == ["error: --gpu-memory 'lots': expected a size such as 5GB, 500MB, 80GB or 24GiB"]

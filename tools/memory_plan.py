@@ -27,11 +27,12 @@ a reserve for the CUDA context, NCCL buffers and the allocator's fragmentation.
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from export import parse_size
 
 RESERVE_FRACTION, RESERVE_BYTES = 0.05, 1 << 30  # 5% + 1 GiB of every GPU is not planned for
 GPUS_PER_NODE = 8
@@ -63,14 +64,6 @@ class Plan:
 
     def largest_micro_batch(self, per_sample: int) -> int:
         return max(0, (self.usable - self.fixed) // per_sample)
-
-
-def parse_bytes(text: str, flag: str = "--gpu-memory") -> int:
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        raise SystemExit(f"error: {flag} {text!r}: expected a size such as 80GB, 141GB or 24GiB")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,4 +261,4 @@ def report(cfg, p: Plan) -> str:
 
 def main(cfg, prepare):
     gpus = cfg.gpus or (torch.cuda.device_count() or 1)
-    print(report(cfg, plan(cfg, gpus, parse_bytes(cfg.gpu_memory), meta_model(cfg, prepare))))
+    print(report(cfg, plan(cfg, gpus, parse_size(cfg.gpu_memory, "--gpu-memory"), meta_model(cfg, prepare))))
