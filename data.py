@@ -162,21 +162,28 @@ def encode(tokenizer, text: str, image_tokens=(), compat: str = "original"):
     return ids, ends
 
 
+def with_special_tokens(tokenizer, tokens) -> tuple:
+    """(tokenizer, {token: id}) where each of `tokens` is an unsplittable special token: the tokenizer itself when it
+    has them all (every llava-hf tokenizer.json has `<image>`), else a copy with the missing ones added at the next
+    free ids, as the llava-hf conversions add them (the original checkpoints' tokenizers lack them)."""
+    from tokenizers import AddedToken, Tokenizer
+
+    def is_one_token(t):
+        return tokenizer.encode(f"a{t}b", add_special_tokens=False).ids.count(tokenizer.token_to_id(t) or -1) == 1
+
+    if not all(map(is_one_token, tokens)):
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    return tokenizer, {t: tokenizer.token_to_id(t) for t in tokens}
+
+
 _IMAGE_AWARE = {}  # id(tokenizer) -> (the tokenizer, held so that its id is not reused; its copy with <image>)
 
 
 def with_image_token(tokenizer):
-    """(tokenizer, id of `<image>`) where `<image>` is an added special token, as in every llava-hf tokenizer.json;
-    for a tokenizer without it (the original checkpoints'), a copy with it added (its id is never emitted)."""
-    from tokenizers import AddedToken, Tokenizer
-
-    for token_id, added in tokenizer.get_added_tokens_decoder().items():
-        if added.content == "<image>":
-            return tokenizer, token_id
+    """(tokenizer, id of `<image>`), the tokenizer copied once with `<image>` added if it lacks it (never emitted)."""
     if id(tokenizer) not in _IMAGE_AWARE:
-        copy = Tokenizer.from_str(tokenizer.to_str())
-        copy.add_special_tokens([AddedToken("<image>", special=True, normalized=False)])
-        _IMAGE_AWARE[id(tokenizer)] = (tokenizer, copy)
+        _IMAGE_AWARE[id(tokenizer)] = (tokenizer, with_special_tokens(tokenizer, ["<image>"])[0])
     copy = _IMAGE_AWARE[id(tokenizer)][1]
     return copy, copy.token_to_id("<image>")
 

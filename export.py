@@ -28,7 +28,7 @@ import torch
 from anyres import tower_mean_std
 from convert import (TEMPLATE_KEY, CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config, hf_key,
                      load_pretrained, load_tokenizer, read_tensors, resolve)
-from data import TEMPLATES, stop_token_ids, system_slot
+from data import TEMPLATES, stop_token_ids, system_slot, with_special_tokens
 from model import Llava, LlavaConfig
 
 PROCESSORS = {"llava": ("LlavaProcessor", "LlavaImageProcessor"),
@@ -52,15 +52,8 @@ def media_tokens(cfg: LlavaConfig) -> list[str]:
 
 
 def with_media_tokens(tokenizer, cfg: LlavaConfig):
-    """(a copy of the tokenizer with every media token as an unsplittable special token, {token: id}). A token
-    already there keeps its id; a new one gets the next free id, as the llava-hf conversions add them."""
-    from tokenizers import AddedToken, Tokenizer
-
-    tokenizer = Tokenizer.from_str(tokenizer.to_str())
-    for token in media_tokens(cfg):
-        if tokenizer.encode(f"a{token}b", add_special_tokens=False).ids.count(tokenizer.token_to_id(token) or -1) != 1:
-            tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
-    return tokenizer, {t: tokenizer.token_to_id(t) for t in media_tokens(cfg)}
+    """(the tokenizer with every media token as an unsplittable special token, {token: id}): data.with_special_tokens."""
+    return with_special_tokens(tokenizer, media_tokens(cfg))
 
 
 def padded_vocab_size(n_ids: int) -> int:
