@@ -16,6 +16,7 @@ device and assigns tensors one at a time from memory-mapped shards, so a 7B mode
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Preset:
     original: str | None
     hf: str | None
     template: str
+    geometry: str  # a key of GEOMETRY: the image geometry, for token counts without a download (anyres_picture.py)
 
 
 def find_preset(source: str) -> Preset | None:
@@ -46,25 +48,25 @@ def find_preset(source: str) -> Preset | None:
     return PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
 
 
-def _preset(original, hf, template, use_original=False):
-    return Preset(original if use_original or hf is None else hf, original, hf, template)
+def _preset(original, hf, template, geometry, use_original=False):
+    return Preset(original if use_original or hf is None else hf, original, hf, template, geometry)
 
 
 PRESETS = {
-    "llava-v1.5-7b": _preset("liuhaotian/llava-v1.5-7b", "llava-hf/llava-1.5-7b-hf", "vicuna_v1"),
-    "llava-v1.5-13b": _preset("liuhaotian/llava-v1.5-13b", "llava-hf/llava-1.5-13b-hf", "vicuna_v1"),
-    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1"),
-    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1"),
-    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct"),
-    "llava-v1.6-34b": _preset("liuhaotian/llava-v1.6-34b", "llava-hf/llava-v1.6-34b-hf", "chatml_direct"),
-    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf", "llava_llama_3"),
-    "llava-next-72b": _preset("lmms-lab/llava-next-72b", "llava-hf/llava-next-72b-hf", "qwen_1_5"),
-    "llava-next-110b": _preset("lmms-lab/llava-next-110b", "llava-hf/llava-next-110b-hf", "qwen_1_5"),
-    "llava-next-interleave-qwen-0.5b": _preset("lmms-lab/llava-next-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "qwen_1_5", use_original=True),
-    "llava-next-interleave-qwen-7b": _preset("lmms-lab/llava-next-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "qwen_1_5", use_original=True),
-    "llava-next-interleave-qwen-7b-dpo": _preset("lmms-lab/llava-next-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf", "qwen_1_5", use_original=True),
+    "llava-v1.5-7b": _preset("liuhaotian/llava-v1.5-7b", "llava-hf/llava-1.5-7b-hf", "vicuna_v1", "v1.5"),
+    "llava-v1.5-13b": _preset("liuhaotian/llava-v1.5-13b", "llava-hf/llava-1.5-13b-hf", "vicuna_v1", "v1.5"),
+    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1", "next"),
+    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1", "next"),
+    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct", "next"),
+    "llava-v1.6-34b": _preset("liuhaotian/llava-v1.6-34b", "llava-hf/llava-v1.6-34b-hf", "chatml_direct", "next"),
+    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf", "llava_llama_3", "next"),
+    "llava-next-72b": _preset("lmms-lab/llava-next-72b", "llava-hf/llava-next-72b-hf", "qwen_1_5", "next"),
+    "llava-next-110b": _preset("lmms-lab/llava-next-110b", "llava-hf/llava-next-110b-hf", "qwen_1_5", "next"),
+    "llava-next-interleave-qwen-0.5b": _preset("lmms-lab/llava-next-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "qwen_1_5", "interleave", use_original=True),
+    "llava-next-interleave-qwen-7b": _preset("lmms-lab/llava-next-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "qwen_1_5", "interleave", use_original=True),
+    "llava-next-interleave-qwen-7b-dpo": _preset("lmms-lab/llava-next-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf", "qwen_1_5", "interleave", use_original=True),
     **{
-        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}", f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf", "qwen_1_5")
+        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}", f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf", "qwen_1_5", "onevision")
         for size, stages in (("0.5b", ("si", "ov")), ("7b", ("si", "ov", "ov-chat")), ("72b", ("si", "ov", "ov-chat")))
         for stage in stages
     },
@@ -76,6 +78,23 @@ DEFAULT_MODEL = "llava-onevision-qwen2-0.5b-ov"  # the smallest release: runs on
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, layer_norm_eps=1e-5),
     "google/siglip-so400m-patch14-384": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6),
+}
+
+# The image side of every preset as a config.json (the model cards' and released configs' values): the tower, its
+# feature layer and selection, the AnyRes grids and aspect-ratio mode. Enough for llava_config to count image
+# tokens; the decoder's fields are left to HF_DEFAULTS, so it builds no real model.
+_CLIP, _SIGLIP = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"], KNOWN_TOWERS["google/siglip-so400m-patch14-384"]
+GEOMETRY = {
+    "v1.5": dict(model_type="llava", vision_config=_CLIP, vision_feature_layer=-2, vision_feature_select_strategy="default"),
+    "next": dict(model_type="llava_next", vision_config=_CLIP, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+    # the original layout (the Interleave presets download lmms-lab's repos): SigLIP minus its last layer, 384-px grids
+    "interleave": dict(model_type="qwen2", mm_vision_tower="google/siglip-so400m-patch14-384", mm_projector_type="mlp2x_gelu",
+                       image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                       image_grid_pinpoints=[[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]),
+    "onevision": dict(model_type="llava_onevision", vision_config={**_SIGLIP, "num_hidden_layers": 26}, vision_feature_layer=-1,
+                      vision_feature_select_strategy="full", image_grid_pinpoints="(1x1),...,(6x6)",
+                      vision_aspect_ratio="anyres_max_9"),
 }
 
 # transformers writes only the fields that differ from its class defaults, so a llava-hf config.json needs these
@@ -304,7 +323,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
             if missing := [f.name for f in files if not f.is_file()]:
                 raise CheckpointError(f"{folder / index} names the shard {missing[0]}, which is not in {folder}"
                                       f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; download the "
-                                      f"checkpoint again (huggingface-cli download resumes)")
+                                      f"checkpoint again (`{hub_command('<repo>')}` resumes)")
             return files
         if (folder / single).exists():
             return [folder / single]
@@ -339,6 +358,16 @@ def tower_tensors(folder: Path):
         yield from ((f"vision_tower.{k}", t) for k, t in read_tensors(f) if k.startswith("vision_model."))
 
 
+def hub_command(repo: str, *files: str) -> str:
+    """The shell command that fills the HF cache with `repo` (or some of its files), for the CLI the installed
+    huggingface_hub ships: `hf` from 1.0 on (which dropped `huggingface-cli`), `huggingface-cli` before 0.34."""
+    from importlib.metadata import version
+
+    major = int(version("huggingface_hub").split(".")[0])
+    cli = "hf" if major >= 1 or shutil.which("hf") else "huggingface-cli"
+    return " ".join([cli, "download", repo, *files])
+
+
 def resolve(source: str, revision: str | None = None, what: str = "model") -> Path:
     """A local folder, a preset short name, or a hub repo id -> a local folder (downloaded through the HF cache)."""
     if Path(source).expanduser().is_dir():
@@ -358,7 +387,7 @@ def resolve(source: str, revision: str | None = None, what: str = "model") -> Pa
         raise CheckpointError(
             f"could not get {what} {repo!r}{f' at revision {revision}' if revision else ''} "
             f"({'HF_HUB_OFFLINE is set' if offline else type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"On a machine with internet run `huggingface-cli download {repo}` to fill the cache, "
+            f"On a machine with internet run `{hub_command(repo)}` to fill the cache, "
             f"or pass a local folder holding its config.json and weights.") from e
     return folder
 
@@ -560,7 +589,7 @@ def load_tokenizer(folder: Path, source: str):
             return Tokenizer.from_file(hf_hub_download(preset.hf, "tokenizer.json"))
         except Exception as e:
             raise CheckpointError(f"{folder} has no tokenizer.json and {preset.hf}/tokenizer.json could not be fetched "
-                                  f"({type(e).__name__}); download it with `huggingface-cli download {preset.hf} tokenizer.json`") from e
+                                  f"({type(e).__name__}); download it with `{hub_command(preset.hf, 'tokenizer.json')}`") from e
     hint = " (it ships only a SentencePiece tokenizer.model)" if (folder / "tokenizer.model").exists() else ""
     raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
                           f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
@@ -578,21 +607,82 @@ def eos_token_ids(folder: Path) -> set[int]:
     return ids
 
 
+CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")  # transformers 5 reads both; the .json wins
+
+
+def shipped_template(folder: Path | None) -> tuple[Path, str] | None:
+    """(file, Jinja text) of the chat template a checkpoint ships: chat_template.json ({"chat_template": ...}),
+    chat_template.jinja, or tokenizer_config.json's "chat_template" (a string, or [{name, template}]: "default")."""
+    for name in (*CHAT_TEMPLATE_FILES, "tokenizer_config.json"):
+        path = Path(folder or "") / name
+        if folder is None or not path.is_file():
+            continue
+        if name.endswith(".jinja"):
+            return path, path.read_text(encoding="utf-8")
+        text = read_json(path).get("chat_template")
+        if isinstance(text, list):
+            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
+        if isinstance(text, str):
+            return path, text
+        if name != "tokenizer_config.json":
+            raise CheckpointError(f"{path}: expected {{\"chat_template\": \"...\"}}; download it again, or pass --template NAME")
+    return None
+
+
+def special_strings(folder: Path) -> tuple[str, str]:
+    """(bos, eos) strings tokenizer_config.json names, for templates that spell {{ bos_token }} / {{ eos_token }}."""
+    raw = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    value = lambda v: (v.get("content") if isinstance(v, dict) else v) or ""  # noqa: E731  (an AddedToken dict)
+    return value(raw.get("bos_token")), value(raw.get("eos_token"))
+
+
 def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
-    """The chat format a folder we wrote names in its config.json (train.py's checkpoints, convert.py's exports),
-    else the preset's template, else a guess from the tokenizer's special tokens (--template overrides it)."""
-    if saved := saved_template(folder or source):  # `source` may itself be the folder
+    """The chat format of a checkpoint (--template overrides it): the one a folder we wrote names in config.json
+    (train.py's checkpoints, convert.py's exports), else the one the template it ships renders (CheckpointError
+    when none of ours does), else the preset's, else a guess from the tokenizer's special tokens, said on stderr."""
+    folder = folder or (Path(source) if source and Path(source).is_dir() else None)
+    if saved := saved_template(folder or source):
         return saved
     preset = find_preset(source)
+    if shipped := shipped_template(folder):
+        from data import matching_templates
+
+        path, text = shipped
+        try:
+            found = matching_templates(text, *special_strings(path.parent))
+        except ImportError:
+            raise CheckpointError(f"{path}: reading its chat template needs jinja2 (pip install jinja2), or pass "
+                                  f"--template NAME") from None
+        if not found:
+            raise CheckpointError(f"{path}: its chat template renders none of our templates' prompts; pass --template "
+                                  f"NAME (one of vicuna_v1, llava_v1, mistral_instruct, chatml_direct, llava_llama_3, "
+                                  f"qwen_1_5) for the format the model was trained with")
+        if preset and preset.template in found:
+            return preset.template
+        # the llava-hf Vicuna templates add no system sentence, so 1.5 and 1.6 render alike: the model type tells them
+        # apart (LLaVA-1.5 was evaluated with vicuna_v1, 1.6 with llava_v1)
+        if {"vicuna_v1", "llava_v1"} <= set(found) and (folder / "config.json").is_file():
+            return "llava_v1" if read_json(folder / "config.json").get("model_type") == "llava_next" else "vicuna_v1"
+        return found[0]
     if preset:
         return preset.template
+    guess, why = guess_template(tokenizer)
+    print(f"note: {source} ships no chat template; template {guess}, from its special tokens ({why}); pass "
+          f"--template NAME if that is wrong", file=sys.stderr)
+    return guess
+
+
+def guess_template(tokenizer) -> tuple[str, str]:
+    """(template, why) from the special tokens alone: for checkpoints that ship no chat template (original layouts)."""
     if tokenizer.token_to_id("<|im_start|>") is not None:
-        return "qwen_1_5" if tokenizer.token_to_id("<|endoftext|>") is not None else "chatml_direct"
+        if tokenizer.token_to_id("<|endoftext|>") is not None:
+            return "qwen_1_5", "<|im_start|> and <|endoftext|>: Qwen"
+        return "chatml_direct", "<|im_start|> without <|endoftext|>: Yi"
     if tokenizer.token_to_id("<|eot_id|>") is not None:
-        return "llava_llama_3"
+        return "llava_llama_3", "<|eot_id|>: Llama-3"
     if tokenizer.token_to_id("[INST]") is not None:
-        return "mistral_instruct"
-    return "vicuna_v1"
+        return "mistral_instruct", "[INST] is one token"
+    return "vicuna_v1", "none of <|im_start|>, <|eot_id|>, [INST]"
 
 
 TEMPLATE_KEY = "llava_template"  # ours, in config.json: the chat format (data.TEMPLATES) the model was trained with

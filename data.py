@@ -117,6 +117,88 @@ def stop_token_ids(tokenizer, template: str, extra=()) -> set[int]:
     return ids | set(extra)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# A checkpoint's own Jinja chat template -> the names in TEMPLATES that render what it renders
+
+PROBE_Q, PROBE_A, PROBE_Q2 = "What is in the picture?", "A red cube.", "And behind it?"
+PROBES = ((0, [("user", PROBE_Q)]), (1, [("user", PROBE_Q)]),  # (images, turns): one turn without and with an image,
+          (1, [("user", PROBE_Q), ("assistant", PROBE_A), ("user", PROBE_Q2)]))  # and after a short history
+
+
+def render_jinja(source: str, messages, bos: str = "", eos: str = "") -> str:
+    """A Hugging Face chat template rendered as transformers' apply_chat_template does: sandboxed, trim_blocks and
+    lstrip_blocks, `{% generation %}` blocks rendered as their body, add_generation_prompt=True."""
+    # jinja2 is required: the released templates use loops, filters and namespace(), which only Jinja reads exactly
+    import jinja2
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # transformers' {% generation %} tag marks assistant text; here it is only text
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+
+
+def _normalise(text: str, stops) -> str:
+    # What the released llava-hf templates change, all of which the match ignores: they spell no BOS (the tokenizer
+    # adds it), close an answer their own way (LLaVA-1.5's with a space and no </s>, the Mistral copies' with a literal
+    # `<\s> `), and put other whitespace around a message (Llama-3's: a newline before every text). So: the BOS
+    # dropped, everything between the answer and the next turn read as one space, every whitespace run as one
+    # space. Which whitespace is there at all stays significant (ChatML with or without "\n" after <|im_end|>).
+    text = text.replace("<\\s>", "</s>")
+    for bos in ("<s>", "<|begin_of_text|>"):
+        text = text.removeprefix(bos)
+    close = "|".join(re.escape(s) for s in stops)
+    text = re.sub(re.escape(PROBE_A) + rf"\s*(?:{close})?\s*", PROBE_A + " ", text)
+    return re.sub(r"\s+", " ", text)
+
+
+def matching_templates(source: str, bos: str = "", eos: str = "") -> list[str]:
+    """The names in TEMPLATES whose prompts `source` (a Jinja chat template) renders on every probe: our default
+    system sentence is passed as a system message (the llava-hf templates add none of their own), and messages go
+    in both shapes, llava-hf's typed parts and plain strings with `<image>\n` in front (text-only LLM templates)."""
+    found = []
+    for name, t in TEMPLATES.items():
+        if name in ("plain", "qwen_2"):  # stage-1 captions only; qwen_2 is qwen_1_5
+            continue
+        slot = system_slot(name)
+        system = t.system[len(slot[0]):len(t.system) - len(slot[1])] if slot else None
+        for parts in (True, False):
+            ok = True
+            for images, turns in PROBES:
+                ours = [(role, "<image>\n" * images + text if i == 0 else text) for i, (role, text) in enumerate(turns)]
+                msgs = [{"role": "system", "content": [{"type": "text", "text": system}] if parts else system}] if system else []
+                for i, (role, text) in enumerate(turns):
+                    n = images if i == 0 else 0
+                    content = [{"type": "image"}] * n + [{"type": "text", "text": text}] if parts else "<image>\n" * n + text
+                    msgs.append({"role": role, "content": content})
+                try:
+                    theirs = render_jinja(source, msgs, bos, eos)
+                except Exception:  # a template that cannot take this shape of message (a Jinja or Python error)
+                    ok = False
+                    break
+                if _normalise(theirs, t.stop) != _normalise(render_prompt(name, ours), t.stop):
+                    ok = False
+                    break
+            if ok:
+                found.append(name)
+                break
+    return found
+
+
 def encode(tokenizer, text: str, image_tokens=(), compat: str = "original"):
     """(ids, ends): token ids of `text` with each `<image>` replaced by `image_tokens[i]` copies of IMAGE_TOKEN, and
     each token's end offset in `text` (None for image positions and the tokenizer's own BOS).

@@ -57,9 +57,9 @@ class LlavaScratch(lmms):
         try:
             self.model, folder = load_pretrained(str(pretrained), dtype=dtype, device=device, compat=compat)
             self.tokenizer = load_tokenizer(folder, str(pretrained))
+            self.template = template or default_template(str(pretrained), self.tokenizer, folder)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
-        self.template = template or default_template(str(pretrained), self.tokenizer)
         self.stop = stop_token_ids(self.tokenizer, self.template, eos_token_ids(folder))
         # lmms-eval's parser turns numbers into int or float ("8" -> 8, "8.0" -> 8.0)
         self.batch_size, self.max_new_tokens, self.frames = int(batch_size), int(max_new_tokens), int(frames)

@@ -150,6 +150,7 @@ def load_model(args, device: str, dtype, kinds):
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat,
                                         prepare=prepare)
         tokenizer, eos = load_tokenizer(folder, args.model), eos_token_ids(folder)
+        template = args.template or default_template(args.model, tokenizer, folder)
     except (CheckpointError, tensor_parallel.TensorParallelError) as e:
         sys.exit(f"error: {e}")
     if parallel:
@@ -163,7 +164,7 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, eos, args.template or default_template(args.model, tokenizer, folder)
+    return model, tokenizer, eos, template
 
 
 def main(argv=None):

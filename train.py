@@ -42,7 +42,7 @@ import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from checkpoint import (barrier, check_output_dir, latest_checkpoint, publish, publish_final, resume_from,
                         save_checkpoint, unwrap)
-from convert import CheckpointError, default_template, load_parts, load_pretrained, load_tokenizer
+from convert import CheckpointError, default_template, hub_command, load_parts, load_pretrained, load_tokenizer
 from export import parse_size, save_pretrained
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 
@@ -627,8 +627,8 @@ def fetch_recipe_data(recipe: dict, args) -> dict:
     try:
         folder = Path(snapshot_download(recipe["data_hub"], repo_type="dataset", allow_patterns=patterns))
     except Exception as e:
-        raise SystemExit(f"error: could not download {recipe['data_hub']} ({type(e).__name__}); run `huggingface-cli "
-                         f"download --repo-type dataset {recipe['data_hub']}` where there is network") from e
+        raise SystemExit(f"error: could not download {recipe['data_hub']} ({type(e).__name__}); run "
+                         f"`{hub_command(recipe['data_hub'], '--repo-type', 'dataset')}` where there is network") from e
     image_folder = args.image_folder or str(folder)
     if "data_images" in recipe and not args.image_folder:
         import zipfile
