@@ -20,7 +20,8 @@ from anyres import (HigherAnyRes, add_knob_flags, expand_to_square, feature_side
                     knobs_from_flags, num_image_tokens, parse_grid_pinpoints, pooled_side, resize_and_pad,
                     tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds, uses_anyres,
                     video_parts, video_tokens)
-from convert import DEFAULT_MODEL, GEOMETRY, KNOWN_TOWERS, PRESETS, CheckpointError, find_preset, hub_command, llava_config
+from convert import (DEFAULT_MODEL, GEOMETRY, KNOWN_TOWERS, PRESETS, CheckpointError, find_preset, hub_command,
+                     llava_config)
 from data import SampleError, load_image, load_video
 from model import LlavaConfig, VisionConfig
 

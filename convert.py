@@ -85,16 +85,18 @@ KNOWN_TOWERS = {
 # tokens; the decoder's fields are left to HF_DEFAULTS, so it builds no real model.
 _CLIP, _SIGLIP = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"], KNOWN_TOWERS["google/siglip-so400m-patch14-384"]
 GEOMETRY = {
-    "v1.5": dict(model_type="llava", vision_config=_CLIP, vision_feature_layer=-2, vision_feature_select_strategy="default"),
-    "next": dict(model_type="llava_next", vision_config=_CLIP, vision_feature_layer=-2, vision_feature_select_strategy="default",
+    "v1.5": dict(model_type="llava", vision_config=_CLIP, vision_feature_layer=-2,
+                 vision_feature_select_strategy="default"),
+    "next": dict(model_type="llava_next", vision_config=_CLIP, vision_feature_layer=-2,
+                 vision_feature_select_strategy="default",
                  image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
     # the original layout (the Interleave presets download lmms-lab's repos): SigLIP minus its last layer, 384-px grids
-    "interleave": dict(model_type="qwen2", mm_vision_tower="google/siglip-so400m-patch14-384", mm_projector_type="mlp2x_gelu",
-                       image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+    "interleave": dict(model_type="qwen2", mm_vision_tower="google/siglip-so400m-patch14-384",
+                       mm_projector_type="mlp2x_gelu", image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
                        image_grid_pinpoints=[[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]),
-    "onevision": dict(model_type="llava_onevision", vision_config={**_SIGLIP, "num_hidden_layers": 26}, vision_feature_layer=-1,
-                      vision_feature_select_strategy="full", image_grid_pinpoints="(1x1),...,(6x6)",
-                      vision_aspect_ratio="anyres_max_9"),
+    "onevision": dict(model_type="llava_onevision", vision_config={**_SIGLIP, "num_hidden_layers": 26},
+                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                      image_grid_pinpoints="(1x1),...,(6x6)", vision_aspect_ratio="anyres_max_9"),
 }
 
 # transformers writes only the fields that differ from its class defaults, so a llava-hf config.json needs these
@@ -567,7 +569,7 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer and chat template
+# Tokenizer (the chat template: chat_template.py)
 
 
 def load_tokenizer(folder: Path, source: str):
@@ -589,7 +591,8 @@ def load_tokenizer(folder: Path, source: str):
             return Tokenizer.from_file(hf_hub_download(preset.hf, "tokenizer.json"))
         except Exception as e:
             raise CheckpointError(f"{folder} has no tokenizer.json and {preset.hf}/tokenizer.json could not be fetched "
-                                  f"({type(e).__name__}); download it with `{hub_command(preset.hf, 'tokenizer.json')}`") from e
+                                  f"({type(e).__name__}); download it with "
+                                  f"`{hub_command(preset.hf, 'tokenizer.json')}`") from e
     hint = " (it ships only a SentencePiece tokenizer.model)" if (folder / "tokenizer.model").exists() else ""
     raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
                           f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
@@ -605,93 +608,6 @@ def eos_token_ids(folder: Path) -> set[int]:
             for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
                 ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
-
-
-CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")  # transformers 5 reads both; the .json wins
-
-
-def shipped_template(folder: Path | None) -> tuple[Path, str] | None:
-    """(file, Jinja text) of the chat template a checkpoint ships: chat_template.json ({"chat_template": ...}),
-    chat_template.jinja, or tokenizer_config.json's "chat_template" (a string, or [{name, template}]: "default")."""
-    for name in (*CHAT_TEMPLATE_FILES, "tokenizer_config.json"):
-        path = Path(folder or "") / name
-        if folder is None or not path.is_file():
-            continue
-        if name.endswith(".jinja"):
-            return path, path.read_text(encoding="utf-8")
-        text = read_json(path).get("chat_template")
-        if isinstance(text, list):
-            text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
-        if isinstance(text, str):
-            return path, text
-        if name != "tokenizer_config.json":
-            raise CheckpointError(f"{path}: expected {{\"chat_template\": \"...\"}}; download it again, or pass --template NAME")
-    return None
-
-
-def special_strings(folder: Path) -> tuple[str, str]:
-    """(bos, eos) strings tokenizer_config.json names, for templates that spell {{ bos_token }} / {{ eos_token }}."""
-    raw = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
-    value = lambda v: (v.get("content") if isinstance(v, dict) else v) or ""  # noqa: E731  (an AddedToken dict)
-    return value(raw.get("bos_token")), value(raw.get("eos_token"))
-
-
-def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
-    """The chat format of a checkpoint (--template overrides it): the one a folder we wrote names in config.json
-    (train.py's checkpoints, convert.py's exports), else the one the template it ships renders (CheckpointError
-    when none of ours does), else the preset's, else a guess from the tokenizer's special tokens, said on stderr."""
-    folder = folder or (Path(source) if source and Path(source).is_dir() else None)
-    if saved := saved_template(folder or source):
-        return saved
-    preset = find_preset(source)
-    if shipped := shipped_template(folder):
-        from data import matching_templates
-
-        path, text = shipped
-        try:
-            found = matching_templates(text, *special_strings(path.parent))
-        except ImportError:
-            raise CheckpointError(f"{path}: reading its chat template needs jinja2 (pip install jinja2), or pass "
-                                  f"--template NAME") from None
-        if not found:
-            raise CheckpointError(f"{path}: its chat template renders none of our templates' prompts; pass --template "
-                                  f"NAME (one of vicuna_v1, llava_v1, mistral_instruct, chatml_direct, llava_llama_3, "
-                                  f"qwen_1_5) for the format the model was trained with")
-        if preset and preset.template in found:
-            return preset.template
-        # the llava-hf Vicuna templates add no system sentence, so 1.5 and 1.6 render alike: the model type tells them
-        # apart (LLaVA-1.5 was evaluated with vicuna_v1, 1.6 with llava_v1)
-        if {"vicuna_v1", "llava_v1"} <= set(found) and (folder / "config.json").is_file():
-            return "llava_v1" if read_json(folder / "config.json").get("model_type") == "llava_next" else "vicuna_v1"
-        return found[0]
-    if preset:
-        return preset.template
-    guess, why = guess_template(tokenizer)
-    print(f"note: {source} ships no chat template; template {guess}, from its special tokens ({why}); pass "
-          f"--template NAME if that is wrong", file=sys.stderr)
-    return guess
-
-
-def guess_template(tokenizer) -> tuple[str, str]:
-    """(template, why) from the special tokens alone: for checkpoints that ship no chat template (original layouts)."""
-    if tokenizer.token_to_id("<|im_start|>") is not None:
-        if tokenizer.token_to_id("<|endoftext|>") is not None:
-            return "qwen_1_5", "<|im_start|> and <|endoftext|>: Qwen"
-        return "chatml_direct", "<|im_start|> without <|endoftext|>: Yi"
-    if tokenizer.token_to_id("<|eot_id|>") is not None:
-        return "llava_llama_3", "<|eot_id|>: Llama-3"
-    if tokenizer.token_to_id("[INST]") is not None:
-        return "mistral_instruct", "[INST] is one token"
-    return "vicuna_v1", "none of <|im_start|>, <|eot_id|>, [INST]"
-
-
-TEMPLATE_KEY = "llava_template"  # ours, in config.json: the chat format (data.TEMPLATES) the model was trained with
-
-
-def saved_template(folder: Path) -> str | None:
-    """The chat format a checkpoint written by train.py was trained with (None for released checkpoints)."""
-    path = Path(folder) / "config.json"
-    return json.loads(path.read_text()).get(TEMPLATE_KEY) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

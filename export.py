@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from anyres import tower_mean_std
-from convert import (CHAT_TEMPLATE_FILES, TEMPLATE_KEY, CheckpointError, checkpoint_files, default_template, eos_token_ids,
-                     hf_config, hf_key, load_pretrained, load_tokenizer, read_tensors, resolve, shipped_template)
+from chat_template import CHAT_TEMPLATE_FILES, TEMPLATE_KEY, default_template, shipped_template
+from convert import (CheckpointError, checkpoint_files, eos_token_ids, hf_config, hf_key, load_pretrained, load_tokenizer,
+                     read_tensors, resolve)
 from data import TEMPLATES, stop_token_ids, system_slot
 from model import Llava, LlavaConfig
 

@@ -26,7 +26,8 @@ import quantize
 import serve
 import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
-from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
+from chat_template import default_template
+from convert import DEFAULT_MODEL, CheckpointError, eos_token_ids, load_pretrained, load_tokenizer
 from data import TEMPLATES, SampleError, load_image, load_video, place_visuals, render_prompt, stop_token_ids, tokenize
 from generate import generate, stream_answer
 

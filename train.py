@@ -42,7 +42,8 @@ import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from checkpoint import (barrier, check_output_dir, latest_checkpoint, publish, publish_final, resume_from,
                         save_checkpoint, unwrap)
-from convert import CheckpointError, default_template, hub_command, load_parts, load_pretrained, load_tokenizer
+from chat_template import default_template
+from convert import CheckpointError, hub_command, load_parts, load_pretrained, load_tokenizer
 from export import parse_size, save_pretrained
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 
