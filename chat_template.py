@@ -23,9 +23,10 @@ PROBES = ((0, [("user", PROBE_Q)]), (1, [("user", PROBE_Q)]),  # (images, turns)
           (1, [("user", PROBE_Q), ("assistant", PROBE_A), ("user", PROBE_Q2)]))  # and after a short history
 
 
-def render_jinja(source: str, messages, bos: str = "", eos: str = "") -> str:
-    """A Hugging Face chat template rendered as transformers' apply_chat_template does: sandboxed, trim_blocks and
-    lstrip_blocks, `{% generation %}` blocks rendered as their body, add_generation_prompt=True."""
+def jinja_renderer(source: str, bos: str = "", eos: str = ""):
+    """messages -> text: a Hugging Face chat template compiled as transformers' apply_chat_template does it
+    (sandboxed, trim_blocks and lstrip_blocks, `{% generation %}` blocks rendered as their body), rendered with
+    add_generation_prompt=True. Raises ImportError without jinja2, jinja2.TemplateError for a broken template."""
     # jinja2 is required: the released templates use loops, filters and namespace(), which only Jinja reads exactly
     import jinja2
     from jinja2.ext import Extension
@@ -47,7 +48,8 @@ def render_jinja(source: str, messages, bos: str = "", eos: str = "") -> str:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(source).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    template = env.from_string(source)
+    return lambda messages: template.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 
 def _normalise(text: str, stops) -> str:
@@ -79,7 +81,12 @@ def matching_templates(source: str, bos: str = "", eos: str = "") -> list[str]:
     """The names in TEMPLATES whose prompts `source` (a Jinja chat template) renders on every probe: our default
     system sentence is passed as a system message (the llava-hf templates add none of their own), and messages go
     in both shapes, llava-hf's typed parts and plain strings with `<image>\n` in front (text-only LLM templates)."""
-    import jinja2  # noqa: F401  (missing, the caller says so; render_jinja's other errors mean "no match")
+    import jinja2
+
+    try:
+        render = jinja_renderer(source, bos, eos)  # without jinja2 an ImportError: the caller says what to do
+    except jinja2.TemplateError:  # not a template at all
+        return []
 
     def renders(name: str, parts: bool) -> bool:
         t, slot = TEMPLATES[name], system_slot(name)
@@ -88,7 +95,7 @@ def matching_templates(source: str, bos: str = "", eos: str = "") -> list[str]:
             ours = render_prompt(name, [(role, "<image>\n" * images + text if i == 0 else text)
                                         for i, (role, text) in enumerate(turns)])
             try:
-                theirs = render_jinja(source, _probe_messages(system, images, turns, parts), bos, eos)
+                theirs = render(_probe_messages(system, images, turns, parts))
             except Exception:  # a template that cannot take this shape of message (a Jinja or Python error)
                 return False
             if _normalise(theirs, t.stop) != _normalise(ours, t.stop):
@@ -137,7 +144,8 @@ def special_strings(folder: Path) -> tuple[str, str]:
 def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
     """The chat format of a checkpoint (--template overrides it): the one a folder we wrote names in config.json
     (train.py's checkpoints, convert.py's exports), else the one the template it ships renders (CheckpointError
-    when none of ours does), else the preset's, else a guess from the tokenizer's special tokens, said on stderr."""
+    when none of ours does, unless it is a preset), else the preset's, else a guess from the tokenizer's special
+    tokens, said on stderr."""
     folder = folder or (Path(source) if source and Path(source).is_dir() else None)
     if saved := saved_template(folder or source):
         return saved
@@ -149,11 +157,15 @@ def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
         except ImportError:
             raise CheckpointError(f"{path}: reading its chat template needs jinja2 (pip install jinja2), or pass "
                                   f"--template NAME") from None
-        if not found:
-            raise CheckpointError(f"{path}: its chat template renders none of our templates' prompts; pass --template "
-                                  f"NAME (one of vicuna_v1, llava_v1, mistral_instruct, chatml_direct, llava_llama_3, "
-                                  f"qwen_1_5) for the format the model was trained with")
-        return one_of(found, preset, folder, tokenizer)
+        if found:
+            return one_of(found, preset, folder, tokenizer)
+        if preset:  # the table holds the model card's format: a hub file edited since is reported, not fatal
+            print(f"note: {path}: its chat template renders none of ours; using the preset's {preset.template}",
+                  file=sys.stderr)
+            return preset.template
+        names = ", ".join(n for n in TEMPLATES if n not in ("plain", "qwen_2"))
+        raise CheckpointError(f"{path}: its chat template renders none of our templates' prompts; pass --template "
+                              f"NAME (one of {names}) for the format the model was trained with")
     if preset:
         return preset.template
     guess, why = guess_template(tokenizer)

@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 import tiny_checkpoints as tc
-from chat_template import default_template, matching_templates, render_jinja
+from chat_template import default_template, jinja_renderer, matching_templates
 from convert import load_tokenizer
 from data import TEMPLATES
 from export import jinja_template
@@ -30,7 +30,7 @@ def test_every_released_template_names_its_family(tmp_path, name, model_type, te
 def test_the_released_mistral_template_has_its_quirk():
     messages = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "Yo"}]}]
-    assert render_jinja(tc.MISTRAL_HF, messages) == "[INST] Hi [/INST] Yo<\\s> "
+    assert jinja_renderer(tc.MISTRAL_HF)(messages) == "[INST] Hi [/INST] Yo<\\s> "
 
 
 @pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"plain", "qwen_2"}))
@@ -118,3 +118,10 @@ def test_no_template_falls_back_to_the_special_tokens_and_says_so(tiny, tmp_path
     assert default_template(str(folder), tokenizer, folder) == "qwen_1_5"
     err = capsys.readouterr().err
     assert "ships no chat template; template qwen_1_5, from its special tokens (<|im_start|> and <|endoftext|>" in err
+
+
+def test_a_preset_whose_file_matches_nothing_keeps_its_table_entry(tmp_path, capsys):
+    (tmp_path / "chat_template.jinja").write_text("{{ messages | length }}")
+    tokenizer = tc.special_tokens_tokenizer("llama")
+    assert default_template("llava-v1.6-mistral-7b", tokenizer, tmp_path) == "mistral_instruct"
+    assert "chat_template.jinja: its chat template renders none of ours; using the preset's" in capsys.readouterr().err
