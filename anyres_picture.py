@@ -239,3 +239,7 @@ def main(argv=None):
         print(f"wrote {args.save}", file=sys.stderr)
 
 
+
+
+if __name__ == "__main__":
+    main()
