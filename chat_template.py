@@ -57,7 +57,7 @@ def _normalise(text: str, stops) -> str:
     # adds it), close an answer their own way (LLaVA-1.5's with a space and no </s>, the Mistral copies' with a literal
     # `<\s> `), and put other whitespace around a message (Llama-3's: a newline before every text). So: the BOS
     # dropped, everything between the answer and the next turn read as one space, every whitespace run as one
-    # space, none after <|im_end|> (34B's ChatML has no newline there, Qwen's has: convert.py tells them apart by
+    # space, none after <|im_end|> (34B's ChatML has no newline there, Qwen's has: one_of tells them apart by
     # tokenizer). Whether there is whitespace at all stays significant elsewhere ("USER:" against "USER :").
     text = text.replace("<\\s>", "</s>")
     for bos in ("<s>", "<|begin_of_text|>"):
@@ -117,9 +117,11 @@ CHAT_TEMPLATE_FILES = ("chat_template.json", "chat_template.jinja")  # transform
 def shipped_template(folder: Path | None) -> tuple[Path, str] | None:
     """(file, Jinja text) of the chat template a checkpoint ships: chat_template.json ({"chat_template": ...}),
     chat_template.jinja, or tokenizer_config.json's "chat_template" (a string, or [{name, template}]: "default")."""
+    if folder is None:
+        return None
     for name in (*CHAT_TEMPLATE_FILES, "tokenizer_config.json"):
-        path = Path(folder or "") / name
-        if folder is None or not path.is_file():
+        path = Path(folder) / name
+        if not path.is_file():
             continue
         if name.endswith(".jinja"):
             return path, path.read_text(encoding="utf-8")
