@@ -20,7 +20,8 @@ from anyres import (HigherAnyRes, add_knob_flags, expand_to_square, feature_side
                     knobs_from_flags, num_image_tokens, parse_grid_pinpoints, pooled_side, resize_and_pad,
                     tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds, uses_anyres,
                     video_parts, video_tokens)
-from convert import DEFAULT_MODEL, KNOWN_TOWERS, PRESETS, CheckpointError, llava_config
+from convert import (DEFAULT_MODEL, GEOMETRY, KNOWN_TOWERS, PRESETS, CheckpointError, find_preset, hub_command,
+                     llava_config)
 from data import SampleError, load_image, load_video
 from model import LlavaConfig, VisionConfig
 
@@ -188,9 +189,11 @@ def model_config(source: str, compat: str):
             return json.loads(Path(hf_hub_download(repo, "config.json")).read_text()), f"{repo}/config.json"
         except Exception as e:
             raise CheckpointError(f"could not get {repo}/config.json ({type(e).__name__}); pass a local model folder, "
-                                  f"or fill the cache with `huggingface-cli download {repo} config.json`") from None
+                                  f"or fill the cache with `{hub_command(repo, 'config.json')}`") from None
 
-    raw, where = config_json(source)
+    preset = None if Path(source).expanduser().is_dir() else find_preset(source)
+    # a preset's image geometry is in the table: its picture needs no download (nor a network)
+    raw, where = (GEOMETRY[preset.geometry], f"{source} (preset)") if preset else config_json(source)
     tower = raw.get("mm_vision_tower")
     tower_raw = config_json(tower)[0] if tower and tower not in KNOWN_TOWERS else None
     cfg = llava_config(raw, where, compat, tower_raw)
@@ -236,3 +239,7 @@ def main(argv=None):
         print(f"wrote {args.save}", file=sys.stderr)
 
 
+
+
+if __name__ == "__main__":
+    main()

@@ -16,6 +16,7 @@ device and assigns tensors one at a time from memory-mapped shards, so a 7B mode
 import json
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Preset:
     original: str | None
     hf: str | None
     template: str
+    geometry: str  # a key of GEOMETRY: the image geometry, for token counts without a download (anyres_picture.py)
 
 
 def find_preset(source: str) -> Preset | None:
@@ -46,25 +48,25 @@ def find_preset(source: str) -> Preset | None:
     return PRESETS.get(source) or next((p for p in PRESETS.values() if source in (p.original, p.hf)), None)
 
 
-def _preset(original, hf, template, use_original=False):
-    return Preset(original if use_original or hf is None else hf, original, hf, template)
+def _preset(original, hf, template, geometry, use_original=False):
+    return Preset(original if use_original or hf is None else hf, original, hf, template, geometry)
 
 
 PRESETS = {
-    "llava-v1.5-7b": _preset("liuhaotian/llava-v1.5-7b", "llava-hf/llava-1.5-7b-hf", "vicuna_v1"),
-    "llava-v1.5-13b": _preset("liuhaotian/llava-v1.5-13b", "llava-hf/llava-1.5-13b-hf", "vicuna_v1"),
-    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1"),
-    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1"),
-    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct"),
-    "llava-v1.6-34b": _preset("liuhaotian/llava-v1.6-34b", "llava-hf/llava-v1.6-34b-hf", "chatml_direct"),
-    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf", "llava_llama_3"),
-    "llava-next-72b": _preset("lmms-lab/llava-next-72b", "llava-hf/llava-next-72b-hf", "qwen_1_5"),
-    "llava-next-110b": _preset("lmms-lab/llava-next-110b", "llava-hf/llava-next-110b-hf", "qwen_1_5"),
-    "llava-next-interleave-qwen-0.5b": _preset("lmms-lab/llava-next-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "qwen_1_5", use_original=True),
-    "llava-next-interleave-qwen-7b": _preset("lmms-lab/llava-next-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "qwen_1_5", use_original=True),
-    "llava-next-interleave-qwen-7b-dpo": _preset("lmms-lab/llava-next-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf", "qwen_1_5", use_original=True),
+    "llava-v1.5-7b": _preset("liuhaotian/llava-v1.5-7b", "llava-hf/llava-1.5-7b-hf", "vicuna_v1", "v1.5"),
+    "llava-v1.5-13b": _preset("liuhaotian/llava-v1.5-13b", "llava-hf/llava-1.5-13b-hf", "vicuna_v1", "v1.5"),
+    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1", "next"),
+    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1", "next"),
+    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct", "next"),
+    "llava-v1.6-34b": _preset("liuhaotian/llava-v1.6-34b", "llava-hf/llava-v1.6-34b-hf", "chatml_direct", "next"),
+    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf", "llava_llama_3", "next"),
+    "llava-next-72b": _preset("lmms-lab/llava-next-72b", "llava-hf/llava-next-72b-hf", "qwen_1_5", "next"),
+    "llava-next-110b": _preset("lmms-lab/llava-next-110b", "llava-hf/llava-next-110b-hf", "qwen_1_5", "next"),
+    "llava-next-interleave-qwen-0.5b": _preset("lmms-lab/llava-next-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "qwen_1_5", "interleave", use_original=True),
+    "llava-next-interleave-qwen-7b": _preset("lmms-lab/llava-next-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "qwen_1_5", "interleave", use_original=True),
+    "llava-next-interleave-qwen-7b-dpo": _preset("lmms-lab/llava-next-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf", "qwen_1_5", "interleave", use_original=True),
     **{
-        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}", f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf", "qwen_1_5")
+        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}", f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf", "qwen_1_5", "onevision")
         for size, stages in (("0.5b", ("si", "ov")), ("7b", ("si", "ov", "ov-chat")), ("72b", ("si", "ov", "ov-chat")))
         for stage in stages
     },
@@ -76,6 +78,25 @@ DEFAULT_MODEL = "llava-onevision-qwen2-0.5b-ov"  # the smallest release: runs on
 KNOWN_TOWERS = {
     "openai/clip-vit-large-patch14-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, layer_norm_eps=1e-5),
     "google/siglip-so400m-patch14-384": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6),
+}
+
+# The image side of every preset as a config.json (the model cards' and released configs' values): the tower, its
+# feature layer and selection, the AnyRes grids and aspect-ratio mode. Enough for llava_config to count image
+# tokens; the decoder's fields are left to HF_DEFAULTS, so it builds no real model.
+_CLIP, _SIGLIP = KNOWN_TOWERS["openai/clip-vit-large-patch14-336"], KNOWN_TOWERS["google/siglip-so400m-patch14-384"]
+GEOMETRY = {
+    "v1.5": dict(model_type="llava", vision_config=_CLIP, vision_feature_layer=-2,
+                 vision_feature_select_strategy="default"),
+    "next": dict(model_type="llava_next", vision_config=_CLIP, vision_feature_layer=-2,
+                 vision_feature_select_strategy="default",
+                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+    # the original layout (the Interleave presets download lmms-lab's repos): SigLIP minus its last layer, 384-px grids
+    "interleave": dict(model_type="qwen2", mm_vision_tower="google/siglip-so400m-patch14-384",
+                       mm_projector_type="mlp2x_gelu", image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                       image_grid_pinpoints=[[384, 768], [768, 384], [768, 768], [1152, 384], [384, 1152]]),
+    "onevision": dict(model_type="llava_onevision", vision_config={**_SIGLIP, "num_hidden_layers": 26},
+                      vision_feature_layer=-1, vision_feature_select_strategy="full",
+                      image_grid_pinpoints="(1x1),...,(6x6)", vision_aspect_ratio="anyres_max_9"),
 }
 
 # transformers writes only the fields that differ from its class defaults, so a llava-hf config.json needs these
@@ -305,7 +326,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
             if missing := [f.name for f in files if not f.is_file()]:
                 raise CheckpointError(f"{folder / index} names the shard {missing[0]}, which is not in {folder}"
                                       f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; download the "
-                                      f"checkpoint again (huggingface-cli download resumes)")
+                                      f"checkpoint again (`{hub_command('<repo>')}` resumes)")
             return files
         if (folder / single).exists():
             return [folder / single]
@@ -340,6 +361,16 @@ def tower_tensors(folder: Path):
         yield from ((f"vision_tower.{k}", t) for k, t in read_tensors(f) if k.startswith("vision_model."))
 
 
+def hub_command(repo: str, *files: str) -> str:
+    """The shell command that fills the HF cache with `repo` (or some of its files), for the CLI the installed
+    huggingface_hub ships: `hf` from 1.0 on (which dropped `huggingface-cli`), `huggingface-cli` before 0.34."""
+    from importlib.metadata import version
+
+    major = int(version("huggingface_hub").split(".")[0])
+    cli = "hf" if major >= 1 or shutil.which("hf") else "huggingface-cli"
+    return " ".join([cli, "download", repo, *files])
+
+
 def resolve(source: str, revision: str | None = None, what: str = "model") -> Path:
     """A local folder, a preset short name, or a hub repo id -> a local folder (downloaded through the HF cache)."""
     if Path(source).expanduser().is_dir():
@@ -359,7 +390,7 @@ def resolve(source: str, revision: str | None = None, what: str = "model") -> Pa
         raise CheckpointError(
             f"could not get {what} {repo!r}{f' at revision {revision}' if revision else ''} "
             f"({'HF_HUB_OFFLINE is set' if offline else type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"On a machine with internet run `huggingface-cli download {repo}` to fill the cache, "
+            f"On a machine with internet run `{hub_command(repo)}` to fill the cache, "
             f"or pass a local folder holding its config.json and weights.") from e
     return folder
 
@@ -553,7 +584,7 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer and chat template
+# Tokenizer (the chat template: chat_template.py)
 
 
 def load_tokenizer(folder: Path, source: str):
@@ -575,7 +606,8 @@ def load_tokenizer(folder: Path, source: str):
             return Tokenizer.from_file(hf_hub_download(preset.hf, "tokenizer.json"))
         except Exception as e:
             raise CheckpointError(f"{folder} has no tokenizer.json and {preset.hf}/tokenizer.json could not be fetched "
-                                  f"({type(e).__name__}); download it with `huggingface-cli download {preset.hf} tokenizer.json`") from e
+                                  f"({type(e).__name__}); download it with "
+                                  f"`{hub_command(preset.hf, 'tokenizer.json')}`") from e
     hint = " (it ships only a SentencePiece tokenizer.model)" if (folder / "tokenizer.model").exists() else ""
     raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
                           f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
@@ -591,32 +623,6 @@ def eos_token_ids(folder: Path) -> set[int]:
             for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
                 ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
-
-
-def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
-    """The chat format a folder we wrote names in its config.json (train.py's checkpoints, convert.py's exports),
-    else the preset's template, else a guess from the tokenizer's special tokens (--template overrides it)."""
-    if saved := saved_template(folder or source):  # `source` may itself be the folder
-        return saved
-    preset = find_preset(source)
-    if preset:
-        return preset.template
-    if tokenizer.token_to_id("<|im_start|>") is not None:
-        return "qwen_1_5" if tokenizer.token_to_id("<|endoftext|>") is not None else "chatml_direct"
-    if tokenizer.token_to_id("<|eot_id|>") is not None:
-        return "llava_llama_3"
-    if tokenizer.token_to_id("[INST]") is not None:
-        return "mistral_instruct"
-    return "vicuna_v1"
-
-
-TEMPLATE_KEY = "llava_template"  # ours, in config.json: the chat format (data.TEMPLATES) the model was trained with
-
-
-def saved_template(folder: Path) -> str | None:
-    """The chat format a checkpoint written by train.py was trained with (None for released checkpoints)."""
-    path = Path(folder) / "config.json"
-    return json.loads(path.read_text()).get(TEMPLATE_KEY) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 
 from anyres import tower_mean_std
-from convert import (TEMPLATE_KEY, CheckpointError, checkpoint_files, default_template, eos_token_ids, hf_config, hf_key,
-                     load_pretrained, load_tokenizer, read_tensors, resolve)
+from chat_template import CHAT_TEMPLATE_FILES, TEMPLATE_KEY, default_template, shipped_template
+from convert import (CheckpointError, checkpoint_files, eos_token_ids, hf_config, hf_key, load_pretrained, load_tokenizer,
+                     read_tensors, resolve)
 from data import TEMPLATES, stop_token_ids, system_slot, with_special_tokens
 from model import Llava, LlavaConfig
 
@@ -245,11 +246,13 @@ def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype
     return out
 
 
-def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | None = None, eos_ids=(), dtype=None):
+def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | None = None, eos_ids=(), dtype=None,
+                      source: Path | None = None):
     """Every file of the llava-hf layout except the weights. Without a tokenizer only config.json is written.
 
     `template` names our chat template (default: guessed from the tokenizer); `eos_ids` are extra stop ids (the
-    source checkpoint's own) for generation_config.json."""
+    source checkpoint's own) for generation_config.json. The chat template a `source` folder ships is kept as it
+    is (copy_chat_template) rather than written from ours."""
     folder = Path(folder)
     dump = lambda name, obj: (folder / name).write_text(json.dumps(obj, indent=2) + "\n")  # noqa: E731
     if tokenizer is None:
@@ -275,6 +278,8 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
         **({"processor_class": processor_class} if processor_class else {})))
     (folder / "chat_template.jinja").write_text(chat)
     dump("chat_template.json", {"chat_template": chat})  # transformers 4.x processors read this one
+    if source is not None:
+        copy_chat_template(source, folder)
     stops = sorted(stop_token_ids(tokenizer, template, eos_ids))
     generation = dict(eos_token_id=stops if len(stops) != 1 else stops[0], do_sample=False)
     for name in ("bos", "pad"):
@@ -286,24 +291,41 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
         dump("preprocessor_config.json", image_processor_config(cfg))  # read by older transformers and vLLM builds
 
 
+def copy_chat_template(source: Path, folder: Path):
+    """Ship the chat template `source` ships instead of ours: its chat_template.json / .jinja copied byte for byte
+    (ours removed where it has none, so that no reader finds two), and its text in tokenizer_config.json."""
+    shipped = shipped_template(source)
+    if shipped is None:
+        return
+    path, text = shipped
+    for name in CHAT_TEMPLATE_FILES:
+        (folder / name).unlink(missing_ok=True)
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+    if path.name == "tokenizer_config.json":  # processors read a template file only: the text goes in one
+        (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": text}, indent=2) + "\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The weights: streamed into safetensors shards
 
 
 def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_shard_bytes: int = 4 << 30,
-                    template: str | None = None, eos_ids=(), rank: int = 0):
+                    template: str | None = None, eos_ids=(), rank: int = 0, source: Path | None = None):
     """Write safetensors shards (+ index when there are several) and, through export.write_hf_metadata, config.json,
     the tokenizer, processor, chat-template and generation files to `folder`. `state_dict` (ours) defaults to the
     model's; its tensors may be FSDP2 shards (DTensors), which every rank must then pass here: each is gathered in
     turn and only rank 0 writes. `template` is the chat format the model was trained with (default: guessed from
     the tokenizer), kept in config.json for infer.py and the next stage; `eos_ids` adds stop ids for
-    generation_config.json."""
+    generation_config.json; the chat template a `source` folder ships is copied unchanged."""
     state = state_dict if state_dict is not None else model.state_dict()
     to_hf = hf_key if model.cfg.vision is not None else (lambda k: "model." + k[len("language_model."):] if k.startswith("language_model.") else k)
     write_weights({to_hf(k): v for k, v in state.items()}, Path(folder) if rank == 0 else None, max_shard_bytes)
     if rank == 0:
         dtype = next(iter(state.values())).dtype if state else None
-        write_hf_metadata(Path(folder), model.cfg, tokenizer, template, eos_ids, dtype)
+        write_hf_metadata(Path(folder), model.cfg, tokenizer, template, eos_ids, dtype, source)
 
 
 def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
@@ -380,9 +402,9 @@ def main(argv=None):
         dtype = getattr(torch, args.dtype) if args.dtype else stored_dtype(folder)
         model, folder = load_pretrained(str(folder), dtype=dtype)
         tokenizer = load_tokenizer(folder, args.source)
+        template = args.template or default_template(args.source, tokenizer, folder)
     except CheckpointError as e:
         sys.exit(f"error: {e}")
-    template = args.template or default_template(args.source, tokenizer, folder)
     tokenizer, ids = with_media_tokens(tokenizer, model.cfg)
     vocab = model.cfg.text.vocab_size
     if add_media_rows(model, tokenizer):  # as the llava-hf conversions do: <image> needs a row of its own
@@ -392,7 +414,7 @@ def main(argv=None):
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_pretrained(model, tmp, state_dict=state, tokenizer=tokenizer, max_shard_bytes=args.max_shard_size,
-                        template=template, eos_ids=eos_token_ids(folder))
+                        template=template, eos_ids=eos_token_ids(folder), source=None if args.template else folder)
     except ValueError as e:  # a model the llava-hf classes cannot express (e.g. a linear projector)
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"error: {args.source}: {e}")

@@ -26,7 +26,8 @@ import quantize
 import serve
 import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
-from convert import DEFAULT_MODEL, CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
+from chat_template import default_template
+from convert import DEFAULT_MODEL, CheckpointError, eos_token_ids, load_pretrained, load_tokenizer
 from data import TEMPLATES, SampleError, load_image, load_video, place_visuals, render_prompt, stop_token_ids, tokenize
 from generate import generate, stream_answer
 
@@ -150,6 +151,7 @@ def load_model(args, device: str, dtype, kinds):
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat,
                                         prepare=prepare)
         tokenizer, eos = load_tokenizer(folder, args.model), eos_token_ids(folder)
+        template = args.template or default_template(args.model, tokenizer, folder)
     except (CheckpointError, tensor_parallel.TensorParallelError) as e:
         sys.exit(f"error: {e}")
     if parallel:
@@ -163,7 +165,7 @@ def load_model(args, device: str, dtype, kinds):
             model.cfg.higher_anyres = dataclasses.replace(model.cfg.higher_anyres, **knobs)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    return model, tokenizer, eos, args.template or default_template(args.model, tokenizer, folder)
+    return model, tokenizer, eos, template
 
 
 def main(argv=None):

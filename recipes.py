@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from anyres import NEXT_GRIDS
+from convert import hub_command
 
 PRETRAIN_558K = dict(data_hub="liuhaotian/LLaVA-Pretrain", data_json="blip_laion_cc_sbu_558k.json",
                      data_images="images.zip")
@@ -63,8 +64,8 @@ def fetch_recipe_data(recipe: dict, image_folder: str = "") -> dict:
     try:
         folder = Path(snapshot_download(recipe["data_hub"], repo_type="dataset", allow_patterns=patterns))
     except Exception as e:
-        raise SystemExit(f"error: could not download {recipe['data_hub']} ({type(e).__name__}); run `huggingface-cli "
-                         f"download --repo-type dataset {recipe['data_hub']}` where there is network") from e
+        raise SystemExit(f"error: could not download {recipe['data_hub']} ({type(e).__name__}); run "
+                         f"`{hub_command(recipe['data_hub'], '--repo-type', 'dataset')}` where there is network") from e
     if image_folder or "data_images" not in recipe:
         return {"data": str(folder / recipe["data_json"]), "image_folder": image_folder or str(folder)}
     import zipfile

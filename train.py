@@ -43,7 +43,8 @@ from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from recipes import RECIPES, fetch_recipe_data
 from checkpoint import (barrier, check_output_dir, latest_checkpoint, publish, publish_final, resume_from,
                         save_checkpoint, unwrap)
-from convert import CheckpointError, default_template, load_parts, load_pretrained, load_tokenizer
+from chat_template import default_template
+from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer
 from export import parse_size, save_pretrained
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 

@@ -112,3 +112,22 @@ def test_bad_input_is_one_line(models, tmp_path, args, message):
     with pytest.raises(SystemExit) as exit:
         anyres_picture.main([a.format(tmp=tmp_path, models=models) for a in args])
     assert str(exit.value).startswith("error: ") and message in str(exit.value) and "\n" not in str(exit.value)
+
+
+@pytest.mark.parametrize("preset, model_type", [("llava-v1.6-vicuna-7b", "llava_next"), ("llava-v1.5-7b", "llava"),
+                                                ("llava-onevision-qwen2-0.5b-ov", "llava_onevision")])
+def test_a_preset_needs_no_download(preset, model_type, tmp_path, monkeypatch, capsys):
+    """The preset table holds the geometry: offline, with an empty cache, the counts are the released config's."""
+    import huggingface_hub
+
+    from convert import llava_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: pytest.fail(f"fetched {a}"))
+    photo(1000, 600).save(tmp_path / "wide.png")
+    total = run([tmp_path / "wide.png", "--model", preset], capsys)[-1]
+    # what transformers' class defaults for the model type give: the released geometry
+    cfg = llava_config({"model_type": model_type}, "config.json")
+    assert total == anyres.num_image_tokens((1000, 600), cfg)
+    assert total == {"llava": 576, "llava_next": 1948}.get(model_type, total)  # the hand-worked counts above

@@ -130,7 +130,7 @@ def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tm
     assert again.cfg.text.vocab_size == 320 and torch.equal(again.lm_head.weight, model.lm_head.weight)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["image_token_index"] == 320
     assert "A chat between a curious human" in (tmp_path / "ckpt" / "chat_template.jinja").read_text()
-    from convert import default_template  # the folder's template is read back; the tokenizer alone says vicuna_v1
+    from chat_template import default_template  # the folder's template is read back; the tokenizer alone says vicuna_v1
 
     tokenizer = load_tokenizer(src, str(src))
     assert (default_template(str(tmp_path / "ckpt"), tokenizer), default_template(str(src), tokenizer)) == ("llava_v1", "vicuna_v1")

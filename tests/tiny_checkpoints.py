@@ -857,3 +857,92 @@ def _self_check() -> None:
 
 if __name__ == "__main__":
     _self_check()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chat templates as the llava-hf repos ship them (chat_template.json), for convert.default_template
+
+_IMAGES_FIRST = ("{# Render all images first #}{% for content in message['content'] | "
+                 "selectattr('type', 'equalto', 'image') %}")
+_TEXT = "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+# llava-hf/llava-1.5-7b-hf: no system sentence of its own, an answer closed by a space (no </s>)
+LLAVA15_HF = ("{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+              "{% endif %}" + _IMAGES_FIRST + "{{ '<image>\n' }}{% endfor %}{# Render all text next #}"
+              "{% if message['role'] != 'assistant' %}" + _TEXT + "{{ content['text'] + ' '}}{% endfor %}{% else %}"
+              + _TEXT + "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+              "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+# llava-hf/llava-v1.6-mistral-7b-hf as first released: an answer closed by the literal `<\s> ` (a typo for </s>)
+MISTRAL_HF = ("{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\n' + "
+              "message['content'][0]['text'] + '\n<</SYS>>\n\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+              + _IMAGES_FIRST + "{{ '<image>\n' }}{% endfor %}{# Render all text next #}" + _TEXT
+              + "{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+              "{{ ' ' + message['content'][0]['text'] + '<\\\\s> '}}{% else %}{{ raise_exception('Only user and "
+              "assistant roles are supported!') }}{% endif %}{% endfor %}")
+MISTRAL_HF_FIXED = MISTRAL_HF.replace("'<\\\\s> '", "'</s> '")  # the later revision of the same file
+# llava-hf/llama3-llava-next-8b-hf: no BOS, "<image>" then "\n" before every text (3 newlines after a bare header)
+LLAMA3_HF = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'}}"
+             + _IMAGES_FIRST + "{{ '<image>' }}{% endfor %}{# Render all text next #}" + _TEXT
+             + "{{ '\n' + content['text'] + '<|eot_id|>' }}{% endfor %}{% endfor %}{% if add_generation_prompt %}"
+             "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def _chatml_hf(head: str, image: str, text: str, end: str, video: bool = False) -> str:
+    """The ChatML templates of the llava-hf conversions: `head` after the role, `image` per image, then the text."""
+    videos = ("{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', "
+              "'video') %}{{ '<video>\n' }}{% endfor %}") if video else ""
+    return ("{% for message in messages %}{{'<|im_start|>' + message['role'] + " + head + "}}" + _IMAGES_FIRST
+            + "{{ " + image + " }}{% endfor %}" + videos + "{# Render all text next #}" + _TEXT + "{{ " + text
+            + " }}{% endfor %}{{" + end + "}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+            "{% endif %}")
+
+
+# transformers' LLaVA-OneVision conversion script (convert_llava_onevision_weights_to_hf.py), as the OV repos ship it
+ONEVISION_HF = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}" + _IMAGES_FIRST
+                + "{{ '<image>\n' }}{% endfor %}{# Render all video then #}{% for content in message['content'] | "
+                "selectattr('type', 'equalto', 'video') %}{{ '<video>\n' }}{% endfor %}{# Render all text next #}"
+                "{% if message['role'] != 'assistant' %}" + _TEXT + "{{ content['text'] }}{% endfor %}{% else %}"
+                + _TEXT + "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+                "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                "{% endif %}")
+# (name, config.json model_type, template, tokenizer kind, the template of ours it is). The 1.6 Vicuna repos ship
+# LLaVA-1.5's template; the 34B, 72B/110B and Interleave strings follow the conversions' ChatML form (the Interleave
+# one with a space after the role and "\n" before the text, as transformers' processor tests copy it).
+RELEASED_CHAT_TEMPLATES = [
+    ("llava-1.5-7b-hf", "llava", LLAVA15_HF, "llama", "vicuna_v1"),
+    ("llava-v1.6-vicuna-7b-hf", "llava_next", LLAVA15_HF, "llama", "llava_v1"),
+    ("llava-v1.6-mistral-7b-hf", "llava_next", MISTRAL_HF, "llama", "mistral_instruct"),
+    ("llava-v1.6-mistral-7b-hf (</s>)", "llava_next", MISTRAL_HF_FIXED, "llama", "mistral_instruct"),
+    ("llava-v1.6-34b-hf", "llava_next", _chatml_hf("'\n'", "'<image>\n'", "content['text']", "'<|im_end|>'"), "yi",
+     "chatml_direct"),
+    ("llama3-llava-next-8b-hf", "llava_next", LLAMA3_HF, "llama3", "llava_llama_3"),
+    ("llava-next-72b-hf", "llava_next", _chatml_hf("'\n'", "'<image>\n'", "content['text']", "'<|im_end|>' + '\n'"),
+     "qwen", "qwen_1_5"),
+    ("llava-interleave-qwen-7b-hf", "llava", _chatml_hf("' '", "'<image>'", "'\n' + content['text']",
+                                                        "'<|im_end|>' + '\n'"), "qwen", "qwen_1_5"),
+    ("llava-onevision-qwen2-0.5b-ov-hf", "llava_onevision", ONEVISION_HF, "qwen", "qwen_1_5"),
+]
+
+
+def special_tokens_tokenizer(kind: str):
+    """A tokenizer with the special tokens a family's template needs (the byte-level tiny one plus them)."""
+    from tokenizers import AddedToken
+
+    tok = make_tokenizer("next_qwen2" if kind in ("qwen", "yi") else "next_llama")
+    extra = {"yi": ["<|startoftext|>"], "llama3": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                                    "<|eot_id|>", "<|end_of_text|>"]}.get(kind, [])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra])
+    return tok
+
+
+def with_chat_template(src: Path, dest: Path, template: str, file: str = "chat_template.json") -> Path:
+    """A copy of checkpoint folder `src` that ships `template` in `file` (chat_template.json / .jinja or
+    tokenizer_config.json's "chat_template"), as a llava-hf repo does."""
+    shutil.copytree(src, dest)
+    if file == "chat_template.jinja":
+        (dest / file).write_text(template)
+    elif file == "tokenizer_config.json":
+        config = json.loads((dest / file).read_text())
+        (dest / file).write_text(json.dumps({**config, "chat_template": template}, indent=2))
+    else:
+        (dest / file).write_text(json.dumps({"chat_template": template}, indent=2) + "\n")
+    return dest

@@ -36,7 +36,8 @@ except ImportError as e:
     sys.exit(f"error: tools/eval_lmms.py needs lmms-eval ({e}): pip install lmms-eval")
 
 from anyres import process_images, process_video
-from convert import CheckpointError, default_template, eos_token_ids, load_pretrained, load_tokenizer
+from chat_template import default_template
+from convert import CheckpointError, eos_token_ids, load_pretrained, load_tokenizer
 from data import load_video, render_prompt, stop_token_ids, tokenize
 from data import place_visuals
 from generate import generate_batch
@@ -57,9 +58,9 @@ class LlavaScratch(lmms):
         try:
             self.model, folder = load_pretrained(str(pretrained), dtype=dtype, device=device, compat=compat)
             self.tokenizer = load_tokenizer(folder, str(pretrained))
+            self.template = template or default_template(str(pretrained), self.tokenizer, folder)
         except CheckpointError as e:
             raise SystemExit(f"error: {e}") from None
-        self.template = template or default_template(str(pretrained), self.tokenizer)
         self.stop = stop_token_ids(self.tokenizer, self.template, eos_token_ids(folder))
         # lmms-eval's parser turns numbers into int or float ("8" -> 8, "8.0" -> 8.0)
         self.batch_size, self.max_new_tokens, self.frames = int(batch_size), int(max_new_tokens), int(frames)
