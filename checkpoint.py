@@ -30,7 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -161,11 +162,10 @@ def check_same_data_order(cfg, state: dict, ckpt: Path):
 
 
 class SafeReader(FileSystemReader):
-    """DCP's reader, but its .metadata (a pickle) goes through an unpickler that builds only DCP's own metadata
-    classes, so opening a checkpoint cannot run code; DCP reads the tensors themselves with weights_only=True."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    """DCP's reader, made safe for a checkpoint from anywhere: its .metadata (a pickle) goes through an unpickler
+    that builds only the classes our saves hold, every entry must be a tensor (DCP reads a non-tensor entry with
+    torch.load(weights_only=False)), and every data file must lie in the folder itself; DCP then reads the tensors
+    with weights_only=True. Anything else is refused before a data file is opened."""
 
     def __init__(self, path: Path):
         if not (path / ".metadata").exists():
@@ -174,19 +174,55 @@ class SafeReader(FileSystemReader):
         self.folder = path
 
     def read_metadata(self, *args, **kwargs):
-        with open(self.folder / ".metadata", "rb") as f:
-            metadata = Unpickler(f).load()
+        where = self.folder / ".metadata"
+        with open(where, "rb") as f:
+            try:
+                metadata = Unpickler(f).load()
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            except Exception as e:
+                raise CheckpointError(f"{where}: not a DCP metadata file ({type(e).__name__}: {e}); "
+                                      f"resume from a checkpoint train.py wrote") from None
+        check_metadata(metadata, self.folder, where)
         metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
+def check_metadata(metadata, folder: Path, where: Path):
+    """Tensor entries only, each stored in a plain file of `folder` (not a path elsewhere, not a symlink out)."""
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+            and isinstance(metadata.storage_data, dict)):
+        raise CheckpointError(f"{where} does not hold DCP metadata; resume from a checkpoint train.py wrote")
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{where}: entry {fqn!r} is a {type(entry).__name__}, but train.py saves tensors only "
+                                  f"(DCP would unpickle it with code); not loading this checkpoint")
+    inside = folder.resolve()
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or info.transform_descriptors or not isinstance(name, str):
+            raise CheckpointError(f"{where}: a storage entry {info!r} is not a plain DCP file slice; not loading it")
+        path = folder / name
+        if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != inside or not path.is_file():
+            raise CheckpointError(f"{where}: data file {name!r} is not a file inside {folder} (it points outside, or is "
+                                  f"missing); not loading this checkpoint")
+
+
 class Unpickler(pickle.Unpickler):
+    """Builds exactly the (module, name) pairs a DCP save of tensors holds (torch 2.13; checked with pickletools)."""
+
+    ALLOWED = {("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+        "_MEM_FORMAT_ENCODING")} | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"), ("torch.serialization", "_get_layout"),
+        ("pathlib", "PosixPath"), ("pathlib._local", "PosixPath")} | {  # Python 3.13 moved the class to pathlib._local
+        ("torch", name) for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
+
     def find_class(self, module, name):
-        if (module, name) in SafeReader.ALLOWED or module == "torch.distributed.checkpoint.metadata" or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in self.ALLOWED:  # exact pairs: protocol 4 would resolve a dotted name through attributes
             return super().find_class(module, name)
-        raise CheckpointError(f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never holds; not loading it")
+        raise CheckpointError(f"names {module}.{name}, which a DCP checkpoint of tensors never holds; not loading it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
