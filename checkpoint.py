@@ -177,7 +177,7 @@ def check_same_data_order(cfg, state: dict, ckpt: Path):
 class SafeReader(FileSystemReader):
     """DCP's reader, made safe for a checkpoint from anywhere: its .metadata (a pickle) goes through an unpickler
     that builds only the classes our saves hold, every entry must be a tensor (DCP reads a non-tensor entry with
-    torch.load(weights_only=False)), and every data file must lie in the folder itself; DCP then reads the tensors
+    torch.load with weights_only off), and every data file must lie in the folder itself; DCP then reads the tensors
     with weights_only=True. Anything else is refused before a data file is opened."""
 
     def __init__(self, path: Path):

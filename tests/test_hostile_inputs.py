@@ -416,7 +416,7 @@ def test_unusual_images_are_answered(tiny, unusual, capsys, model):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints handed to --resume: DCP's .metadata is a pickle, and DCP loads a non-tensor entry with
-# torch.load(weights_only=False); each crafted file below runs code (or reads outside the folder) without the checks
+# torch.load with weights_only off; each crafted file below runs code (or reads outside the folder) without the checks
 
 
 def binunicode(text: str) -> bytes:
