@@ -212,7 +212,8 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
 
 
 def run_ids(run_dir):
-    return {p.name: json.loads((p / "trainer_state.json").read_text())["run"] for p in (run_dir / "checkpoints").iterdir()}
+    folders = (run_dir / "checkpoints").iterdir()
+    return {p.name: json.loads((p / "trainer_state.json").read_text())["run"] for p in folders}
 
 
 def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_starts_over(dataset, tmp_path, capsys):
@@ -226,7 +227,8 @@ def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_starts_over(dat
     assert run_ids(tmp_path / "run") == before  # nothing deleted, nothing written
     capsys.readouterr()
     train(config(dataset, tmp_path, max_steps=2, save_every=1, keep_last=5, overwrite=True))
-    assert f"--overwrite: deleted step-0000001, step-0000002, step-0000003, final/ of the earlier run" in capsys.readouterr().err
+    deleted = "--overwrite: deleted step-0000001, step-0000002, step-0000003, final/ of the earlier run"
+    assert deleted in capsys.readouterr().err
     after = run_ids(tmp_path / "run")
     assert sorted(after) == ["step-0000001", "step-0000002"] and len(set(after.values())) == 1
     assert set(after.values()).isdisjoint(before.values()) and len(losses(tmp_path / "run")) == 2
@@ -244,7 +246,8 @@ def test_keep_last_deletes_only_the_runs_own_older_checkpoints(dataset, tmp_path
     train(config(dataset, tmp_path, stop_after=2, **flags))
     mine = run_ids(tmp_path / "run")
     assert list(mine) == ["step-0000002"]  # its step 1 deleted by --keep-last 1
-    shutil.copytree(tmp_path / "other" / "run" / "checkpoints" / "step-0000001", tmp_path / "run" / "checkpoints" / "step-0000001")
+    name = "step-0000001"
+    shutil.copytree(tmp_path / "other" / "run" / "checkpoints" / name, tmp_path / "run" / "checkpoints" / name)
     other = run_ids(tmp_path / "other" / "run")["step-0000001"]
     train(config(dataset, tmp_path, resume=True, **flags))
     assert run_ids(tmp_path / "run") == {"step-0000001": other, "step-0000004": mine["step-0000002"]}

@@ -492,7 +492,8 @@ def test_a_crafted_checkpoint_is_refused_before_it_runs_or_reads_anything(datase
     trainer = run / "checkpoints" / "step-0000002" / "trainer"
     sentinel = tmp_path / "code-ran"
     if case == "dotted-global":
-        (trainer / ".metadata").write_bytes(makedirs_pickle("torch.distributed.checkpoint.metadata", "os.makedirs", sentinel))
+        dotted = makedirs_pickle("torch.distributed.checkpoint.metadata", "os.makedirs", sentinel)
+        (trainer / ".metadata").write_bytes(dotted)
     elif case == "bytes-entry":
         craft_bytes_entry(trainer, sentinel)
     else:
@@ -500,7 +501,8 @@ def test_a_crafted_checkpoint_is_refused_before_it_runs_or_reads_anything(datase
     from torch.distributed.checkpoint.filesystem import FileSystem
 
     opened, real_open = [], FileSystem.create_stream  # where DCP opens its data files
-    monkeypatch.setattr(FileSystem, "create_stream", lambda self, path, mode: opened.append(str(path)) or real_open(self, path, mode))
+    monkeypatch.setattr(FileSystem, "create_stream",
+                        lambda self, path, mode: opened.append(str(path)) or real_open(self, path, mode))
     message = refused(capsys, lambda: train.main(resume_argv(dataset, run)), str(trainer), *words)
     assert not sentinel.exists(), message
     assert not [f for f in opened if f.endswith(".distcp")], opened  # no data file was opened, inside or outside
@@ -517,5 +519,5 @@ def test_a_non_tensor_entry_is_refused_even_past_the_unpickler(trained):
     meta = pickle.loads((trainer / ".metadata").read_bytes())
     check_metadata(meta, trainer, trainer / ".metadata")  # as saved: accepted
     meta.state_dict_metadata["model.image_newline"] = BytesStorageMetadata()
-    with pytest.raises(CheckpointError, match="'model.image_newline' is a BytesStorageMetadata, but train.py saves tensors only"):
+    with pytest.raises(CheckpointError, match="'model.image_newline' is a BytesStorageMetadata, but train.py saves"):
         check_metadata(meta, trainer, trainer / ".metadata")
