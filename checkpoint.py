@@ -4,13 +4,17 @@ llava-hf export that infer.py and the next stage read, and how both become visib
     output_dir/checkpoints/step-0000500/
         trainer/              DCP: model + AdamW state, each rank writing its own shard (no gather), .metadata last;
                               read back into any process count and layout (FSDP2 <-> DDP <-> one process)
-        trainer_state.json    step, data position, counters summed over ranks, the run's config, every rank's RNG
+        trainer_state.json    step, data position, counters summed over ranks, the run's config, every rank's RNG,
+                              the run's id (--keep-last deletes only the run's own checkpoints)
         config.json, model*.safetensors, tokenizer.json    the llava-hf folder too, with --hf-checkpoints
     output_dir/final/         the llava-hf folder of the last step
 
 A save goes to .tmp-step-N; every file is fsynced, and after a barrier rank 0 renames it to step-N (a rename is
 atomic on POSIX), so a SIGKILL at any moment leaves the newest finished checkpoint whole and --resume continues
-from it bit-identically. The llava-hf export is streamed: FSDP2 shards are gathered one tensor at a time, so no rank
+from it: bit-identically with the same process count and layout; with another count or layout within ~1e-4 (the
+gradients are reduced in another order), and ranks the saved run did not have get RNG streams of their own.
+A run refuses an output folder that holds another run's checkpoints or final/ unless --resume or --overwrite.
+The llava-hf export is streamed: FSDP2 shards are gathered one tensor at a time, so no rank
 holds more than one full tensor plus one output shard. The output folder must be shared by all nodes.
 """
 
@@ -22,6 +26,7 @@ import pickle
 import random
 import shutil
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -30,7 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
-from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
@@ -42,9 +48,9 @@ from export import parse_size, save_pretrained
 
 
 def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, counters: dict, tokenizer, template: str,
-                    rank: int):
-    """Write output_dir/checkpoints/step-N from every rank (they all call this), then drop the oldest beyond
-    --keep-last."""
+                    rank: int, run: str = ""):
+    """Write output_dir/checkpoints/step-N from every rank (they all call this), marked with the run's id
+    (check_output_dir), then drop this run's oldest beyond --keep-last; another run's checkpoints are never touched."""
     root = Path(cfg.output_dir) / "checkpoints"
     final, tmp = root / f"step-{step:07d}", root / f".tmp-step-{step:07d}"
     if rank == 0:  # the remains of a save that was killed
@@ -61,12 +67,12 @@ def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, coun
     epoch, batch = divmod(step, steps_per_epoch)
     trainer_state = {"step": step, "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size},
                      "counters": global_counters(counters), "config": dataclasses.asdict(cfg), "world_size": world_size(),
-                     "rng": gather_rng()}
+                     "rng": gather_rng(), "run": run}
     barrier()  # every rank's files are written (and fsynced by DCP)
     if rank == 0:
         write_json(tmp / "trainer_state.json", trainer_state)
         publish(tmp, final)
-        for old in sorted(root.glob("step-*"))[: -cfg.keep_last]:
+        for old in [p for p in sorted(root.glob("step-*")) if run_of(p) == run][: -cfg.keep_last]:
             shutil.rmtree(old)
     barrier()
 
@@ -95,7 +101,7 @@ def publish(tmp: Path, final: Path):
     for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then the folders that list them
         fsync(path)
     fsync(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # only when a run without --resume reuses its output folder
+    shutil.rmtree(final, ignore_errors=True)  # only when a resumed run publishes its final/ again
     os.replace(tmp, final)
     fsync(final.parent)
 
@@ -132,7 +138,11 @@ def latest_checkpoint(cfg) -> Path | None:
 def resume_from(ckpt: Path, model, optimizer, cfg, rank: int) -> tuple[int, dict]:
     """Load the model, AdamW state and this rank's RNG from `ckpt`, resharded onto this run's ranks and layout;
     returns (step, counters)."""
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'} is not valid JSON ({e}); resume from an earlier checkpoint "
+                              f"or start a new --output-dir") from None
     check_same_data_order(cfg, state, ckpt)
     reader = SafeReader(ckpt / "trainer")
     stored = reader.read_metadata().state_dict_metadata
@@ -145,7 +155,11 @@ def resume_from(ckpt: Path, model, optimizer, cfg, rank: int) -> tuple[int, dict
     set_model_state_dict(model, destination["model"])
     set_optimizer_state_dict(model, optimizer, {"state": destination["optim"], "param_groups": optim_state["param_groups"]},
                              options=StateDictOptions(strict=False))
-    set_rng(state["rng"][rank % len(state["rng"])])
+    try:
+        restore_rng(state["rng"], rank, cfg.seed, state["step"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a state not written by gather_rng
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'}: its \"rng\" is not what train.py writes "
+                              f"({type(e).__name__}: {e}); resume from an earlier checkpoint") from None
     counters = state["counters"] if rank == 0 else {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
     return state["step"], counters
 
@@ -161,11 +175,10 @@ def check_same_data_order(cfg, state: dict, ckpt: Path):
 
 
 class SafeReader(FileSystemReader):
-    """DCP's reader, but its .metadata (a pickle) goes through an unpickler that builds only DCP's own metadata
-    classes, so opening a checkpoint cannot run code; DCP reads the tensors themselves with weights_only=True."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    """DCP's reader, made safe for a checkpoint from anywhere: its .metadata (a pickle) goes through an unpickler
+    that builds only the classes our saves hold, every entry must be a tensor (DCP reads a non-tensor entry with
+    torch.load with weights_only off), and every data file must lie in the folder itself; DCP then reads the tensors
+    with weights_only=True. Anything else is refused before a data file is opened."""
 
     def __init__(self, path: Path):
         if not (path / ".metadata").exists():
@@ -174,19 +187,56 @@ class SafeReader(FileSystemReader):
         self.folder = path
 
     def read_metadata(self, *args, **kwargs):
-        with open(self.folder / ".metadata", "rb") as f:
-            metadata = Unpickler(f).load()
+        where = self.folder / ".metadata"
+        with open(where, "rb") as f:
+            try:
+                metadata = Unpickler(f).load()
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None
+            except Exception as e:
+                raise CheckpointError(f"{where}: not a DCP metadata file ({type(e).__name__}: {e}); "
+                                      f"resume from a checkpoint train.py wrote") from None
+        check_metadata(metadata, self.folder, where)
         metadata.storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
 
+def check_metadata(metadata, folder: Path, where: Path):
+    """Tensor entries only, each stored in a plain file of `folder` (not a path elsewhere, not a symlink out)."""
+    if not (isinstance(metadata, Metadata) and isinstance(metadata.state_dict_metadata, dict)
+            and isinstance(metadata.storage_data, dict)):
+        raise CheckpointError(f"{where} does not hold DCP metadata; resume from a checkpoint train.py wrote")
+    for fqn, entry in metadata.state_dict_metadata.items():
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{where}: entry {fqn!r} is a {type(entry).__name__}, but train.py saves tensors only "
+                                  f"(DCP would unpickle it with code); not loading this checkpoint")
+    inside = folder.resolve()
+    for info in metadata.storage_data.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(info, _StorageInfo) or info.transform_descriptors or not isinstance(name, str):
+            raise CheckpointError(f"{where}: a storage entry {info!r} is not a plain DCP file slice; not loading it")
+        path = folder / name
+        if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != inside or not path.is_file():
+            raise CheckpointError(f"{where}: data file {name!r} is not a file inside {folder} (it points outside, or is "
+                                  f"missing); not loading this checkpoint")
+
+
 class Unpickler(pickle.Unpickler):
+    """Builds exactly the (module, name) pairs a DCP save of tensors holds (torch 2.13; checked with pickletools)."""
+
+    ALLOWED = ({("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata", "MetadataIndex", "StorageMeta",
+        "_MEM_FORMAT_ENCODING")}
+        | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+           ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+           ("pathlib._local", "PosixPath")}  # where Python 3.13 defines PosixPath
+        | {("torch", name) for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)})
+
     def find_class(self, module, name):
-        if (module, name) in SafeReader.ALLOWED or module == "torch.distributed.checkpoint.metadata" or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if (module, name) in self.ALLOWED:  # exact pairs: protocol 4 would resolve a dotted name through attributes
             return super().find_class(module, name)
-        raise CheckpointError(f"checkpoint metadata names {module}.{name}, which a DCP checkpoint never holds; not loading it")
+        raise CheckpointError(f"names {module}.{name}, which a DCP checkpoint of tensors never holds; not loading it")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,6 +262,17 @@ def gather_rng() -> list[dict]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = encode(torch.cuda.get_rng_state())
     return gather_object(state)
+
+
+def restore_rng(saved: list[dict], rank: int, seed: int, step: int):
+    """This rank's saved RNG streams; a rank the saved run did not have (resumed on more processes) gets streams of
+    its own from (seed, rank, step), not a copy of another rank's (its LoRA dropout would repeat that rank's)."""
+    if rank < len(saved):
+        return set_rng(saved[rank])
+    entropy = np.random.SeedSequence([seed, rank, step]).generate_state(2, np.uint64)
+    torch.manual_seed(int(entropy[0]))  # also every CUDA device's generator
+    random.seed(int(entropy[1]))
+    np.random.seed(int(entropy[1]) % 2**32)
 
 
 def set_rng(state: dict):
@@ -261,12 +322,44 @@ class quiet_single_process(warnings.catch_warnings):
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
-def check_output_dir(cfg, rank: int):
-    """Before the first step: --max-shard-size parses, and on several nodes --output-dir is one shared filesystem
-    (DCP has each rank write its own files into one folder; on the nodes' own disks a checkpoint would be scattered)."""
+def check_output_dir(cfg, rank: int) -> str:
+    """Before the first step: --max-shard-size parses, on several nodes --output-dir is one shared filesystem, and
+    the folder holds no other run's checkpoints or final/ (--keep-last and --resume would mix the two runs) unless
+    --resume continues it or --overwrite deletes them. Returns the run's id, which marks each of its checkpoints:
+    the resumed checkpoint's with --resume, else a new one."""
     parse_size(cfg.max_shard_size)
-    if not dist.is_initialized():
-        return
+    if dist.is_initialized():
+        check_shared(cfg, rank)
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("error: --resume continues the run in --output-dir, --overwrite deletes it: pass one of them")
+    if cfg.resume and (ckpt := latest_checkpoint(cfg)):
+        return run_of(ckpt)
+    out = Path(cfg.output_dir)  # shared: every rank sees the same folder
+    used = sorted(p.name for p in (out / "checkpoints").glob("step-*")) + ["final/"] * (out / "final").exists()
+    if used and not cfg.overwrite:
+        how = "it has no checkpoint to --resume from" if cfg.resume else "continue that run with --resume"
+        raise SystemExit(f"error: --output-dir {out} holds {', '.join(used)} of an earlier run: {how}, start over with "
+                         f"--overwrite (deletes them) or pick another --output-dir" if rank == 0 else 1)
+    barrier()  # every rank has looked before rank 0 deletes
+    if used and rank == 0:
+        for name in ("checkpoints", "final", ".tmp-final"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        print(f"--overwrite: deleted {', '.join(used)} of the earlier run in {out}", file=sys.stderr)
+    barrier()
+    return gather_object(uuid.uuid4().hex)[0]  # rank 0's
+
+
+def run_of(ckpt: Path) -> str | None:
+    """The id of the run that wrote a checkpoint ("" before train.py marked them; None if unreadable)."""
+    try:
+        return json.loads((ckpt / "trainer_state.json").read_text()).get("run", "")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_shared(cfg, rank: int):
+    """DCP has each rank write its own files into one folder; on the nodes' own disks a checkpoint would be
+    scattered."""
     probe = Path(cfg.output_dir) / f".shared-{os.environ.get('TORCHELASTIC_RUN_ID', 'run')}"
     if rank == 0:
         probe.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ The stages (which parameters learn is `set_trainable`):
              --data mix.json --image-folder /data --fsdp --bf16
 
 Checkpoints (checkpoint.py) hold the trainer state each rank writes in parallel (DCP); --resume continues from
-the newest bit-identically, with any number of processes. output_dir/final is the llava-hf folder infer.py and the
+the newest with any number of processes: bit-identically with the same process count and layout, within ~1e-4
+with another (the gradients are summed in another order). output_dir/final is the llava-hf folder infer.py and the
 next stage read; its config.json keeps the chat template the stage trained with, which the next stage then uses.
 """
 
@@ -88,6 +89,7 @@ class TrainConfig:
     hf_checkpoints: bool = False  # also write each checkpoint in the llava-hf layout (infer.py reads it); final/ always is
     max_shard_size: str = "5GB"  # largest safetensors file of a llava-hf folder, e.g. 5GB, 200KB (more: model-0000k-of-0000n)
     resume: bool = False  # continue from the newest checkpoint in output_dir, with any number of processes
+    overwrite: bool = False  # start over in an output_dir that holds another run's checkpoints or final/: deletes them
     stop_after: int = 0  # end this run after N steps (a time slot, or a test of --resume)
     seed: int = 0  # of the data order and any fresh weights
     group_by_modality_length: bool = True  # image and text-only samples in separate global batches, sorted by length
@@ -321,7 +323,7 @@ def on_gpu(cfg: TrainConfig) -> bool:
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
     rank, world, device = setup_distributed(cfg.device)
-    check_output_dir(cfg, rank)
+    run = check_output_dir(cfg, rank)  # the id that marks this run's checkpoints
     torch.manual_seed(cfg.seed)
     if model is None:
         model, tokenizer, own = build_model(cfg, device)
@@ -363,7 +365,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
         done = step + 1
         if done % cfg.save_every == 0 or done == total:
-            save_checkpoint(cfg, ddp_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template, rank)
+            save_checkpoint(cfg, ddp_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template, rank,
+                            run)
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
     log.close()

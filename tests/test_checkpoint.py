@@ -210,3 +210,71 @@ def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="posix.system"):
         SafeReader(tmp_path).read_metadata()
     assert not (tmp_path / "ran").exists()
+
+
+def run_ids(run_dir):
+    folders = (run_dir / "checkpoints").iterdir()
+    return {p.name: json.loads((p / "trainer_state.json").read_text())["run"] for p in folders}
+
+
+def test_a_fresh_run_into_a_used_folder_is_refused_and_overwrite_starts_over(dataset, tmp_path, capsys):
+    train(config(dataset, tmp_path, max_steps=3, save_every=1, keep_last=5))
+    before = run_ids(tmp_path / "run")
+    with pytest.raises(SystemExit) as e:
+        train(config(dataset, tmp_path, max_steps=2, save_every=1))
+    assert e.value.code == (f"error: --output-dir {tmp_path / 'run'} holds step-0000001, step-0000002, step-0000003, "
+                            f"final/ of an earlier run: continue that run with --resume, start over with --overwrite "
+                            f"(deletes them) or pick another --output-dir")
+    assert run_ids(tmp_path / "run") == before  # nothing deleted, nothing written
+    capsys.readouterr()
+    train(config(dataset, tmp_path, max_steps=2, save_every=1, keep_last=5, overwrite=True))
+    deleted = "--overwrite: deleted step-0000001, step-0000002, step-0000003, final/ of the earlier run"
+    assert deleted in capsys.readouterr().err
+    after = run_ids(tmp_path / "run")
+    assert sorted(after) == ["step-0000001", "step-0000002"] and len(set(after.values())) == 1
+    assert set(after.values()).isdisjoint(before.values()) and len(losses(tmp_path / "run")) == 2
+    with pytest.raises(SystemExit, match="--resume continues the run in --output-dir, --overwrite deletes it"):
+        train(config(dataset, tmp_path, max_steps=2, resume=True, overwrite=True))
+
+
+def test_keep_last_deletes_only_the_runs_own_older_checkpoints(dataset, tmp_path):
+    """Another run's checkpoint in the folder (copied in) survives; this run keeps its newest, and a resumed run is
+    the same run (its id travels with the checkpoint)."""
+    import shutil
+
+    train(config(dataset, tmp_path / "other", max_steps=1, save_every=1))
+    flags = dict(max_steps=4, save_every=1, keep_last=1)
+    train(config(dataset, tmp_path, stop_after=2, **flags))
+    mine = run_ids(tmp_path / "run")
+    assert list(mine) == ["step-0000002"]  # its step 1 deleted by --keep-last 1
+    name = "step-0000001"
+    shutil.copytree(tmp_path / "other" / "run" / "checkpoints" / name, tmp_path / "run" / "checkpoints" / name)
+    other = run_ids(tmp_path / "other" / "run")["step-0000001"]
+    train(config(dataset, tmp_path, resume=True, **flags))
+    assert run_ids(tmp_path / "run") == {"step-0000001": other, "step-0000004": mine["step-0000002"]}
+    assert other != mine["step-0000002"]
+
+
+def test_a_rank_the_saved_run_did_not_have_gets_rng_streams_of_its_own():
+    """Resumed on more processes than saved: rank 2 must not replay rank 0's streams (its LoRA dropout masks would
+    repeat rank 0's); its streams come from (seed, rank, step), the same on every resume."""
+    import random
+
+    import numpy as np
+
+    from checkpoint import gather_rng, restore_rng
+
+    torch.manual_seed(0)
+    saved = gather_rng()  # one process saved
+    draws = {}
+    for rank in (0, 1, 2, 1):
+        restore_rng(saved, rank, seed=0, step=3)
+        draws.setdefault(rank, []).append((torch.rand(8), random.random(), float(np.random.rand())))
+    (r0,), (r1, r1_again), (r2,) = draws[0], draws[1], draws[2]
+    assert torch.equal(r1[0], r1_again[0]) and r1[1:] == r1_again[1:]
+    for a, b in ((r1, r0), (r2, r0), (r1, r2)):
+        assert not torch.equal(a[0], b[0]) and a[1] != b[1] and a[2] != b[2]
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(8), r0[0])  # rank 0 continues the saved stream itself
+    restore_rng(saved, 1, seed=1, step=3)
+    assert not torch.equal(torch.rand(8), r1[0])  # another seed, other streams

@@ -6,6 +6,7 @@ Most cases run the command in-process (infer.main / train.main / data.load_recor
 is exit status 1 with the message on stderr. A few run as real processes to show what a user sees."""
 
 import json
+import pickle
 import shutil
 import struct
 import subprocess
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, photo
 from PIL import Image
+from test_train import dataset  # noqa: F401 (a fixture)
 
 import infer
 from data import MAX_IMAGE_PIXELS, SampleError, SupervisedDataset, load_image, load_records
@@ -410,3 +412,112 @@ def test_unusual_images_are_answered(tiny, unusual, capsys, model):
     cfg = load_pretrained(str(tiny(model)))[0].cfg
     assert result["image_tokens"] == [im.num_tokens for im in process_images([load_image(p) for p in paths], cfg)]
     assert len(result["output_token_ids"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints handed to --resume: DCP's .metadata is a pickle, and DCP loads a non-tensor entry with
+# torch.load with weights_only off; each crafted file below runs code (or reads outside the folder) without the checks
+
+
+def binunicode(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + struct.pack("<I", len(data)) + data
+
+
+def makedirs_pickle(module: str, name: str, target) -> bytes:
+    """Protocol 4, by hand: STACK_GLOBAL (module, name) finds the function (a dotted name through attributes, e.g.
+    a module's own `import os`); then REDUCE calls it on `target`."""
+    return b"\x80\x04" + binunicode(module) + binunicode(name) + b"\x93" + binunicode(str(target)) + b"\x85R."
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    """A real 2-step run of train.py (its checkpoint step-0000002), for the crafted copies below."""
+    from test_train import config
+
+    import train
+
+    out = tmp_path_factory.mktemp("trained")
+    train.train(config(dataset, out, max_steps=2, save_every=2, stop_after=2))
+    return out / "run"
+
+
+def resume_argv(dataset, run):
+    root, model = dataset
+    return ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
+            "--output-dir", str(run), "--global-batch-size", "8", "--micro-batch-size", "2", "--max-steps", "4",
+            "--quiet", "--template", "qwen_1_5", "--max-len", "512", "--device", "cpu", "--resume"]
+
+
+def craft_bytes_entry(trainer, sentinel):
+    """One model entry becomes a bytes entry whose payload (a pickle, which DCP hands to torch.load) makes a folder."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
+
+    meta = pickle.loads((trainer / ".metadata").read_bytes())
+    payload = makedirs_pickle("os", "makedirs", sentinel)
+    (trainer / "evil.distcp").write_bytes(payload)
+    meta.state_dict_metadata["model.image_newline"] = BytesStorageMetadata()
+    meta.storage_data[MetadataIndex("model.image_newline")] = _StorageInfo("evil.distcp", 0, len(payload))
+    (trainer / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+
+
+def craft_storage_path(trainer, where: str):
+    """The tensors' file moves out of the checkpoint; the metadata points at it there (relative, absolute, symlink)."""
+    meta = pickle.loads((trainer / ".metadata").read_bytes())
+    outside = trainer.parent.parent / "outside.distcp"
+    (trainer / "__0_0.distcp").rename(outside)
+    if where == "symlink":
+        (trainer / "__0_0.distcp").symlink_to(outside)
+        return
+    path = "../../outside.distcp" if where == "relative" else str(outside)
+    for info in meta.storage_data.values():
+        info.relative_path = path
+    (trainer / ".metadata").write_bytes(pickle.dumps(meta, protocol=4))
+
+
+@pytest.mark.parametrize("case, words", [
+    ("dotted-global", ["torch.distributed.checkpoint.metadata.os.makedirs"]),
+    ("bytes-entry", ["torch.distributed.checkpoint.metadata.BytesStorageMetadata", "tensors"]),
+    ("relative", ["../../outside.distcp", "outside"]),
+    ("absolute", ["outside.distcp", "outside"]),
+    ("symlink", ["__0_0.distcp", "outside"]),
+])
+def test_a_crafted_checkpoint_is_refused_before_it_runs_or_reads_anything(dataset, trained, tmp_path, capsys, case,
+                                                                         words, monkeypatch):
+    import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    trainer = run / "checkpoints" / "step-0000002" / "trainer"
+    sentinel = tmp_path / "code-ran"
+    if case == "dotted-global":
+        dotted = makedirs_pickle("torch.distributed.checkpoint.metadata", "os.makedirs", sentinel)
+        (trainer / ".metadata").write_bytes(dotted)
+    elif case == "bytes-entry":
+        craft_bytes_entry(trainer, sentinel)
+    else:
+        craft_storage_path(trainer, case)
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    opened, real_open = [], FileSystem.create_stream  # where DCP opens its data files
+    monkeypatch.setattr(FileSystem, "create_stream",
+                        lambda self, path, mode: opened.append(str(path)) or real_open(self, path, mode))
+    message = refused(capsys, lambda: train.main(resume_argv(dataset, run)), str(trainer), *words)
+    assert not sentinel.exists(), message
+    assert not [f for f in opened if f.endswith(".distcp")], opened  # no data file was opened, inside or outside
+
+
+def test_a_non_tensor_entry_is_refused_even_past_the_unpickler(trained):
+    """The second check: metadata holding a bytes entry (however it was built) is refused by name."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from checkpoint import check_metadata
+    from convert import CheckpointError
+
+    trainer = trained / "checkpoints" / "step-0000002" / "trainer"
+    meta = pickle.loads((trainer / ".metadata").read_bytes())
+    check_metadata(meta, trainer, trainer / ".metadata")  # as saved: accepted
+    meta.state_dict_metadata["model.image_newline"] = BytesStorageMetadata()
+    with pytest.raises(CheckpointError, match="'model.image_newline' is a BytesStorageMetadata, but train.py saves"):
+        check_metadata(meta, trainer, trainer / ".metadata")

@@ -304,7 +304,7 @@ def stage_configs(trainer, run: ToyRun, data: Path, stage0: Path) -> list:
             stage="1" if name == "1" else "2" if name == "interleave" else name, **start, data=str(data / records),
             image_folder=str(data), template=template, lr=getattr(run, lr), max_steps=getattr(run, steps),
             warmup_ratio=run.warmup_ratio,
-            freeze_vision_tower=True, output_dir=str(out / folder), global_batch_size=run.batch,
+            freeze_vision_tower=True, output_dir=str(out / folder), overwrite=True, global_batch_size=run.batch,
             micro_batch_size=run.batch, max_len=512, seed=run.seed, save_every=10_000, keep_last=1,
             image_aspect_ratio=run.image_aspect_ratio, grid_pinpoints=GRID_PINPOINTS, knobs=knobs,
             image_placement=run.image_placement, frames=world.VIDEO_FRAMES, quiet=run.quiet))
