@@ -28,8 +28,8 @@ change nothing, so a released checkpoint behaves exactly as released.
 Two readings of the released configs exist (README, "Divergences"): `compat="original"` does what the code the
 weights were trained with does; `compat="transformers"` does what the Hugging Face processor does.
 
-`python anyres.py` prints the budget table of the releases; `python anyres.py IMAGE --model NAME --save grid.png`
-prints where one image's tokens come from and draws it (anyres_picture.py); `--video CLIP` does a video's frames.
+`python -m tools.anyres_picture` prints the budget table of the releases; with `IMAGE --model NAME --save grid.png`
+it prints where one image's tokens come from and draws it; `--video CLIP` does a video's frames.
 """
 
 import argparse
@@ -419,7 +419,7 @@ def merge_image_features(features, image: ProcessedImage, newline, cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# `python anyres.py IMAGE --model NAME --save grid.png`: one image's (or video's) token budget, printed and drawn
+# tools/anyres_picture.py: one image's (or video's) token budget, printed and drawn
 
 
 def token_parts(image_size, cfg, num_images: int = 1) -> list[tuple[str, int]]:
@@ -447,9 +447,3 @@ def video_parts(num_frames: int, cfg) -> list[tuple[str, int]]:
     m = pooled_side(cfg.vision.side, cfg.higher_anyres)
     return [(f"{num_frames} frames, {cfg.vision.side} x {cfg.vision.side} features pooled to {m} x {m}", num_frames * m * m),
             ("one newline after the video", int(cfg.has_newline))]
-
-
-if __name__ == "__main__":  # the command line (the budget table, a picture of one image) lives in anyres_picture.py
-    import anyres_picture
-
-    anyres_picture.main()

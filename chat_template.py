@@ -145,7 +145,7 @@ def special_strings(folder: Path) -> tuple[str, str]:
 
 def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
     """The chat format of a checkpoint (--template overrides it): the one a folder we wrote names in config.json
-    (train.py's checkpoints, convert.py's exports), else the one the template it ships renders (CheckpointError
+    (train.py's checkpoints, export.py's exports), else the one the template it ships renders (CheckpointError
     when none of ours does, unless it is a preset), else the preset's, else a guess from the tokenizer's special
     tokens, said on stderr."""
     folder = folder or (Path(source) if source and Path(source).is_dir() else None)

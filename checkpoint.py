@@ -37,11 +37,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
+import lora
 from convert import CheckpointError
-from export import parse_size, save_pretrained
+from distributed import barrier, gather_object, world_size
+from export import parse_size, publish, save_pretrained
 
 # ----------------------------------------------------------------------------------------------------------------
 # Saving
@@ -79,12 +81,21 @@ def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, coun
 
 def publish_final(cfg, model, tokenizer, template: str, rank: int):
     """The stage's result, for infer.py and the next stage: output_dir/final in the llava-hf layout, streamed
-    from the live model by every rank and written by rank 0 (to a temporary name, then renamed)."""
+    from the live model by every rank and written by rank 0 (to a temporary name, then published). A LoRA stage
+    writes its adapters merged into the weights, and final/adapter/ alone in the PEFT format."""
     out = Path(cfg.output_dir)
     final, tmp = out / "final", out / ".tmp-final"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-    export_hf(cfg, model, tmp, tokenizer, template, rank)
+    if not cfg.lora_rank:
+        export_hf(cfg, model, tmp, tokenizer, template, rank)
+    else:
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            save_pretrained(unwrap(model), tmp, state_dict=lora.merge(state, lora.alpha(cfg) / cfg.lora_rank),
+                            tokenizer=tokenizer, template=template, max_shard_bytes=parse_size(cfg.max_shard_size))
+            lora.save_adapter(state, tmp / "adapter", cfg.lora_rank, lora.alpha(cfg), cfg.lora_dropout,
+                              lora.targets(cfg), cfg.model)
     if rank == 0:
         publish(tmp, final)
     barrier()
@@ -94,24 +105,6 @@ def export_hf(cfg, model, folder: Path, tokenizer, template: str, rank: int):
     model = unwrap(model)
     save_pretrained(model, folder, state_dict=model.state_dict(), tokenizer=tokenizer, template=template, rank=rank,
                     max_shard_bytes=parse_size(cfg.max_shard_size))
-
-
-def publish(tmp: Path, final: Path):
-    """Make tmp durable, then visible as `final` in one rename."""
-    for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then the folders that list them
-        fsync(path)
-    fsync(tmp)
-    shutil.rmtree(final, ignore_errors=True)  # only when a resumed run publishes its final/ again
-    os.replace(tmp, final)
-    fsync(final.parent)
-
-
-def fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json(path: Path, value):
@@ -291,27 +284,6 @@ def encode(t: torch.Tensor) -> str:
 
 def decode(text: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Ranks
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def gather_object(value) -> list:
-    if not dist.is_initialized():
-        return [value]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
 
 
 class quiet_single_process(warnings.catch_warnings):

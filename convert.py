@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from anyres import HigherAnyRes, anyres_max_crops, parse_grid_pinpoints
+from anyres import HigherAnyRes, parse_grid_pinpoints
 from model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ class Preset:
     original: str | None
     hf: str | None
     template: str
-    geometry: str  # a key of GEOMETRY: the image geometry, for token counts without a download (anyres_picture.py)
+    geometry: str  # a key of GEOMETRY: the image geometry, for token counts without a download (tools/anyres_picture.py)
 
 
 def find_preset(source: str) -> Preset | None:
@@ -395,6 +395,51 @@ def resolve(source: str, revision: str | None = None, what: str = "model") -> Pa
     return folder
 
 
+def read_config(source: str, what: str = "model") -> tuple[dict, str]:
+    """(config.json, where it came from) of a folder, a preset short name or a hub repo id; only that one file is
+    downloaded (the memory plan and the AnyRes picture need no weights)."""
+    if Path(source).expanduser().is_dir():
+        path = Path(source).expanduser() / "config.json"
+        if not path.exists():
+            raise CheckpointError(f"{path.parent}: no config.json; is this a {what} folder?")
+        return read_json(path), str(path)
+    repo = PRESETS[source].repo if source in PRESETS else source
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = Path(hf_hub_download(repo, "config.json"))
+    except Exception as e:
+        raise CheckpointError(f"could not get the config.json of {what} {repo!r} ({type(e).__name__}); pass a local "
+                              f"folder holding it, or fill the cache with `{hub_command(repo, 'config.json')}`") from None
+    return read_json(path), f"{repo}/config.json"
+
+
+def config_of(source: str, compat: str = "original", image_only: bool = False) -> LlavaConfig:
+    """A checkpoint's LlavaConfig from its config files alone, no weights. `image_only`: a preset's image side comes
+    from the table (GEOMETRY), so token counts need no download; its decoder fields are then placeholders."""
+    preset = None if Path(source).expanduser().is_dir() else find_preset(source)
+    raw, where = (GEOMETRY[preset.geometry], f"{source} (preset)") if image_only and preset else read_config(source)
+    tower = raw.get("mm_vision_tower")
+    tower_raw = read_config(tower, "tower")[0] if tower and tower not in KNOWN_TOWERS else None
+    return llava_config(raw, where, compat, tower_raw)
+
+
+def stage1_config(text: tuple[dict, str], tower: tuple[dict, str], projector_type: str = "mlp2x_gelu",
+                  image_aspect_ratio: str = "square", grid_pinpoints: str = "", merge_type: str = "") -> LlavaConfig:
+    """The LlavaConfig of a stage-1 start: a base LLM's and a vision tower's (config.json, where) joined by a fresh
+    projector. The tower's features are its hidden state -2 for CLIP; SigLIP drops its last layer (both releases'
+    mm_vision_select_layer) and keeps every patch, having no CLS token."""
+    vision, total = vision_config(tower[0], "patch", tower[1])
+    vision.num_layers = total - 1
+    if vision.kind == "siglip":
+        vision.select_feature = "full"
+    anyres = image_aspect_ratio.startswith("anyres")
+    return LlavaConfig(vision=vision, text=text_config(*text), projector_type=projector_type,
+                       image_aspect_ratio=image_aspect_ratio,
+                       grid_pinpoints=parse_grid_pinpoints(grid_pinpoints, vision.image_size),
+                       merge_type=merge_type or ("spatial_unpad" if anyres else "flat"))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
 
@@ -485,17 +530,8 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
     from model import init_fresh
 
     llm_folder, tower_folder = resolve(llm, what="LLM"), resolve(tower, what="tower")
-    text_raw = read_json(llm_folder / "config.json")
-    tower_raw = read_json(tower_folder / "config.json")
-    vision, total = vision_config(tower_raw, "patch", str(tower_folder / "config.json"))
-    vision.num_layers = total - 1  # hidden state -2 for CLIP; SigLIP drops its last layer (both releases' mm_vision_select_layer)
-    if vision.kind == "siglip":
-        vision.select_feature = "full"
-    anyres = image_aspect_ratio.startswith("anyres")
-    cfg = LlavaConfig(vision=vision, text=text_config(text_raw, str(llm_folder / "config.json")), projector_type=projector_type,
-                      image_aspect_ratio=image_aspect_ratio,
-                      grid_pinpoints=parse_grid_pinpoints(grid_pinpoints, vision.image_size),
-                      merge_type=merge_type or ("spatial_unpad" if anyres else "flat"))
+    cfg = stage1_config(read_config(str(llm_folder), "LLM"), read_config(str(tower_folder), "tower"), projector_type,
+                        image_aspect_ratio, grid_pinpoints, merge_type)
     with torch.device("meta"):
         model = Llava(cfg)
     for f in checkpoint_files(llm_folder):
@@ -513,78 +549,7 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Names and config out: the llava-hf layout (transformers 4.x names) that export.py writes, so that infer.py, the
-# next stage and other tools read a trained model like any release.
-
-
-def hf_key(key: str) -> str:
-    """Our parameter name -> its llava-hf name (the inverse of internal_key for the layout written here)."""
-    if key.startswith("language_model."):
-        return "language_model.model." + key[len("language_model."):]
-    if key.startswith("lm_head."):
-        return "language_model." + key
-    if key.startswith("projector."):
-        return "multi_modal_projector." + key[len("projector."):]
-    if key.startswith("vision_tower."):
-        rest = key[len("vision_tower."):]
-        if rest.startswith(("class_embedding", "patch_embedding.", "position_embedding.")):
-            return "vision_tower.vision_model.embeddings." + rest
-        if rest.startswith("layers."):
-            return "vision_tower.vision_model.encoder." + rest
-        return "vision_tower.vision_model." + rest
-    return key  # image_newline
-
-
-def hf_config(cfg: LlavaConfig) -> dict:
-    """config.json in the llava-hf shape (every field written, none left to class defaults), with the keys the
-    released llava-hf folders carry (ignore_index, use_image_newline_parameter, CLIP's projection_dim)."""
-    t = cfg.text
-    family = t.family or ("qwen2" if t.qkv_bias else "llama")
-    # vLLM builds the decoder from text_config.architectures (llava.py, llava_next.py, llava_onevision.py:
-    # init_vllm_registered_model(hf_config=config.text_config); registry.py: "No model architectures are specified")
-    text = dict(model_type=family, architectures=[TEXT_ARCHITECTURES[family]], vocab_size=t.vocab_size,
-                hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
-                rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
-                max_position_embeddings=t.max_position_embeddings, attention_bias=t.qkv_bias)
-    if family == "mistral":
-        text["sliding_window"] = None  # MistralConfig's default is 4096; LLaVA-1.6 Mistral attends to all tokens
-    if cfg.vision is None:
-        return text
-    v = cfg.vision
-    if cfg.projector_type != "mlp2x_gelu" or (cfg.merge_type == "flat") == cfg.image_aspect_ratio.startswith("anyres"):
-        raise ValueError(f"the llava-hf layout cannot express projector {cfg.projector_type!r} with "
-                         f"{cfg.image_aspect_ratio!r} / {cfg.merge_type!r}")
-    model_type = "llava" if cfg.merge_type == "flat" else "llava_onevision" if anyres_max_crops(cfg) else "llava_next"
-    # num_hidden_layers counts only the layers LLaVA reads (their weights are all we write), so the feature layer
-    # is the last one: the released folders say 24 and -2 for CLIP, the same features
-    vision = dict(model_type=f"{v.kind}_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                  num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
-                  patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
-    if v.kind == "clip":
-        vision["projection_dim"] = 768  # the released towers' (CLIP's head, which LLaVA never runs)
-    out = dict(model_type=model_type, architectures=[ARCHITECTURES[model_type]], text_config=text, vision_config=vision,
-               vision_feature_layer=-1, vision_feature_select_strategy="default" if v.select_feature == "patch" else "full",
-               projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings,
-               ignore_index=-100)  # the label mask value, in every released llava-hf config.json
-    if model_type != "llava":
-        out["image_grid_pinpoints"] = cfg.grid_pinpoints
-    if model_type == "llava_next":
-        out["use_image_newline_parameter"] = True
-    if model_type == "llava_onevision":
-        out["vision_aspect_ratio"] = cfg.image_aspect_ratio
-    if knobs := cfg.higher_anyres.changed():
-        out["higher_anyres"] = knobs  # ours: transformers ignores it and loads the released behaviour
-    return out
-
-
-TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
-                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer (the chat template: chat_template.py)
+# Tokenizer (the chat template: chat_template.py; the llava-hf layout written out: export.py)
 
 
 def load_tokenizer(folder: Path, source: str):
@@ -623,14 +588,3 @@ def eos_token_ids(folder: Path) -> set[int]:
             for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
                 ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
     return ids
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line: `python convert.py SRC DST` writes any checkpoint read here as a complete llava-hf folder; the
-# command lives with the files it writes, in export.py.
-
-
-if __name__ == "__main__":
-    from export import main
-
-    main()

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from anyres import tower_mean_std
+from anyres import anyres_max_crops, tower_mean_std
 from chat_template import CHAT_TEMPLATE_FILES, TEMPLATE_KEY, default_template, shipped_template
-from convert import (CheckpointError, checkpoint_files, eos_token_ids, hf_config, hf_key, load_pretrained, load_tokenizer,
-                     read_tensors, resolve)
+from convert import (CheckpointError, checkpoint_files, eos_token_ids, load_pretrained, load_tokenizer, read_tensors,
+                     resolve)
 from data import TEMPLATES, stop_token_ids, system_slot, with_special_tokens
 from model import Llava, LlavaConfig
 
@@ -46,6 +46,77 @@ def media_tokens(cfg: LlavaConfig) -> list[str]:
     if cfg.vision is None:
         return []
     return ["<image>", "<video>"] if hf_model_type(cfg) == "llava_onevision" else ["<image>"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names and config out: the llava-hf layout (transformers 4.x names), so that infer.py, the next stage and other
+# tools read a trained model like any release.
+
+
+def hf_key(key: str) -> str:
+    """Our parameter name -> its llava-hf name (the inverse of internal_key for the layout written here)."""
+    if key.startswith("language_model."):
+        return "language_model.model." + key[len("language_model."):]
+    if key.startswith("lm_head."):
+        return "language_model." + key
+    if key.startswith("projector."):
+        return "multi_modal_projector." + key[len("projector."):]
+    if key.startswith("vision_tower."):
+        rest = key[len("vision_tower."):]
+        if rest.startswith(("class_embedding", "patch_embedding.", "position_embedding.")):
+            return "vision_tower.vision_model.embeddings." + rest
+        if rest.startswith("layers."):
+            return "vision_tower.vision_model.encoder." + rest
+        return "vision_tower.vision_model." + rest
+    return key  # image_newline
+
+
+def hf_config(cfg: LlavaConfig) -> dict:
+    """config.json in the llava-hf shape (every field written, none left to class defaults), with the keys the
+    released llava-hf folders carry (ignore_index, use_image_newline_parameter, CLIP's projection_dim)."""
+    t = cfg.text
+    family = t.family or ("qwen2" if t.qkv_bias else "llama")
+    # vLLM builds the decoder from text_config.architectures (llava.py, llava_next.py, llava_onevision.py:
+    # init_vllm_registered_model(hf_config=config.text_config); registry.py: "No model architectures are specified")
+    text = dict(model_type=family, architectures=[TEXT_ARCHITECTURES[family]], vocab_size=t.vocab_size,
+                hidden_size=t.hidden_size, intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, head_dim=t.head_dim,
+                rope_theta=t.rope_theta, rms_norm_eps=t.rms_norm_eps, tie_word_embeddings=t.tie_word_embeddings,
+                max_position_embeddings=t.max_position_embeddings, attention_bias=t.qkv_bias)
+    if family == "mistral":
+        text["sliding_window"] = None  # MistralConfig's default is 4096; LLaVA-1.6 Mistral attends to all tokens
+    if cfg.vision is None:
+        return text
+    v = cfg.vision
+    if cfg.projector_type != "mlp2x_gelu" or (cfg.merge_type == "flat") == cfg.image_aspect_ratio.startswith("anyres"):
+        raise ValueError(f"the llava-hf layout cannot express projector {cfg.projector_type!r} with "
+                         f"{cfg.image_aspect_ratio!r} / {cfg.merge_type!r}")
+    model_type = "llava" if cfg.merge_type == "flat" else "llava_onevision" if anyres_max_crops(cfg) else "llava_next"
+    # num_hidden_layers counts only the layers LLaVA reads (their weights are all we write), so the feature layer
+    # is the last one: the released folders say 24 and -2 for CLIP, the same features
+    vision = dict(model_type=f"{v.kind}_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                  num_hidden_layers=v.num_layers, num_attention_heads=v.num_heads, image_size=v.image_size,
+                  patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps)
+    if v.kind == "clip":
+        vision["projection_dim"] = 768  # the released towers' (CLIP's head, which LLaVA never runs)
+    out = dict(model_type=model_type, architectures=[ARCHITECTURES[model_type]], text_config=text, vision_config=vision,
+               vision_feature_layer=-1, vision_feature_select_strategy="default" if v.select_feature == "patch" else "full",
+               projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings,
+               ignore_index=-100)  # the label mask value, in every released llava-hf config.json
+    if model_type != "llava":
+        out["image_grid_pinpoints"] = cfg.grid_pinpoints
+    if model_type == "llava_next":
+        out["use_image_newline_parameter"] = True
+    if model_type == "llava_onevision":
+        out["vision_aspect_ratio"] = cfg.image_aspect_ratio
+    if knobs := cfg.higher_anyres.changed():
+        out["higher_anyres"] = knobs  # ours: transformers ignores it and loads the released behaviour
+    return out
+
+
+TEXT_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaNextForConditionalGeneration",
+                 "llava_onevision": "LlavaOnevisionForConditionalGeneration"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,7 +295,7 @@ def processor_config(cfg: LlavaConfig) -> dict:
 
 
 def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype) -> dict:
-    """config.json: the architecture (convert.hf_config) plus the token ids transformers and vLLM need."""
+    """config.json: the architecture (hf_config) plus the token ids transformers and vLLM need."""
     out = hf_config(cfg)
     text = out.get("text_config", out)
     for name in ("bos", "eos", "pad"):
@@ -261,7 +332,7 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     tokenizer, ids = with_media_tokens(tokenizer, cfg)
     if any(i >= cfg.text.vocab_size for i in ids.values()):
         print(f"note: {folder}: {', '.join(ids)} lie outside the vocabulary of {cfg.text.vocab_size}; transformers and "
-              f"vLLM need `python convert.py {folder} OUT`, which adds the rows", file=sys.stderr)
+              f"vLLM need `python export.py {folder} OUT`, which adds the rows", file=sys.stderr)
     specials = special_tokens(tokenizer, template)
     dump("config.json", {**hf_full_config(cfg, ids, specials, tokenizer, dtype), TEMPLATE_KEY: template})
     tokenizer.save(str(folder / "tokenizer.json"))
@@ -361,6 +432,25 @@ def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
         (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
+def publish(tmp: Path, final: Path):
+    """Make tmp durable, then visible as `final` in one rename: a reader (infer.py, the next stage, a resume)
+    sees the whole folder or none of it. Every folder this repository writes is published here."""
+    for path in sorted(tmp.rglob("*"), reverse=True):  # files first, then the folders that list them
+        fsync(path)
+    fsync(tmp)
+    shutil.rmtree(final, ignore_errors=True)  # a resumed run's final/ again, or an empty DEST
+    os.replace(tmp, final)
+    fsync(final.parent)
+
+
+def fsync(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """"5GB" -> 5 * 10^9 bytes, "200KB" -> 200 * 10^3, "2GiB" -> 2 * 2^30, "80G" -> 80 * 10^9 (the units transformers'
     max_shard_size takes); --max-shard-size and --gpu-memory both read sizes here."""
@@ -372,7 +462,7 @@ def parse_size(text: str, flag: str = "--max-shard-size") -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command: python convert.py SRC DST (any layout convert.py reads -> a complete llava-hf folder)
+# The command: python export.py SRC DST (any layout convert.py reads -> a complete llava-hf folder)
 
 
 def stored_dtype(folder: Path) -> torch.dtype:
@@ -418,8 +508,10 @@ def main(argv=None):
     except ValueError as e:  # a model the llava-hf classes cannot express (e.g. a linear projector)
         shutil.rmtree(tmp, ignore_errors=True)
         sys.exit(f"error: {args.source}: {e}")
-    if dest.exists():
-        dest.rmdir()
-    os.replace(tmp, dest)
+    publish(tmp, dest)
     print(f"{dest}: {json.loads((dest / 'config.json').read_text()).get('model_type')} in {str(dtype)[6:]}, template "
           f"{template}, {', '.join(f'{t} = {i}' for t, i in ids.items())}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,16 @@ def inject(model, rank: int, alpha: float, dropout: float = 0.0, targets=DECODER
     return count
 
 
+def alpha(cfg) -> float:
+    """A run's alpha (TrainConfig's --lora-alpha; 0: 2 x rank, finetune_lora.sh's 256 / 128)."""
+    return cfg.lora_alpha or 2.0 * cfg.lora_rank
+
+
+def targets(cfg) -> tuple:
+    """A run's adapted linears (TrainConfig's --lora-targets; "": all seven, as LLaVA does)."""
+    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or DECODER_LINEARS
+
+
 def is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
@@ -88,7 +98,7 @@ def base_model_name(source: str) -> str | None:
 
     A preset short name or either of its repos -> the llava-hf repo; a folder or repo in the llava-hf layout -> itself
     (a local folder as an absolute path). An original-layout checkpoint that is not a preset -> None: transformers
-    cannot build it, and its llava-hf form (`python convert.py SOURCE OUT`) has no name until someone writes it."""
+    cannot build it, and its llava-hf form (`python export.py SOURCE OUT`) has no name until someone writes it."""
     from convert import CheckpointError, find_preset, read_json, resolve
 
     preset = find_preset(source)

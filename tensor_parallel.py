@@ -25,8 +25,6 @@ copies this rank's block only. No rank ever holds more than its share of a split
 """
 
 import functools
-import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -35,37 +33,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from distributed import finish, quiet_other_ranks, rank, rank_device, world_size  # noqa: F401 (infer.py's)
+
 
 class TensorParallelError(ValueError):
     """A model that cannot be split over this many ranks; the message says why and what to do."""
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def rank_device(device: str) -> str:
-    """One GPU per rank: `cuda` becomes this rank's `cuda:LOCAL_RANK`; a CPU stays the CPU."""
-    if torch.device(device).type == "cuda" and world_size() > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    return device
-
-
-def quiet_other_ranks():
-    """Only rank 0 prints: the others' stdout and stderr go nowhere (they compute the same answer and the same
-    errors; torchrun still reports a rank that fails and its exit code)."""
-    if rank() > 0:
-        sys.stdout = sys.stderr = open(os.devnull, "w")
-
-
-def finish():
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def check_heads(cfg, n: int):

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -39,14 +38,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+import distributed
 import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from recipes import RECIPES, fetch_recipe_data
-from checkpoint import (barrier, check_output_dir, latest_checkpoint, publish, publish_final, resume_from,
-                        save_checkpoint, unwrap)
+from distributed import device_sum
+from checkpoint import check_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
 from chat_template import default_template
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer
-from export import parse_size, save_pretrained
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 
 
@@ -105,37 +104,6 @@ class TrainConfig:
     plan: bool = False  # print the memory plan per GPU for these flags (tools/memory_plan.py) and exit; nothing is loaded
     gpus: int = 0  # --plan: GPUs in all, across nodes (0: this machine's)
     gpu_memory: str = "80GB"  # --plan: memory of one GPU
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-def setup_distributed(kind: str = ""):
-    """(rank, world size, device). torchrun sets RANK and WORLD_SIZE over all nodes, and LOCAL_RANK, the process's
-    index on its node, which picks its GPU; NCCL on GPUs, gloo on CPU."""
-    cuda = kind == "cuda" or (kind == "" and torch.cuda.is_available())
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
-    if cuda:
-        if local >= torch.cuda.device_count():
-            raise SystemExit(f"error: LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} GPUs: give torchrun "
-                             f"--nproc-per-node at most the GPU count of each node")
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return rank, world, device
-
-
-def all_sum(value: float, device) -> float:
-    if not dist.is_initialized():
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -322,7 +290,7 @@ def on_gpu(cfg: TrainConfig) -> bool:
 
 def train(cfg: TrainConfig, model=None, tokenizer=None):
     """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
-    rank, world, device = setup_distributed(cfg.device)
+    rank, world, device = distributed.setup(cfg.device)
     run = check_output_dir(cfg, rank)  # the id that marks this run's checkpoints
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -371,7 +339,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             break
     log.close()
     if done == total:  # also when a run killed after its last checkpoint is resumed
-        (publish_lora if cfg.lora_rank else publish_final)(cfg, ddp_model, tokenizer, chat_template, rank)
+        publish_final(cfg, ddp_model, tokenizer, chat_template, rank)
     if rank == 0 and counters["bad"]:
         print(f"skipped {sum(counters['bad'].values())} unusable samples: {counters['bad']}; "
               f"first ids: {counters['bad_ids'][:10]}", file=sys.stderr)
@@ -421,14 +389,6 @@ def optimizer_step(ddp_model, model, optimizer, batches, cfg: TrainConfig, facto
     return device_sum(loss_sum, device) / targets, grad_norm
 
 
-def device_sum(value, device, dtype=torch.float32):
-    """Sum over ranks of a number or tensor, as a tensor on the device; launches the all-reduce without waiting."""
-    t = value if torch.is_tensor(value) else torch.tensor(value, dtype=dtype, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 class StepLog:
     """metrics.jsonl (one line per step, cut back to the resumed step) and the progress bar, on rank 0."""
 
@@ -475,37 +435,11 @@ class StepLog:
 
 def add_lora(model, cfg: TrainConfig, bf16_base: bool):
     """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
-    lora.inject(model, cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg))
+    lora.inject(model, cfg.lora_rank, lora.alpha(cfg), cfg.lora_dropout, lora.targets(cfg))
     if bf16_base:
         for name, p in model.named_parameters():
             if not (lora.is_lora(name) or name.startswith("projector.")):
                 p.data = p.data.to(torch.bfloat16)
-
-
-def lora_alpha(cfg: TrainConfig) -> float:
-    return cfg.lora_alpha or 2.0 * cfg.lora_rank
-
-
-def lora_targets(cfg: TrainConfig) -> tuple:
-    return tuple(t.strip() for t in cfg.lora_targets.split(",") if t.strip()) or lora.DECODER_LINEARS
-
-
-def publish_lora(cfg: TrainConfig, ddp_model, tokenizer, template: str, rank: int):
-    """A LoRA stage's result: output_dir/final as the merged llava-hf checkpoint (what infer.py and the next stage
-    read) and final/adapter/ in the PEFT format; written under a temporary name, then renamed."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(ddp_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        out = Path(cfg.output_dir)
-        final, tmp = out / "final", out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(unwrap(ddp_model), tmp, state_dict=lora.merge(state, lora_alpha(cfg) / cfg.lora_rank),
-                        tokenizer=tokenizer, template=template, max_shard_bytes=parse_size(cfg.max_shard_size))
-        lora.save_adapter(state, tmp / "adapter", cfg.lora_rank, lora_alpha(cfg), cfg.lora_dropout, lora_targets(cfg),
-                          cfg.model)
-        publish(tmp, final)
-    barrier()
 
 
 def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
@@ -524,8 +458,8 @@ def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
                 counters["bad_ids"].append(sample_id)
             if rank == 0 and not cfg.quiet:
                 print(f"skipping sample {sample_id!r}: {detail}", file=sys.stderr)
-    seen = all_sum(counters["samples"], device)
-    bad = all_sum(sum(counters["bad"].values()), device)
+    seen = device_sum(counters["samples"], device, torch.float64).item()
+    bad = device_sum(sum(counters["bad"].values()), device, torch.float64).item()
     f = cfg.max_bad_fraction
     if bad > f * seen + 3 * math.sqrt(seen * f * (1 - f)):
         recent = "; ".join([f"{sample_id!r}: {kind}" for b in batches for sample_id, kind, _ in b["bad"]][:10])

@@ -1,4 +1,4 @@
-"""`python anyres.py IMAGE --model NAME --save grid.png`: the printed token rows add up to `num_image_tokens` and
+"""`python -m tools.anyres_picture IMAGE --model NAME --save grid.png`: the printed token rows add up to `num_image_tokens` and
 match counts worked out by hand; the canvas panel has its crop boundaries, unpad cut and newline column where the
 arithmetic puts them. Only config.json is read: the model folders here hold nothing else."""
 
@@ -9,7 +9,7 @@ from conftest import photo
 from PIL import Image
 
 import anyres
-import anyres_picture
+from tools import anyres_picture
 
 # transformers' defaults for these model types are the released geometry: LLaVA-1.6 (CLIP-336, 5 grids up to
 # 672 x 672) and OneVision (SigLIP-384, 1x1 ... 6x6 grids, anyres_max_9)
@@ -50,7 +50,7 @@ def test_printed_rows_worked_out_by_hand(models, tmp_path, capsys):
 def test_rows_add_up_to_num_image_tokens(models, tmp_path, capsys, size, flags):
     photo(*size).save(tmp_path / "x.png")
     rows = run([tmp_path / "x.png", "--model", models / "next", *flags], capsys)
-    cfg = anyres_picture.model_config(str(models / "next"), "transformers" if "--compat" in flags else "original")
+    cfg = anyres_picture.image_config(str(models / "next"), "transformers" if "--compat" in flags else "original")
     if flags[:1] == ["--max-grid"]:
         cfg.higher_anyres = anyres.HigherAnyRes(max_grid=4)
     assert sum(rows[:-1]) == rows[-1] == anyres.num_image_tokens(size, cfg)
@@ -66,7 +66,7 @@ def test_video_rows(models, tmp_path, capsys):
 def test_canvas_panel(models):
     """1000 x 600 on LLaVA-1.6 at one screen pixel per canvas pixel: two 336 px crops per side, unpad cuts 10 feature
     rows (140 px) above and below, the newline column stands beside rows 140..532."""
-    cfg = anyres_picture.model_config(str(models / "next"), "original")
+    cfg = anyres_picture.image_config(str(models / "next"), "original")
     image = photo(1000, 600)
     panel, titles, crop = anyres_picture.draw_canvas(image, cfg, box=672)
     assert crop == 336 and panel.size == (672 + anyres_picture.NEWLINE_COLUMN, 672)
@@ -90,7 +90,7 @@ def test_single_crop_panel_and_saved_picture(models, tmp_path, capsys):
     picture = Image.open(tmp_path / "pic.png")
     # the image (fitted in 300 px), the padded 384 crop (shown at 460 px) side by side; no base view, no grid
     assert picture.width >= 20 + 300 + 40 + 460 and picture.height >= 50 + 460
-    cfg = anyres_picture.model_config(str(models / "onevision"), "original")
+    cfg = anyres_picture.image_config(str(models / "onevision"), "original")
     panel, titles, _ = anyres_picture.draw_canvas(Image.open(tmp_path / "x.png"), cfg, num_images=2, box=384)
     assert panel.size == (384, 384) and titles == ["the one crop the tower sees, 384 x 384 (padded to a square)"]
     assert panel.getpixel((192, 10)) == (127, 127, 127)  # SigLIP's mean colour above the image

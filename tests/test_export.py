@@ -1,4 +1,4 @@
-"""`python convert.py SRC DST`: the llava-hf folder it writes loads in transformers (test-only oracle) with no
+"""`python export.py SRC DST`: the llava-hf folder it writes loads in transformers (test-only oracle) with no
 missing or unexpected weights, and gives the same input ids, pixels and logits as transformers on the source
 checkpoint; the Jinja chat template renders exactly our template table's strings."""
 
@@ -116,7 +116,7 @@ def test_a_tokenizer_without_image_gets_the_token_and_a_vocabulary_row(tiny, tmp
 
 def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tmp_path, capsys):
     """save_pretrained never reshapes weights (a resumed run must find what it saved): with no row free for
-    <image> it writes the token at the next id, says so, and convert.py adds the row."""
+    <image> it writes the token at the next id, says so, and `python export.py` adds the row."""
     from convert import load_pretrained, load_tokenizer
     from export import save_pretrained
 
@@ -125,7 +125,7 @@ def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tm
     without_image_token(src)
     model, _ = load_pretrained(str(src))
     save_pretrained(model, tmp_path / "ckpt", tokenizer=load_tokenizer(src, str(src)), template="llava_v1")
-    assert "python convert.py" in capsys.readouterr().err
+    assert "python export.py" in capsys.readouterr().err
     again, _ = load_pretrained(str(tmp_path / "ckpt"))
     assert again.cfg.text.vocab_size == 320 and torch.equal(again.lm_head.weight, model.lm_head.weight)
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["image_token_index"] == 320
@@ -167,14 +167,14 @@ def test_convert_refuses_a_non_empty_destination_and_bad_sizes(tiny, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_convert_py_is_the_command():
+def test_export_py_is_the_command():
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    done = subprocess.run([sys.executable, "convert.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert done.returncode == 0 and "usage: convert.py" in done.stdout and "--max-shard-size" in done.stdout
+    done = subprocess.run([sys.executable, "export.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0 and "usage: export.py" in done.stdout and "--max-shard-size" in done.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def test_the_pages_commands_are_found():
     """The parser sees the commands a reader sees (a parser that finds nothing would pass every check below)."""
     readme = commands((ROOT / "README.md").read_text())
     entries = {e for e, _ in readme}
-    assert {"train.py", "infer.py", "serve.py", "convert.py", "-m tools.convert_gguf", "-m toy.ablations"} <= entries
+    assert {"train.py", "infer.py", "serve.py", "export.py", "-m tools.convert_gguf", "-m toy.ablations"} <= entries
     assert ("infer.py", ["photo.jpg", "What is shown in this image?"]) in readme
     assert "--resume" not in DOCUMENTED["train.py"]  # named in prose, not in a command
     assert {"--plan", "--gpus", "--gpu-memory", "--fsdp", "--recipe"} <= DOCUMENTED["train.py"]

@@ -25,10 +25,8 @@ The largest micro-batch that fits is (usable - fixed) // activations per sample,
 a reserve for the CUDA context, NCCL buffers and the allocator's fragmentation.
 """
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -70,45 +68,17 @@ class Plan:
 # The model, on the meta device, as train.py prepares it
 
 
-def read_config(source: str, what: str) -> tuple[dict, str]:
-    """config.json of a folder, preset short name or hub repo id (only that file is downloaded)."""
-    from convert import CheckpointError, PRESETS, resolve
-
-    if Path(source).expanduser().is_dir():
-        path = resolve(source, what=what) / "config.json"
-    else:
-        from huggingface_hub import hf_hub_download
-
-        repo = PRESETS[source].repo if source in PRESETS else source
-        try:
-            path = Path(hf_hub_download(repo, "config.json"))
-        except Exception as e:
-            raise CheckpointError(f"could not get the config.json of {what} {repo!r} ({type(e).__name__}); "
-                                  f"pass a local folder holding it") from e
-    if not path.exists():
-        raise CheckpointError(f"{path}: not found; --plan needs the {what}'s config.json")
-    return json.loads(path.read_text()), str(path)
-
-
-def model_config(cfg):
+def planned_config(cfg):
     """The LlavaConfig train.py would build for these flags, from config files only."""
     from anyres import parse_grid_pinpoints
-    from convert import KNOWN_TOWERS, llava_config, text_config, vision_config
-    from model import LlavaConfig
+    from convert import KNOWN_TOWERS, config_of, read_config, stage1_config
 
     if cfg.model:
-        raw, where = read_config(cfg.model, "model")
-        tower = raw.get("mm_vision_tower")
-        tower_raw = read_config(tower, "tower")[0] if tower and tower not in KNOWN_TOWERS else None
-        out = llava_config(raw, where, "original", tower_raw)
+        out = config_of(cfg.model)
     elif cfg.llm:  # a stage-1 start: the LLM's config and the tower's, as convert.load_parts assembles them
-        raw, where = read_config(cfg.llm, "LLM")
-        tower_raw = KNOWN_TOWERS.get(cfg.vision_tower) or read_config(cfg.vision_tower, "tower")[0]
-        vision, total = vision_config(tower_raw, "patch", cfg.vision_tower)
-        vision.num_layers = total - 1
-        aspect = cfg.image_aspect_ratio or "square"
-        out = LlavaConfig(vision=vision, text=text_config(raw, where), projector_type=cfg.projector_type,
-                          image_aspect_ratio=aspect, merge_type="spatial_unpad" if aspect.startswith("anyres") else "flat")
+        tower = (KNOWN_TOWERS[cfg.vision_tower], cfg.vision_tower) if cfg.vision_tower in KNOWN_TOWERS else \
+            read_config(cfg.vision_tower, "tower")
+        out = stage1_config(read_config(cfg.llm, "LLM"), tower, cfg.projector_type, cfg.image_aspect_ratio or "square")
     else:
         raise SystemExit("error: --plan needs --model (a LLaVA checkpoint) or --llm (a base LLM for stage 1)")
     if cfg.image_aspect_ratio:
@@ -124,7 +94,7 @@ def meta_model(cfg, prepare):
     from model import Llava
 
     with torch.device("meta"):
-        model = Llava(model_config(cfg))
+        model = Llava(planned_config(cfg))
     prepare(model, cfg, bf16_base=cfg.bf16)
     return model
 

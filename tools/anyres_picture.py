@@ -1,7 +1,7 @@
 """A picture of AnyRes: one image's canvas, crops, unpad cut, newline column and base view, or a video's pooled
 frames, with the token count of each part (anyres.token_parts / video_parts). Drawn with PIL alone.
 
-    python anyres.py photo.jpg --model llava-v1.6-vicuna-7b --save grid.png
+    python -m tools.anyres_picture photo.jpg --model llava-v1.6-vicuna-7b --save grid.png
 
     image (W, H) -> canvas (cols*C, rows*C) cut into C x C crops        -> one n x n feature map per crop
                  -> a (rows*n, cols*n) map; unpad keeps (h, w) of it (red: cut, green: kept)
@@ -10,9 +10,7 @@ frames, with the token count of each part (anyres.token_parts / video_parts). Dr
 
 import argparse
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -20,8 +18,7 @@ from anyres import (HigherAnyRes, add_knob_flags, expand_to_square, feature_side
                     knobs_from_flags, num_image_tokens, parse_grid_pinpoints, pooled_side, resize_and_pad,
                     tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds, uses_anyres,
                     video_parts, video_tokens)
-from convert import (DEFAULT_MODEL, GEOMETRY, KNOWN_TOWERS, PRESETS, CheckpointError, find_preset, hub_command,
-                     llava_config)
+from convert import DEFAULT_MODEL, CheckpointError, config_of
 from data import SampleError, load_image, load_video
 from model import LlavaConfig, VisionConfig
 
@@ -42,7 +39,7 @@ def _fitted(size, box: int) -> tuple[int, int]:
 
 
 def _draw_rows(draw, y: int, parts, font):
-    """The token rows, as `python anyres.py` prints them."""
+    """The token rows, as `python -m tools.anyres_picture` prints them."""
     for what, tokens in parts + [("total", sum(t for _, t in parts))]:
         draw.text((20, y), f"{tokens:>6}", fill="black", font=font)
         draw.text((90, y), what, fill="black", font=font)
@@ -145,7 +142,7 @@ def draw_video(frames, cfg) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command line: `python anyres.py` (the budget table) and `python anyres.py IMAGE --model NAME --save grid.png`
+# The command line: `python -m tools.anyres_picture` (the budget table) and `... IMAGE --model NAME --save grid.png`
 
 
 def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (800, 3000))) -> str:
@@ -173,32 +170,11 @@ def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (8
     return "\n".join(lines)
 
 
-def model_config(source: str, compat: str):
-    """A checkpoint's LlavaConfig from its config.json alone (a folder, a short name or a hub repo id): no weights."""
-
-    def config_json(name):
-        if Path(name).expanduser().is_dir():
-            path = Path(name).expanduser() / "config.json"
-            if not path.exists():
-                raise CheckpointError(f"{path.parent}: no config.json; is this a model folder?")
-            return json.loads(path.read_text()), str(path)
-        from huggingface_hub import hf_hub_download
-
-        repo = PRESETS[name].repo if name in PRESETS else name
-        try:
-            return json.loads(Path(hf_hub_download(repo, "config.json")).read_text()), f"{repo}/config.json"
-        except Exception as e:
-            raise CheckpointError(f"could not get {repo}/config.json ({type(e).__name__}); pass a local model folder, "
-                                  f"or fill the cache with `{hub_command(repo, 'config.json')}`") from None
-
-    preset = None if Path(source).expanduser().is_dir() else find_preset(source)
-    # a preset's image geometry is in the table: its picture needs no download (nor a network)
-    raw, where = (GEOMETRY[preset.geometry], f"{source} (preset)") if preset else config_json(source)
-    tower = raw.get("mm_vision_tower")
-    tower_raw = config_json(tower)[0] if tower and tower not in KNOWN_TOWERS else None
-    cfg = llava_config(raw, where, compat, tower_raw)
+def image_config(source: str, compat: str):
+    """A checkpoint's LlavaConfig for its image side: a preset's from the table, no download; else its config.json."""
+    cfg = config_of(source, compat, image_only=True)
     if cfg.vision is None:
-        raise CheckpointError(f"{where}: a text-only model has no image tokens")
+        raise CheckpointError(f"{source}: a text-only model has no image tokens")
     return cfg
 
 
@@ -219,7 +195,7 @@ def main(argv=None):
         print(budget_table())
         return
     try:
-        cfg = model_config(args.model, args.compat)
+        cfg = image_config(args.model, args.compat)
         cfg.higher_anyres = dataclasses.replace(cfg.higher_anyres, **knobs_from_flags(args))
         if args.video:
             frames = load_video(args.video, args.frames)
@@ -237,8 +213,6 @@ def main(argv=None):
     if args.save:
         picture().save(args.save)
         print(f"wrote {args.save}", file=sys.stderr)
-
-
 
 
 if __name__ == "__main__":
