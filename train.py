@@ -23,11 +23,9 @@ next stage read; its config.json keeps the chat template the stage trained with,
 import argparse
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
-import re
 import sys
 import time
 from contextlib import nullcontext
@@ -41,69 +39,89 @@ import torch.nn.functional as F
 import distributed
 import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
-from recipes import RECIPES, fetch_recipe_data
-from distributed import device_sum
-from checkpoint import check_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
 from chat_template import default_template
+from checkpoint import check_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
 from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
+from distributed import device_sum
+from recipes import RECIPES, fetch_recipe_data
+
+
+def flag(default, help: str):
+    """A TrainConfig field and the --help of its flag (arg_parser reads it, as anyres.add_knob_flags does)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    stage: str = "2"  # "1" | "1.5" | "2"
-    data: str = ""  # LLaVA JSON / JSONL, or a mixture spec (data.load_records)
-    image_folder: str = ""  # image paths in the records are relative to this
-    model: str = ""  # continue from a LLaVA checkpoint: folder, hub id or short name
-    llm: str = ""  # instead of --model, start stage 1 from a base LLM (folder or hub id) and --vision-tower
-    vision_tower: str = "openai/clip-vit-large-patch14-336"  # the vision tower joined to --llm (folder or hub id)
-    projector_type: str = "mlp2x_gelu"  # the projector of a fresh stage 1 (the only one the llava-hf layout holds)
-    pretrained_projector: str = ""  # a stage-1 projector (mm_projector.bin or a checkpoint folder) for --llm starts
-    image_aspect_ratio: str = ""  # override the model's: pad | square | anyres | anyres_max_N
-    grid_pinpoints: str = ""  # override the model's, e.g. "(1x1),...,(6x6)"
-    knobs: dict = field(default_factory=dict)  # Higher-AnyRes knobs (--max-grid, --pool, ...: anyres.HigherAnyRes)
-    video_folder: str = ""  # video paths in the records are relative to this (default: --image-folder)
-    frames: int = 32  # frames sampled uniformly from each video (OneVision's frames_upbound)
-    image_placement: str = "interleaved"  # several images: where the text puts them | "front" | "mixed" (data.place_images)
-    template: str = ""  # chat format of the samples (default: the model's own: its config.json's, else its preset's or tokenizer's)
-    output_dir: str = "runs/train"  # checkpoints/, final/ and metrics.jsonl; on several nodes a shared filesystem
-    epochs: int = 1  # passes over --data
-    max_steps: int = 0  # 0: run the epochs
-    global_batch_size: int = 128  # samples per optimizer step, over all ranks
-    micro_batch_size: int = 4  # per rank; accumulation = global / (micro * ranks)
-    lr: float = 2e-5  # LLM (and projector / tower unless set)
-    projector_lr: float = 0.0  # 0: same as --lr
-    vision_lr: float = 0.0  # 0: same as --lr
-    weight_decay: float = 0.0  # AdamW decay of matrices (never biases, norms or vectors)
-    warmup_ratio: float = 0.03  # linear warm-up over this share of the steps, then cosine to zero
-    grad_clip: float = 1.0  # clip the global gradient norm to this
-    max_len: int = 2048  # tokens per sample, image tokens included; longer ones are cut (skipped if the cut falls in an image)
-    freeze_vision_tower: bool = False  # stages 1.5/2: keep the vision tower fixed
-    bf16: bool = False  # bf16 compute: FSDP2 mixed precision with --fsdp on GPUs, else autocast (fp32 weights and AdamW)
-    gradient_checkpointing: bool = False  # recompute each decoder block (and vision block, if it trains) in backward
-    compile: bool = False  # torch.compile each decoder block
-    fsdp: bool = False  # FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP
-    save_every: int = 500  # steps between checkpoints (output_dir/checkpoints/step-N)
-    keep_last: int = 2  # checkpoints kept; older ones are deleted
-    hf_checkpoints: bool = False  # also write each checkpoint in the llava-hf layout (infer.py reads it); final/ always is
-    max_shard_size: str = "5GB"  # largest safetensors file of a llava-hf folder, e.g. 5GB, 200KB (more: model-0000k-of-0000n)
-    resume: bool = False  # continue from the newest checkpoint in output_dir, with any number of processes
-    overwrite: bool = False  # start over in an output_dir that holds another run's checkpoints or final/: deletes them
-    stop_after: int = 0  # end this run after N steps (a time slot, or a test of --resume)
-    seed: int = 0  # of the data order and any fresh weights
-    group_by_modality_length: bool = True  # image and text-only samples in separate global batches, sorted by length
-    max_bad_fraction: float = 0.01  # stop if more than this share of the samples seen so far cannot be used
-    num_workers: int = -1  # data-loading processes per rank (-1: 4 on GPUs, 0 on CPU)
-    quiet: bool = False  # no progress bar
-    peak_tflops: float = 0.0  # for MFU: the accelerator's dense bf16 peak per device (0: looked up for known GPUs)
-    device: str = ""  # "cpu" or "cuda"; "": cuda when there is one (each rank takes cuda:LOCAL_RANK)
-    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (lora.py) and the projector; everything else frozen
-    lora_alpha: float = 0.0  # the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)
-    lora_dropout: float = 0.05  # on the adapters' input (LLaVA's default)
-    lora_targets: str = ""  # comma-separated decoder linears, e.g. q_proj,v_proj ("": all seven, as LLaVA does)
-    plan: bool = False  # print the memory plan per GPU for these flags (tools/memory_plan.py) and exit; nothing is loaded
-    gpus: int = 0  # --plan: GPUs in all, across nodes (0: this machine's)
-    gpu_memory: str = "80GB"  # --plan: memory of one GPU
+    stage: str = flag("2", "1 | 1.5 | 2")
+    data: str = flag("", "LLaVA JSON / JSONL, or a mixture spec (data.load_records)")
+    image_folder: str = flag("", "image paths in the records are relative to this")
+    model: str = flag("", "continue from a LLaVA checkpoint: folder, hub id or short name")
+    llm: str = flag("", "instead of --model, start stage 1 from a base LLM (folder or hub id) and --vision-tower")
+    vision_tower: str = flag("openai/clip-vit-large-patch14-336", "the vision tower joined to --llm (folder or hub id)")
+    projector_type: str = flag("mlp2x_gelu", "the projector of a fresh stage 1 (the only one the llava-hf layout "
+                                             "holds)")
+    pretrained_projector: str = flag("", "a stage-1 projector (mm_projector.bin or a checkpoint folder) for --llm "
+                                         "starts")
+    image_aspect_ratio: str = flag("", "override the model's: pad | square | anyres | anyres_max_N")
+    grid_pinpoints: str = flag("", "override the model's, e.g. '(1x1),...,(6x6)'")
+    knobs: dict = field(default_factory=dict, metadata={"help": "Higher-AnyRes knobs (--max-grid, --pool, ...: "
+                                                                "anyres.HigherAnyRes)"})
+    video_folder: str = flag("", "video paths in the records are relative to this (default: --image-folder)")
+    frames: int = flag(32, "frames sampled uniformly from each video (OneVision's frames_upbound)")
+    image_placement: str = flag("interleaved", "several images: where the text puts them | front | mixed "
+                                               "(data.place_images)")
+    template: str = flag("", "chat format of the samples (default: the model's own: its config.json's, else its "
+                             "preset's or tokenizer's)")
+    output_dir: str = flag("runs/train", "checkpoints/, final/ and metrics.jsonl; on several nodes a shared filesystem")
+    epochs: int = flag(1, "passes over --data")
+    max_steps: int = flag(0, "0: run the epochs")
+    global_batch_size: int = flag(128, "samples per optimizer step, over all ranks")
+    micro_batch_size: int = flag(4, "per rank; accumulation = global / (micro * ranks)")
+    lr: float = flag(2e-5, "LLM (and projector / tower unless set)")
+    projector_lr: float = flag(0.0, "0: same as --lr")
+    vision_lr: float = flag(0.0, "0: same as --lr")
+    weight_decay: float = flag(0.0, "AdamW decay of matrices (never biases, norms or vectors)")
+    warmup_ratio: float = flag(0.03, "linear warm-up over this share of the steps, then cosine to zero")
+    grad_clip: float = flag(1.0, "clip the global gradient norm to this")
+    max_len: int = flag(2048, "tokens per sample, image tokens included; longer ones are cut (skipped if the cut "
+                              "falls in an image)")
+    freeze_vision_tower: bool = flag(False, "stages 1.5/2: keep the vision tower fixed")
+    bf16: bool = flag(False, "bf16 compute: FSDP2 mixed precision with --fsdp on GPUs, else autocast (fp32 weights "
+                             "and AdamW)")
+    gradient_checkpointing: bool = flag(False, "recompute each decoder block (and vision block, if it trains) in "
+                                               "backward")
+    compile: bool = flag(False, "torch.compile each decoder block")
+    fsdp: bool = flag(False, "FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP")
+    save_every: int = flag(500, "steps between checkpoints (output_dir/checkpoints/step-N)")
+    keep_last: int = flag(2, "checkpoints kept; older ones are deleted")
+    hf_checkpoints: bool = flag(False, "also write each checkpoint in the llava-hf layout (infer.py reads it); final/"
+                                       " always is")
+    max_shard_size: str = flag("5GB", "largest safetensors file of a llava-hf folder, e.g. 5GB, 200KB (more: "
+                                      "model-0000k-of-0000n)")
+    resume: bool = flag(False, "continue from the newest checkpoint in output_dir, with any number of processes")
+    overwrite: bool = flag(False, "start over in an output_dir that holds another run's checkpoints or final/: "
+                                  "deletes them")
+    stop_after: int = flag(0, "end this run after N steps (a time slot, or a test of --resume)")
+    seed: int = flag(0, "of the data order and any fresh weights")
+    group_by_modality_length: bool = flag(True, "image and text-only samples in separate global batches, sorted by "
+                                                "length")
+    max_bad_fraction: float = flag(0.01, "stop if more than this share of the samples seen so far cannot be used")
+    num_workers: int = flag(-1, "data-loading processes per rank (-1: 4 on GPUs, 0 on CPU)")
+    quiet: bool = flag(False, "no progress bar")
+    peak_tflops: float = flag(0.0, "for MFU: the accelerator's dense bf16 peak per device (0: looked up for known "
+                                   "GPUs)")
+    device: str = flag("", "cpu or cuda; empty: cuda when there is one (each rank takes cuda:LOCAL_RANK)")
+    lora_rank: int = flag(0, "> 0: train LoRA adapters of this rank (lora.py) and the projector; everything else "
+                             "frozen")
+    lora_alpha: float = flag(0.0, "the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)")
+    lora_dropout: float = flag(0.05, "on the adapters' input (LLaVA's default)")
+    lora_targets: str = flag("", "comma-separated decoder linears, e.g. q_proj,v_proj (empty: all seven, as LLaVA does)")
+    plan: bool = flag(False, "print the memory plan per GPU for these flags (tools/memory_plan.py) and exit; nothing "
+                             "is loaded")
+    gpus: int = flag(0, "--plan: GPUs in all, across nodes (0: this machine's)")
+    gpu_memory: str = flag("80GB", "--plan: memory of one GPU")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,6 +133,15 @@ def prepare_stage(model, cfg: TrainConfig, bf16_base: bool):
     if cfg.lora_rank:
         add_lora(model, cfg, bf16_base)
     set_trainable(model, cfg)
+
+
+def add_lora(model, cfg: TrainConfig, bf16_base: bool):
+    """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
+    lora.inject(model, cfg.lora_rank, lora.alpha(cfg), cfg.lora_dropout, lora.targets(cfg))
+    if bf16_base:
+        for name, p in model.named_parameters():
+            if not (lora.is_lora(name) or name.startswith("projector.")):
+                p.data = p.data.to(torch.bfloat16)
 
 
 def set_trainable(model, cfg: TrainConfig):
@@ -155,7 +182,7 @@ def lr_factor(step: int, total: int, warmup_ratio: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The model and the data, on this rank
 
 
 def build_model(cfg: TrainConfig, device):
@@ -207,8 +234,81 @@ def mixed_precision(cfg: TrainConfig, device) -> bool:
     return cfg.bf16 and cfg.fsdp and device.type == "cuda" and dist.is_initialized()
 
 
+def on_gpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cuda" or (cfg.device == "" and torch.cuda.is_available())
+
+
+def build_dataset(cfg: TrainConfig, model, tokenizer):
+    """(dataset, per-sample modality lengths, steps per epoch, total steps) of --data."""
+    records = load_records(cfg.data)
+    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len,
+                                video_folder=cfg.video_folder, num_frames=cfg.frames, image_placement=cfg.image_placement)
+    steps_per_epoch = len(records) // cfg.global_batch_size
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, fewer than one global batch ({cfg.global_batch_size})")
+    return dataset, dataset.modality_lengths(), steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.epochs
+
+
+def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
+    """This rank's micro-batches of one global batch: micro-step a on rank r takes slot a * world + r."""
+    slots = [batch[i: i + micro] for i in range(0, len(batch), micro)]
+    return [slots[a * world + rank] for a in range(len(slots) // world)]
+
+
+def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, steps_per_epoch: int, rank: int, world: int,
+                 pad_id: int):
+    """This rank's collated micro-batches from step `start` to `total`, in order. The order is a pure function of
+    (seed, epoch) and each sample of its index, so --num-workers N (processes that read, tile and tokenise ahead
+    of the GPU) gives the same batches as 0, and a resumed run picks up exactly where the killed one was."""
+    from torch.utils.data import DataLoader
+
+    plan, schedules = [], {}
+    for step in range(start, total):
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in schedules:
+            schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length)}
+        plan += micro_batches(schedules[epoch][index], rank, world, cfg.micro_batch_size)
+    workers = cfg.num_workers
+    if workers < 0:  # GPUs: read, tile and tokenise off the main process, which then only launches kernels
+        workers = min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if on_gpu(cfg) else 0
+    if workers:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
+    # its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG, which a
+    # resumed run has just restored and dropout (LoRA's) then draws from, so the resumed run would drift
+    return iter(DataLoader(dataset, batch_sampler=plan, collate_fn=functools.partial(collate, pad_id=pad_id),
+                           num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=on_gpu(cfg),
+                           generator=torch.Generator().manual_seed(cfg.seed)))
+
+
+def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
+    """Count (and report by id) the samples that could not be used; stop when they are too many.
+
+    Checked after every global batch, from the first on: the run stops once the bad samples seen are more than a
+    data set with exactly --max-bad-fraction bad ones would show by chance (its mean plus three standard
+    deviations, binomially), so a mostly broken data set stops at its first batch, while one unlucky batch of a
+    healthy set does not end a long run; with many samples this is the plain fraction."""
+    for b in batches:
+        counters["samples"] += b["size"] + len(b["bad"])
+        counters["truncated"] += len(b["notes"])
+        for sample_id, kind, detail in b["bad"]:
+            counters["bad"][kind] = counters["bad"].get(kind, 0) + 1
+            if len(counters["bad_ids"]) < 1000:
+                counters["bad_ids"].append(sample_id)
+            if rank == 0 and not cfg.quiet:
+                print(f"skipping sample {sample_id!r}: {detail}", file=sys.stderr)
+    seen = device_sum(counters["samples"], device, torch.float64).item()
+    bad = device_sum(sum(counters["bad"].values()), device, torch.float64).item()
+    f = cfg.max_bad_fraction
+    if bad > f * seen + 3 * math.sqrt(seen * f * (1 - f)):
+        recent = "; ".join([f"{sample_id!r}: {kind}" for b in batches for sample_id, kind, _ in b["bad"]][:10])
+        raise SystemExit(f"error: {int(bad)} of {int(seen)} samples could not be used ({counters['bad']}), more than "
+                         f"--max-bad-fraction {f} allows; fix the data or raise the flag. First ids: "
+                         f"{counters['bad_ids'][:10]}; in the last batch: {recent}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Model FLOPs utilisation (MFU): the FLOPs the model needs for a step over what the hardware could do meanwhile
+
 
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "H800": 989, "GH200": 989, "B200": 2250,
                     "A100": 312, "A800": 312, "L40S": 362, "L4": 121, "A10G": 70}  # dense, per GPU
@@ -251,142 +351,6 @@ def step_flops(model, batches) -> int:
             flops += crops * tower_factor * forward_flops(sum(p.numel() for p in tower.parameters()), v.num_layers, v.hidden_size, P)
             flops += crops * 3 * 2 * sum(p.numel() for p in model.projector.parameters()) * P
     return flops
-
-
-def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
-    """This rank's micro-batches of one global batch: micro-step a on rank r takes slot a * world + r."""
-    slots = [batch[i: i + micro] for i in range(0, len(batch), micro)]
-    return [slots[a * world + rank] for a in range(len(slots) // world)]
-
-
-def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, steps_per_epoch: int, rank: int, world: int,
-                 pad_id: int):
-    """This rank's collated micro-batches from step `start` to `total`, in order. The order is a pure function of
-    (seed, epoch) and each sample of its index, so --num-workers N (processes that read, tile and tokenise ahead
-    of the GPU) gives the same batches as 0, and a resumed run picks up exactly where the killed one was."""
-    from torch.utils.data import DataLoader
-
-    plan, schedules = [], {}
-    for step in range(start, total):
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch not in schedules:
-            schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length)}
-        plan += micro_batches(schedules[epoch][index], rank, world, cfg.micro_batch_size)
-    workers = cfg.num_workers
-    if workers < 0:  # GPUs: read, tile and tokenise off the main process, which then only launches kernels
-        workers = min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))) if on_gpu(cfg) else 0
-    if workers:
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are forked after the tokenizer ran
-    # its own generator: a DataLoader iterator otherwise draws its workers' base seed from the global RNG, which a
-    # resumed run has just restored and dropout (LoRA's) then draws from, so the resumed run would drift
-    return iter(DataLoader(dataset, batch_sampler=plan, collate_fn=functools.partial(collate, pad_id=pad_id),
-                           num_workers=workers, prefetch_factor=4 if workers else None, pin_memory=on_gpu(cfg),
-                           generator=torch.Generator().manual_seed(cfg.seed)))
-
-
-def on_gpu(cfg: TrainConfig) -> bool:
-    return cfg.device == "cuda" or (cfg.device == "" and torch.cuda.is_available())
-
-
-def train(cfg: TrainConfig, model=None, tokenizer=None):
-    """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
-    rank, world, device = distributed.setup(cfg.device)
-    run = check_output_dir(cfg, rank)  # the id that marks this run's checkpoints
-    torch.manual_seed(cfg.seed)
-    if model is None:
-        model, tokenizer, own = build_model(cfg, device)
-    else:
-        own = default_template(cfg.model, tokenizer)
-    # the samples' format: --template, else the model's own; the checkpoints keep the model's chat format, which
-    # is the trained one except after stage 1's "plain" captions
-    cfg = dataclasses.replace(cfg, template=cfg.template or own)
-    chat_template = own if cfg.template == "plain" else cfg.template
-    model.to(device).train()
-    model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
-    if model.vision_tower is not None:  # checkpointed only while it trains (VisionTower.forward)
-        model.vision_tower.gradient_checkpointing = cfg.gradient_checkpointing
-    prepare_stage(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
-    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
-    if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
-        raise SystemExit(f"error: global batch {cfg.global_batch_size} is not a multiple of micro batch "
-                         f"{cfg.micro_batch_size} x {world} ranks")
-    dataset, lengths, steps_per_epoch, total = build_dataset(cfg, model, tokenizer)
-
-    ddp_model = parallelize(model, cfg, device, world)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
-    start, counters = 0, {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
-    if cfg.resume and (ckpt := latest_checkpoint(cfg)):
-        start, counters = resume_from(ckpt, ddp_model, optimizer, cfg, rank)
-        if rank == 0:
-            print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
-
-    pad_id = tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>") or tokenizer.token_to_id("<unk>") or 0
-    loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
-    log = StepLog(cfg, start, total, device, world, rank)
-    done = start
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(accumulation)]
-        count_bad_samples(batches, counters, cfg, device, rank)
-        factor = lr_factor(step, total, cfg.warmup_ratio)
-        loss, grad_norm = optimizer_step(ddp_model, model, optimizer, batches, cfg, factor, device, world)
-        log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
-        done = step + 1
-        if done % cfg.save_every == 0 or done == total:
-            save_checkpoint(cfg, ddp_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template, rank,
-                            run)
-        if cfg.stop_after and done - start >= cfg.stop_after:
-            break
-    log.close()
-    if done == total:  # also when a run killed after its last checkpoint is resumed
-        publish_final(cfg, ddp_model, tokenizer, chat_template, rank)
-    if rank == 0 and counters["bad"]:
-        print(f"skipped {sum(counters['bad'].values())} unusable samples: {counters['bad']}; "
-              f"first ids: {counters['bad_ids'][:10]}", file=sys.stderr)
-    return model
-
-
-def build_dataset(cfg: TrainConfig, model, tokenizer):
-    """(dataset, per-sample modality lengths, steps per epoch, total steps) of --data."""
-    records = load_records(cfg.data)
-    dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len,
-                                video_folder=cfg.video_folder, num_frames=cfg.frames, image_placement=cfg.image_placement)
-    steps_per_epoch = len(records) // cfg.global_batch_size
-    if steps_per_epoch == 0:
-        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, fewer than one global batch ({cfg.global_batch_size})")
-    return dataset, dataset.modality_lengths(), steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.epochs
-
-
-def optimizer_step(ddp_model, model, optimizer, batches, cfg: TrainConfig, factor: float, device, world: int):
-    """Forward and backward over this rank's micro-batches, then clip and one AdamW step at lr x `factor`.
-    Returns (mean loss per answer token over the global batch, gradient norm), both still on the device: nothing
-    here waits for the GPU, so the next micro-batch is queued while this one runs (StepLog reads them once a step)."""
-    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count (counted
-    # on the host from the CPU labels, summed over ranks on the device; fp32 holds these integers exactly)
-    targets = device_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device).clamp(min=1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 and not mixed_precision(cfg, device) else nullcontext()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for a, b in enumerate(batches):
-        context = nullcontext()
-        if world > 1 and not cfg.fsdp and a < len(batches) - 1:
-            context = ddp_model.no_sync()  # DDP: all-reduce once, on the last micro-batch
-        # FSDP2 reduce-scatters every micro-batch: skipping it would hold the whole model's gradients unsharded in
-        # fp32 until the last one, which is what sharding is there to avoid (DeepSpeed's ZeRO-3 does the same)
-        labels = b["labels"].to(device, non_blocking=True)
-        learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
-        with context, autocast:
-            # no padding_mask: batches are right-padded, so the causal rule alone is exact for every real token and
-            # SDPA takes its flash / memory-efficient kernels; pad positions never reach the loss (logits_at)
-            logits = ddp_model(b["input_ids"].to(device, non_blocking=True), b["images"] or None, logits_at=learned)  # (N, V)
-            loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
-        (loss * world / targets).backward()  # DDP and FSDP average over ranks; this undoes it
-        loss_sum += loss.detach()
-    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-    for group in optimizer.param_groups:
-        group["lr"] = group["base_lr"] * factor
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return device_sum(loss_sum, device) / targets, grad_norm
 
 
 class StepLog:
@@ -433,63 +397,115 @@ class StepLog:
             self.bar.close()
 
 
-def add_lora(model, cfg: TrainConfig, bf16_base: bool):
-    """Adapters on the decoder's linears; on GPUs with --bf16 the frozen base is stored in bf16 (2 bytes a weight)."""
-    lora.inject(model, cfg.lora_rank, lora.alpha(cfg), cfg.lora_dropout, lora.targets(cfg))
-    if bf16_base:
-        for name, p in model.named_parameters():
-            if not (lora.is_lora(name) or name.startswith("projector.")):
-                p.data = p.data.to(torch.bfloat16)
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: one optimizer step, then the stage
 
 
-def count_bad_samples(batches, counters, cfg: TrainConfig, device, rank: int):
-    """Count (and report by id) the samples that could not be used; stop when they are too many.
+def optimizer_step(parallel_model, model, optimizer, batches, cfg: TrainConfig, factor: float, device, world: int):
+    """Forward and backward over this rank's micro-batches, then clip and one AdamW step at lr x `factor`.
+    Returns (mean loss per answer token over the global batch, gradient norm), both still on the device: nothing
+    here waits for the GPU, so the next micro-batch is queued while this one runs (StepLog reads them once a step)."""
+    # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count (counted
+    # on the host from the CPU labels, summed over ranks on the device; fp32 holds these integers exactly)
+    targets = device_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device).clamp(min=1)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 and not mixed_precision(cfg, device) else nullcontext()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for a, b in enumerate(batches):
+        context = nullcontext()
+        if world > 1 and not cfg.fsdp and a < len(batches) - 1:
+            context = parallel_model.no_sync()  # DDP: all-reduce once, on the last micro-batch
+        # FSDP2 reduce-scatters every micro-batch: skipping it would hold the whole model's gradients unsharded in
+        # fp32 until the last one, which is what sharding is there to avoid (DeepSpeed's ZeRO-3 does the same)
+        labels = b["labels"].to(device, non_blocking=True)
+        learned = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))  # (B, T): position t predicts token t + 1
+        with context, autocast:
+            # no padding_mask: batches are right-padded, so the causal rule alone is exact for every real token and
+            # SDPA takes its flash / memory-efficient kernels; pad positions never reach the loss (logits_at)
+            logits = parallel_model(b["input_ids"].to(device, non_blocking=True), b["images"] or None, logits_at=learned)  # (N, V)
+            loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
+        (loss * world / targets).backward()  # DDP and FSDP average over ranks; this undoes it
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return device_sum(loss_sum, device) / targets, grad_norm
 
-    Checked after every global batch, from the first on: the run stops once the bad samples seen are more than a
-    data set with exactly --max-bad-fraction bad ones would show by chance (its mean plus three standard
-    deviations, binomially), so a mostly broken data set stops at its first batch, while one unlucky batch of a
-    healthy set does not end a long run; with many samples this is the plain fraction."""
-    for b in batches:
-        counters["samples"] += b["size"] + len(b["bad"])
-        counters["truncated"] += len(b["notes"])
-        for sample_id, kind, detail in b["bad"]:
-            counters["bad"][kind] = counters["bad"].get(kind, 0) + 1
-            if len(counters["bad_ids"]) < 1000:
-                counters["bad_ids"].append(sample_id)
-            if rank == 0 and not cfg.quiet:
-                print(f"skipping sample {sample_id!r}: {detail}", file=sys.stderr)
-    seen = device_sum(counters["samples"], device, torch.float64).item()
-    bad = device_sum(sum(counters["bad"].values()), device, torch.float64).item()
-    f = cfg.max_bad_fraction
-    if bad > f * seen + 3 * math.sqrt(seen * f * (1 - f)):
-        recent = "; ".join([f"{sample_id!r}: {kind}" for b in batches for sample_id, kind, _ in b["bad"]][:10])
-        raise SystemExit(f"error: {int(bad)} of {int(seen)} samples could not be used ({counters['bad']}), more than "
-                         f"--max-bad-fraction {f} allows; fix the data or raise the flag. First ids: "
-                         f"{counters['bad_ids'][:10]}; in the last batch: {recent}")
+
+def train(cfg: TrainConfig, model=None, tokenizer=None):
+    """Run one stage; returns the trained (unwrapped) model. Writes checkpoints and metrics.jsonl to output_dir."""
+    rank, world, device = distributed.setup(cfg.device)
+    run = check_output_dir(cfg, rank)  # the id that marks this run's checkpoints
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model, tokenizer, own = build_model(cfg, device)
+    else:
+        own = default_template(cfg.model, tokenizer)
+    # the samples' format: --template, else the model's own; the checkpoints keep the model's chat format, which
+    # is the trained one except after stage 1's "plain" captions
+    cfg = dataclasses.replace(cfg, template=cfg.template or own)
+    chat_template = own if cfg.template == "plain" else cfg.template
+    model.to(device).train()
+    model.language_model.gradient_checkpointing = cfg.gradient_checkpointing
+    if model.vision_tower is not None:  # checkpointed only while it trains (VisionTower.forward)
+        model.vision_tower.gradient_checkpointing = cfg.gradient_checkpointing
+    prepare_stage(model, cfg, bf16_base=cfg.bf16 and device.type == "cuda")
+    accumulation = cfg.global_batch_size // (cfg.micro_batch_size * world)
+    if accumulation * cfg.micro_batch_size * world != cfg.global_batch_size:
+        raise SystemExit(f"error: global batch {cfg.global_batch_size} is not a multiple of micro batch "
+                         f"{cfg.micro_batch_size} x {world} ranks")
+    dataset, lengths, steps_per_epoch, total = build_dataset(cfg, model, tokenizer)
+
+    parallel_model = parallelize(model, cfg, device, world)  # DDP's wrapper, FSDP2's sharded model, or `model` alone
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
+    start, counters = 0, {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
+    if cfg.resume and (ckpt := latest_checkpoint(cfg)):
+        start, counters = resume_from(ckpt, parallel_model, optimizer, cfg, rank)
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
+
+    pad_id = tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>") or tokenizer.token_to_id("<unk>") or 0
+    loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
+    log = StepLog(cfg, start, total, device, world, rank)
+    done = start
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batches = [next(loader) for _ in range(accumulation)]
+        count_bad_samples(batches, counters, cfg, device, rank)
+        factor = lr_factor(step, total, cfg.warmup_ratio)
+        loss, grad_norm = optimizer_step(parallel_model, model, optimizer, batches, cfg, factor, device, world)
+        log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
+        done = step + 1
+        if done % cfg.save_every == 0 or done == total:
+            save_checkpoint(cfg, parallel_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template, rank,
+                            run)
+        if cfg.stop_after and done - start >= cfg.stop_after:
+            break
+    log.close()
+    if done == total:  # also when a run killed after its last checkpoint is resumed
+        publish_final(cfg, parallel_model, tokenizer, chat_template, rank)
+    if rank == 0 and counters["bad"]:
+        print(f"skipped {sum(counters['bad'].values())} unusable samples: {counters['bad']}; "
+              f"first ids: {counters['bad_ids'][:10]}", file=sys.stderr)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
-def field_help() -> dict[str, str]:
-    """Each TrainConfig field's comment, which is its flag's --help: one place for each fact."""
-    found = re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M)
-    return {name: text.replace("%", "%%") for name, text in found}  # argparse formats help with %
-
-
 def arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=sorted(RECIPES), help="a published recipe; other flags override its values")
-    helps = field_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type is dict:
             continue
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helps.get(f.name))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"].replace("%", "%%"))
         else:
-            p.add_argument(flag, type=f.type, default=None, help=helps.get(f.name),
+            p.add_argument(flag, type=f.type, default=None, help=f.metadata["help"].replace("%", "%%"),
                            choices=sorted(TEMPLATES) if f.name == "template" else None)
     add_knob_flags(p)
     return p
