@@ -1,4 +1,4 @@
-"""Chat and question files (serve.py): a chat turn reuses the KV cache yet answers exactly as a fresh generation
+"""Chat and question files (chat.py): a chat turn reuses the KV cache yet answers exactly as a fresh generation
 on the whole history; question files give the one-at-a-time answers in batches and resume where they stopped."""
 
 import io
@@ -11,7 +11,7 @@ from conftest import photo
 import generate as generation
 
 import infer
-import serve
+import chat
 from convert import load_pretrained, load_tokenizer
 from model import IMAGE_TOKEN
 
@@ -24,7 +24,7 @@ def next_llama(tiny):
 
 def test_later_turns_prefill_only_their_tokens_and_match_a_fresh_generation(next_llama):
     model, tokenizer, _ = next_llama
-    session = serve.Session(model, tokenizer, "vicuna_v1", stop=set())
+    session = chat.Session(model, tokenizer, "vicuna_v1", stop=set())
     calls = []
     hook = model.vision_tower.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     prefilled = []
@@ -55,14 +55,14 @@ def test_later_turns_prefill_only_their_tokens_and_match_a_fresh_generation(next
 
 def test_turn_text_follows_the_template_and_the_system_message(next_llama):
     model, tokenizer, _ = next_llama
-    qwen = serve.Session(model, tokenizer, "qwen_1_5", stop=set(), system="Be brief.")
+    qwen = chat.Session(model, tokenizer, "qwen_1_5", stop=set(), system="Be brief.")
     assert qwen.turn_text("<image>\nHi") == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n<image>\nHi"
                                              "<|im_end|>\n<|im_start|>assistant\n")
     qwen.ids, qwen.closed = [1, 2], True  # an answer that ended with <|im_end|>: only the newline after it is left
     assert qwen.turn_text("More?") == "\n<|im_start|>user\nMore?<|im_end|>\n<|im_start|>assistant\n"
     qwen.closed = False  # cut off by --max-new-tokens: the turn is closed for it
     assert qwen.turn_text("More?").startswith("<|im_end|>\n<|im_start|>user\n")
-    mistral = serve.Session(model, tokenizer, "mistral_instruct", stop=set(), system="Be brief.")
+    mistral = chat.Session(model, tokenizer, "mistral_instruct", stop=set(), system="Be brief.")
     assert mistral.turn_text("<image>\nHi") == "[INST] Be brief.\n\n<image>\nHi [/INST]"
 
 

@@ -1,13 +1,13 @@
-"""Benchmark of serve.py: a chat turn on the KV cache against the original CLI's re-prefill, and question files in
+"""Benchmark of chat.py: a chat turn on the KV cache against the original CLI's re-prefill, and question files in
 batches against one at a time. Run by hand, not in CI.
 
-    python bench/bench_serve.py            # a mid-sized random model (fp32, CPU): about a minute on 2 cores
-    python bench/bench_serve.py --small    # tiny sizes, seconds
+    python bench/bench_chat.py            # a mid-sized random model (fp32, CPU): about a minute on 2 cores
+    python bench/bench_chat.py --small    # tiny sizes, seconds
 
 Random weights built in memory (numbers do not depend on the values); LLaVA-1.5 "pad" layout, one crop per image.
 
     S1  time to the first token of chat turn 2 (a 12-word question after a 1-image turn 1 and its answer):
-        serve.Session (prefills only the new turn on the cache) against what llava/serve/cli.py does every turn
+        chat.Session (prefills only the new turn on the cache) against what llava/serve/cli.py does every turn
         (re-encode the image, prefill the whole history). Medians over --repeats, the two taking turns.
     S2  question-file throughput, questions/s, for --questions single-image questions of --new-tokens greedy tokens:
         generate_batch at --batch-size against batch 1 (every token generated; no early stop), medians over
@@ -27,7 +27,7 @@ from anyres import process_image  # noqa: E402
 from data import render_prompt, tokenize  # noqa: E402
 from generate import generate, generate_batch  # noqa: E402
 from model import Llava, LlavaConfig, TextConfig, VisionConfig, init_fresh  # noqa: E402
-from serve import Session  # noqa: E402
+from chat import Session  # noqa: E402
 from tests.conftest import photo  # noqa: E402
 from tests.tiny_checkpoints import make_tokenizer  # noqa: E402
 
