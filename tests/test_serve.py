@@ -282,3 +282,11 @@ def test_a_full_queue_answers_503(qwen):
         thread.join(60)  # the stream closed: the waiting request takes the row and is answered
         assert waiting["status"] == 200 and 1 <= len(waiting["ids"]) <= 3
         assert wait_health(url, running=0, queued=0)["running"] == 0
+
+
+def test_without_fastapi_it_says_what_to_install():
+    code = "import sys, runpy; sys.modules['uvicorn'] = None; sys.argv = ['serve.py']; runpy.run_path('serve.py', run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == ["error: serve.py needs FastAPI and uvicorn (uvicorn is missing): "
+                                                "pip install -r requirements-serve.txt"]
