@@ -10,7 +10,7 @@ A request becomes a prompt exactly as infer.py builds one (data.place_visuals, r
 template, anyres.process_images, tokenize), so a greedy request answers what `python infer.py IMAGE "Q"` answers.
 The one new idea is the scheduler: continuous batching, as in nano-vllm and vLLM's v1 scheduler, without paging.
 
-    handlers (event loop)  validate, build the prompt  --submit-->  waiting (a deque of at most --max-queue; 503 past it)
+    handlers (event loop)  validate, build the prompt --submit--> waiting (a deque of at most --max-queue; 503 past it)
     scheduler (a thread)   each step: drop cancelled sequences -> admit waiting ones while the batch has room,
                            prefilling each alone (batch 1, so its first token is the one-at-a-time one) and copying
                            its keys/values into a row of the batch cache -> one decode step for every running row
@@ -71,7 +71,7 @@ class Sequence:
     top_p: float = 1.0
     seed: int = 0
     stop: list[str] = field(default_factory=list)
-    post: object = None  # post(event) from any thread: ("delta", text) | ("done", finish_reason, usage) | ("error", msg)
+    post: object = None  # post(event), any thread: ("delta", text) | ("done", finish, usage, ids) | ("error", msg)
     out: list[int] = field(default_factory=list)
     sent: str = ""  # text already posted
     cancelled: bool = False  # set by the handler when its client has gone
@@ -109,7 +109,7 @@ def sampling(body: dict) -> dict:
           "expected a string or a list of at most 4 non-empty strings", "stop")
     return dict(max_key=key, max_tokens=number(body, key, 1, 1 << 31, None, int),
                 temperature=number(body, "temperature", 0, 2, 0.0), top_p=number(body, "top_p", 1e-9, 1, 1.0),
-                seed=number(body, "seed", -(1 << 63), (1 << 63) - 1, 0, int), stop=stop)
+                seed=number(body, "seed", 0, (1 << 63) - 1, 0, int), stop=stop)
 
 
 def read_image(url, image_dir: Path | None, param: str):
@@ -157,7 +157,8 @@ def conversation(messages, image_dir) -> tuple[list[tuple[str, str]], list]:
             elif kind == "image_url":
                 check(m["role"] == "user", "images go in user messages", where)
                 url = part.get("image_url")
-                found.append(read_image(url.get("url") if isinstance(url, dict) else url, image_dir, f"{where}.image_url"))
+                url = url.get("url") if isinstance(url, dict) else url
+                found.append(read_image(url, image_dir, f"{where}.image_url"))
             else:
                 raise BadRequest(f"{where}: expected {{\"type\": \"text\", \"text\": ...}} or {{\"type\": "
                                  f"\"image_url\", \"image_url\": {{\"url\": ...}}}}", where)
@@ -293,12 +294,12 @@ class Scheduler:
                         self.wake.wait()
                 try:
                     self.step()
-                except Exception as e:  # a failed step fails the sequences in it, never the server
-                    print(f"error: scheduler step: {e!r}", file=sys.stderr)
+                except Exception as e:  # a failed decode step fails the sequences in it, never the server
+                    print(f"error: decode step: {e!r}", file=sys.stderr)
                     for seq in self.running:
                         seq.post(("error", f"generation failed: {e}"))
-                    for i in reversed(range(len(self.running))):
-                        self.leave(i)
+                    self.running = []
+                    self.cache = BatchCache(self.cache.cfg, self.max_batch, self.cache.dtype, self.cache.device)
 
     def step(self):
         for i in reversed(range(len(self.running))):
@@ -309,8 +310,12 @@ class Scheduler:
                 seq = self.waiting.popleft() if self.waiting else None
             if seq is None:
                 break
-            if not seq.cancelled:
-                self.prefill(seq)
+            try:
+                if not seq.cancelled:
+                    self.prefill(seq)
+            except Exception as e:  # e.g. out of memory: this request fails, the batch goes on
+                print(f"error: prefill: {e!r}", file=sys.stderr)
+                seq.post(("error", f"generation failed: {e}"))
         if self.running:
             self.peak = max(self.peak, len(self.running))
             self.decode()
@@ -436,28 +441,33 @@ def make_app(server: Server):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if stream:
             return StreamingResponse(sse(request, seq, events, head, include_usage), media_type="text/event-stream")
-        text, finish, usage, ids = "", None, None, None
-        try:
-            while finish is None:
-                try:
-                    event = await asyncio.wait_for(events.get(), 1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return None
-                    continue
-                if event[0] == "error":
-                    raise BadRequest(event[1], None, 500, "server_error")
-                if event[0] == "delta":
-                    text += event[1]
-                else:
-                    finish, usage, ids = event[1:]
-        finally:
-            seq.cancelled = finish is None
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                  "logprobs": None, **({"token_ids": ids} if seq.token_ids else {})}
-        return {**head, "object": "chat.completion", "usage": usage, "choices": [choice]}
+        return await collect(request, seq, events, head)
 
     return app
+
+
+async def collect(request, seq: Sequence, events: asyncio.Queue, head: dict) -> dict | None:
+    """The whole answer as one chat.completion; a client that has gone (checked each second) cancels it."""
+    text, finish, usage, ids = "", None, None, None
+    try:
+        while finish is None:
+            try:
+                event = await asyncio.wait_for(events.get(), 1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return None
+                continue
+            if event[0] == "error":
+                raise BadRequest(event[1], None, 500, "server_error")
+            if event[0] == "delta":
+                text += event[1]
+            else:
+                finish, usage, ids = event[1:]
+    finally:
+        seq.cancelled = finish is None
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+              "logprobs": None, **({"token_ids": ids} if seq.token_ids else {})}
+    return {**head, "object": "chat.completion", "usage": usage, "choices": [choice]}
 
 
 async def sse(request, seq: Sequence, events: asyncio.Queue, head: dict, include_usage: bool):
@@ -486,8 +496,9 @@ async def sse(request, seq: Sequence, events: asyncio.Queue, head: dict, include
                 done = True
             else:
                 yield chunk({}, event[1], **({"token_ids": event[3]} if seq.token_ids else {}))
-                if include_usage:
-                    yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': event[2]})}\n\n"
+                if include_usage:  # OpenAI's usage chunk: no choices
+                    usage = {**head, "object": "chat.completion.chunk", "choices": [], "usage": event[2]}
+                    yield f"data: {json.dumps(usage)}\n\n"
                 done = True
         yield "data: [DONE]\n\n"
     finally:

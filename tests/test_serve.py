@@ -155,7 +155,8 @@ def test_the_openai_client_gets_infer_py_answer(server, qwen, tmp_path, capsys):
 def test_sixteen_concurrent_clients_get_their_single_run_answers(server, qwen, tmp_path, capsys):
     """16 clients x 4 requests, text and images, 2 to 24 new tokens, streamed or not, greedy: every answer equals
     infer.py's for the same request, and the server did decode many of them in one batch."""
-    requests = [("Hi", None, 24), ("What colour is the sky at night?", None, 6), ("Describe.", photo(50, 40, seed=1), 3),
+    requests = [("Hi", None, 24), ("What colour is the sky at night?", None, 6),
+                ("Describe.", photo(50, 40, seed=1), 3),
                 ("Count the objects.", photo(30, 80, seed=2), 16), ("Why?", None, 2), ("Caption it.", None, 20),
                 ("Where is the sun?", photo(64, 64, seed=4), 10), ("One word.", None, 12)]
     refs = [reference(qwen, tmp_path, q, im, n, capsys=capsys) for q, im, n in requests]
@@ -278,14 +279,16 @@ def test_a_full_queue_answers_503(qwen):
             full = httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]},
                               timeout=30)
             assert full.status_code == 503 and full.headers["retry-after"] == "1"
-            assert full.json()["error"]["type"] == "server_overloaded" and "--max-queue" in full.json()["error"]["message"]
+            error = full.json()["error"]
+            assert error["type"] == "server_overloaded" and "--max-queue" in error["message"]
         thread.join(60)  # the stream closed: the waiting request takes the row and is answered
         assert waiting["status"] == 200 and 1 <= len(waiting["ids"]) <= 3
         assert wait_health(url, running=0, queued=0)["running"] == 0
 
 
 def test_without_fastapi_it_says_what_to_install():
-    code = "import sys, runpy; sys.modules['uvicorn'] = None; sys.argv = ['serve.py']; runpy.run_path('serve.py', run_name='__main__')"
+    code = ("import sys, runpy; sys.modules['uvicorn'] = None; sys.argv = ['serve.py']; "
+            "runpy.run_path('serve.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == ["error: serve.py needs FastAPI and uvicorn (uvicorn is missing): "

@@ -47,14 +47,17 @@ class DevTools:
     def frame(self) -> tuple[int, bytes]:
         b0, b1 = self.read(2)
         n = b1 & 0x7F
-        n = struct.unpack(">H", self.read(2))[0] if n == 126 else struct.unpack(">Q", self.read(8))[0] if n == 127 else n
+        if n >= 126:  # 126: a 16-bit length follows, 127: a 64-bit one
+            n = struct.unpack(">H", self.read(2))[0] if n == 126 else struct.unpack(">Q", self.read(8))[0]
         return b0 & 0x0F, self.read(n)  # the server never masks
 
     def call(self, method: str, **params) -> dict:
         self.next_id += 1
         payload = json.dumps({"id": self.next_id, "method": method, "params": params}).encode()
         mask = os.urandom(4)
-        size = struct.pack(">BH", 0xFE, len(payload)) if len(payload) < 65536 else struct.pack(">BQ", 0xFF, len(payload))
+        n = len(payload)
+        # the mask bit with the length: in 7 bits, or 126 and 16 bits, or 127 and 64 bits
+        size = bytes([0x80 | n]) if n < 126 else struct.pack(">BH", 0xFE, n) if n < 65536 else struct.pack(">BQ", 0xFF, n)
         self.sock.sendall(bytes([0x81]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         while True:  # skip events until the answer to this call
             opcode, data = self.frame()
