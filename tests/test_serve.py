@@ -66,9 +66,9 @@ def data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def reference(folder, tmp_path, question, image=None, max_tokens=8, capsys=None) -> dict:
+def reference(folder, tmp_path, question, image=None, max_tokens=8, capsys=None, *extra) -> dict:
     """infer.py's own answer (--json) for the same image and question: the single-run greedy reference."""
-    args = [question, "--model", str(folder), "--json", "--max-new-tokens", str(max_tokens)]
+    args = [question, "--model", str(folder), "--json", "--max-new-tokens", str(max_tokens), *extra]
     if image is not None:
         path = tmp_path / f"ref-{id(image)}.png"
         image.save(path)
@@ -150,6 +150,18 @@ def test_the_openai_client_gets_infer_py_answer(server, qwen, tmp_path, capsys):
     second = client.chat.completions.create(model=str(qwen), messages=follow, max_tokens=5)
     assert second.usage.prompt_tokens > done.usage.prompt_tokens + 5
     assert second.choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_cut_the_answer_and_a_seeded_sample_is_infer_py_sample(server, qwen, tmp_path, capsys):
+    ref = reference(qwen, tmp_path, "Caption it.", None, 20, capsys)
+    stop = ref["answer"][4:6]
+    expected = ref["answer"][:ref["answer"].find(stop)].strip()
+    for stream in (False, True):
+        got = ask(server, "Caption it.", max_tokens=20, stream=stream, stop=[stop, "never in it"])
+        assert (got["text"], got["finish"]) == (expected, "stop")
+    sampled = reference(qwen, tmp_path, "Caption it.", None, 12, capsys, "--temperature", "0.9", "--seed", "5")
+    got = ask(server, "Caption it.", max_tokens=12, temperature=0.9, seed=5)
+    assert got["ids"] == sampled["output_token_ids"] and got["ids"] != ref["output_token_ids"][:12]
 
 
 def test_sixteen_concurrent_clients_get_their_single_run_answers(server, qwen, tmp_path, capsys):
