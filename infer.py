@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+import chat
 import quantize
-import serve
 import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
 from chat_template import default_template
@@ -36,18 +36,11 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", help="image files, then the prompt (put <image> where an image belongs; "
                                               "images without a placeholder go before the text); --chat: images only")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see README), hub repo id, or local folder")
-    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    add_model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    p.add_argument("--compat", choices=["original", "transformers"], default="original",
-                   help="preprocess as the original LLaVA code (default) or as the transformers processor")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids, counts and timings")
     p.add_argument("--video", default=None, help="a video: mp4/webm/mkv/... (needs PyAV: pip install av), an animated "
@@ -55,13 +48,25 @@ def parse_args(argv):
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (OneVision: 32)")
     p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
                                                           "wait for the compiler)")
+    chat.add_flags(p)
+    p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
+    return p.parse_args(argv)
+
+
+def add_model_flags(p):
+    """The flags that pick and load a model; serve.py takes the same ones."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="short name (see README), hub repo id, or local folder")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None, help="chat format (default: the model's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    p.add_argument("--compat", choices=["original", "transformers"], default="original",
+                   help="preprocess as the original LLaVA code (default) or as the transformers processor")
     p.add_argument("--quantize", choices=quantize.MODES, default=None,
                    help="int8: weight-only decoder and output head, quantised while loading (quantize.py); "
                         "int8-dynamic: also each token's activations in int8, the fast path on a CPU")
     add_knob_flags(p)
-    serve.add_flags(p)
-    p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
-    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,6 +85,11 @@ def check_flags(args) -> str:
     for ok, message in checks:
         if not ok:
             sys.exit(f"error: {message}")
+    return pick_device(args)
+
+
+def pick_device(args) -> str:
+    """--device checked against what this torch sees (default: cuda if available)."""
     if args.device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -131,6 +141,16 @@ def read_visuals(args) -> tuple[str, list, list | None, list[str]]:
     return prompt, images, frames, kinds
 
 
+def compute_dtype(args, device: str):
+    return getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+
+
+def load(args, kinds=("image",)):
+    """(model, tokenizer, its eos ids, template) from the model flags alone (add_model_flags): what serve.py loads."""
+    device = tensor_parallel.rank_device(pick_device(args))
+    return load_model(args, device, compute_dtype(args, device), list(kinds))
+
+
 def load_model(args, device: str, dtype, kinds):
     """(model, tokenizer, its eos ids, template) with the command line's token-budget knobs applied; int8
     (--quantize) or split over the ranks of torchrun (tensor_parallel.py) as each weight is read."""
@@ -141,7 +161,7 @@ def load_model(args, device: str, dtype, kinds):
     if args.quantize == "int8-dynamic" and (device != "cpu" or not quantize.dynamic_available()):
         sys.exit("error: --quantize int8-dynamic runs on x86 CPUs (PyTorch's fbgemm kernels); "
                  + ("on a GPU use --quantize int8" if device != "cpu" else "use --quantize int8 on this machine"))
-    if args.quantize == "int8-dynamic" and args.compile:
+    if args.quantize == "int8-dynamic" and getattr(args, "compile", False):
         sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile (on a CPU the "
                  "compiled step does not pay) or use --quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
@@ -172,9 +192,9 @@ def main(argv=None):
     args = parse_args(argv)
     tensor_parallel.quiet_other_ranks()  # under torchrun only rank 0 prints
     device = tensor_parallel.rank_device(check_flags(args))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+    dtype = compute_dtype(args, device)
     if args.chat or args.batch_file:
-        return serve.run(args, device, dtype, load_model)
+        return chat.run(args, device, dtype, load_model)
     prompt, images, frames, kinds = read_visuals(args)
 
     timings = {}

@@ -1,106 +1,180 @@
-"""Benchmark of serve.py: a chat turn on the KV cache against the original CLI's re-prefill, and question files in
-batches against one at a time. Run by hand, not in CI.
+"""Load test of serve.py: requests/s and time to first token with 1, 4 and 16 concurrent clients. Run by hand.
 
-    python bench/bench_serve.py            # a mid-sized random model (fp32, CPU): about a minute on 2 cores
-    python bench/bench_serve.py --small    # tiny sizes, seconds
+    python bench/bench_serve.py --load                 # the tiny model, then a Qwen2-0.5B-shaped one (a few minutes)
+    python bench/bench_serve.py --load --models tiny   # seconds
 
-Random weights built in memory (numbers do not depend on the values); LLaVA-1.5 "pad" layout, one crop per image.
+Each model is served by `python serve.py` in a subprocess on 127.0.0.1 (fp32, CPU, --max-batch 16). The same
+--requests requests (mixed prompt lengths and answer lengths, every answer generated to its max_tokens with
+ignore_eos) go through C client threads, each sending its next request when its last one has finished:
+C = 1 is the one-at-a-time baseline; C = 4 and 16 let the scheduler batch. Time to first token (TTFT) is the time
+from sending a streamed request to its first server-sent event, which the server sends with the first token.
 
-    S1  time to the first token of chat turn 2 (a 12-word question after a 1-image turn 1 and its answer):
-        serve.Session (prefills only the new turn on the cache) against what llava/serve/cli.py does every turn
-        (re-encode the image, prefill the whole history). Medians over --repeats, the two taking turns.
-    S2  question-file throughput, questions/s, for --questions single-image questions of --new-tokens greedy tokens:
-        generate_batch at --batch-size against batch 1 (every token generated; no early stop), medians over
-        --repeats, taking turns.
+    tiny   the tests' tiny OneVision checkpoint (tests/tiny_checkpoints.py); half the requests carry an image
+    0.5b   random weights with Qwen2-0.5B's decoder (24 layers, 896 wide, 14 heads / 2 kv heads, 151,936-token tied
+           head) behind the tiny SigLIP tower; text requests (an image's prefill would dominate on 2 cores). Written
+           once by export.save_pretrained into --cache-dir, with the tiny tokenizer (ids past it decode to nothing)
 """
 
 import argparse
+import base64
+import contextlib
+import dataclasses
+import io
+import json
+import socket
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
-from anyres import process_image  # noqa: E402
-from data import render_prompt, tokenize  # noqa: E402
-from generate import generate, generate_batch  # noqa: E402
-from model import Llava, LlavaConfig, TextConfig, VisionConfig, init_fresh  # noqa: E402
-from serve import Session  # noqa: E402
-from tests.conftest import photo  # noqa: E402
-from tests.tiny_checkpoints import make_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from conftest import photo  # noqa: E402
+
+import tiny_checkpoints  # noqa: E402
+from convert import load_pretrained, load_tokenizer  # noqa: E402
+from export import save_pretrained  # noqa: E402
+from model import Llava, TextConfig, init_fresh  # noqa: E402
+
+QWEN2_05B = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                       num_kv_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
+                       tie_word_embeddings=True, max_position_embeddings=32768)
 
 
-def build(small: bool):
-    if small:
-        vision = VisionConfig(image_size=56, patch_size=8, hidden_size=64, intermediate_size=128, num_heads=4, num_layers=2)
-        text = TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
-    else:  # a CLIP-336/14 grid (576 tokens per image) with a narrower tower, and a 8-layer 512-wide decoder
-        vision = VisionConfig(image_size=336, patch_size=14, hidden_size=512, intermediate_size=2048, num_heads=8, num_layers=8)
-        text = TextConfig(vocab_size=320, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64)
-    cfg = LlavaConfig(vision=vision, text=text, image_aspect_ratio="pad", merge_type="flat")
-    with torch.device("meta"):
-        model = Llava(cfg)
-    return init_fresh(model).eval(), make_tokenizer("next_llama")  # the tiny byte-level BPE: 320 ids
+def checkpoints(cache: Path, names) -> dict[str, Path]:
+    tiny = cache / "tiny"
+    if not (tiny / "config.json").exists():
+        tiny_checkpoints.build("onevision_qwen2", tiny)
+    out = {"tiny": tiny}
+    if "0.5b" in names:
+        out["0.5b"] = big = cache / "qwen2-0.5b-shape"
+        if not (big / "config.json").exists():
+            print(f"writing random Qwen2-0.5B-shaped weights to {big} (once)", file=sys.stderr)
+            small, _ = load_pretrained(str(tiny))
+            cfg = dataclasses.replace(small.cfg, text=QWEN2_05B)
+            with torch.device("meta"):
+                model = Llava(cfg)
+            torch.manual_seed(0)
+            save_pretrained(init_fresh(model), big, tokenizer=load_tokenizer(tiny, str(tiny)), template="qwen_1_5")
+    return {k: v for k, v in out.items() if k in names}
 
 
-def timed(fn):
+def requests(n: int, images: bool) -> list[dict]:
+    """n streamed requests: prompts of 2 to 30 words, answers of 16 to 32 tokens; with images, every other one."""
+    words = "what is shown here and which colours does the picture have near its left and right edges".split()
+    out = []
+    for i in range(n):
+        text = " ".join(words[j % len(words)] for j in range(i, i + 2 + (i * 7) % 29))
+        content = [{"type": "text", "text": text}]
+        if images and i % 2:
+            buf = io.BytesIO()
+            photo(40 + 8 * i, 30 + 4 * i, seed=i).save(buf, format="PNG")
+            content.append({"type": "image_url", "image_url": {
+                "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
+        out.append({"messages": [{"role": "user", "content": content}], "max_tokens": 16 + (i * 5) % 17,
+                    "stream": True, "ignore_eos": True})
+    return out
+
+
+@contextlib.contextmanager
+def server(folder: Path, threads: int | None):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "serve.py", "--model", str(folder), "--port", str(port), "--max-batch", "16"]
+    env = None if threads is None else {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.Popen(command, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            assert proc.poll() is None, "serve.py exited"
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def one(url: str, body: dict) -> tuple[float, float, int]:
+    """(seconds to the first event, seconds to [DONE], tokens) of one streamed request."""
+    t0, first, tokens = time.perf_counter(), None, 0
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=1800) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and first is None:
+                first = time.perf_counter() - t0
+            if line.startswith("data: {") and '"finish_reason": "length"' in line:
+                tokens = body["max_tokens"]
+    assert tokens, "a request ended before its max_tokens"
+    return first, time.perf_counter() - t0, tokens
+
+
+def load(url: str, bodies: list[dict], clients: int) -> dict:
+    """Every request once, through `clients` threads; requests/s, tokens/s and TTFT median / p95."""
+    todo, results, lock = list(bodies), [], threading.Lock()
+
+    def client():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                body = todo.pop(0)
+            results.append(one(url, body))
+
     t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def chat_turn(model, tokenizer, image, repeats):
-    """(cache reuse s, re-prefill s) to the first token of turn 2."""
-    question = "What colour is the object in the upper left corner of this picture, and is it big?"
-    reuse, again = [], []
-    for _ in range(repeats + 1):  # the first round warms up
-        session = Session(model, tokenizer, "vicuna_v1", stop=set())
-        list(session.ask("Describe the image.", [image], max_new_tokens=16))
-        turn2 = session.ask(question, max_new_tokens=1)
-        reuse.append(timed(lambda: list(turn2)))
-        history = session.ids[:-1]  # everything up to turn 2's generation prompt
-        again.append(timed(lambda: list(generate(model, history, session.images, max_new_tokens=1))))
-    return statistics.median(reuse[1:]), statistics.median(again[1:]), len(session.ids)
-
-
-def question_file(model, tokenizer, images, batch_size, new_tokens, repeats):
-    """(questions/s one at a time, questions/s in batches) with every answer `new_tokens` long."""
-    prompts, processed = [], []
-    for i, image in enumerate(images):
-        p = process_image(image, model.cfg)
-        text = f"<image>\nQuestion {i}: what is in the picture?\nAnswer the question using a single word or phrase."
-        prompts.append(tokenize(tokenizer, render_prompt("vicuna_v1", [("user", text)]), [p.num_tokens]))
-        processed.append([p])
-    run = lambda b: [generate_batch(model, prompts[s:s + b], processed[s:s + b], max_new_tokens=new_tokens)  # noqa: E731
-                     for s in range(0, len(prompts), b)]
-    run(batch_size)  # warm-up
-    one, batched = [], []
-    for _ in range(repeats):  # taking turns, so that both see the same machine load
-        one.append(timed(lambda: run(1)))
-        batched.append(timed(lambda: run(batch_size)))
-    return len(prompts) / statistics.median(one), len(prompts) / statistics.median(batched)
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ttft = sorted(r[0] for r in results)
+    return dict(clients=clients, requests=len(results), wall_s=wall, req_per_s=len(results) / wall,
+                tok_per_s=sum(r[2] for r in results) / wall, ttft_median_s=statistics.median(ttft),
+                ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
+                peak_running=httpx.get(f"{url}/health").json()["peak_running"])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--small", action="store_true")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--questions", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=8)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--load", action="store_true", help="run the load test (the only measurement here)")
+    p.add_argument("--models", nargs="+", default=["tiny", "0.5b"], choices=["tiny", "0.5b"])
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
+    p.add_argument("--cache-dir", default="/tmp/llava-bench-serve")
+    p.add_argument("--json", default=None, help="also write the figures as one JSON object")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model, tokenizer = build(args.small)
-    images = [photo(320 + 16 * i, 240, seed=i) for i in range(args.questions)]
-    reuse, again, length = chat_turn(model, tokenizer, images[0], args.repeats)
-    print(f"S1 chat turn 2, first token: cache reuse {reuse * 1e3:.1f} ms, re-prefill of {length} positions and the "
-          f"image {again * 1e3:.1f} ms: {again / reuse:.1f}x")
-    one, batched = question_file(model, tokenizer, images, args.batch_size, args.new_tokens, args.repeats)
-    print(f"S2 question file, {args.questions} questions x {args.new_tokens} tokens: batch 1 {one:.2f} q/s, batch "
-          f"{args.batch_size} {batched:.2f} q/s: {batched / one:.2f}x")
+    if not args.load:
+        p.error("choose --load")
+    sys.setswitchinterval(1e-4)  # 16 client threads in this process: hand the GIL over at each event, as serve.py does
+    rows = []
+    for name, folder in checkpoints(Path(args.cache_dir), args.models).items():
+        bodies = requests(args.requests, images=name == "tiny")
+        with server(folder, args.threads) as url:
+            one(url, {**bodies[1], "max_tokens": 2})  # warm-up
+            for clients in args.clients:
+                row = dict(model=name, **load(url, bodies, clients))
+                rows.append(row)
+                print(f"{name:5s} {clients:3d} clients: {row['req_per_s']:7.3f} req/s  {row['tok_per_s']:7.1f} tok/s  "
+                      f"TTFT median {row['ttft_median_s']:6.2f} s  p95 {row['ttft_p95_s']:6.2f} s  "
+                      f"(wall {row['wall_s']:.1f} s, peak batch {row['peak_running']})", flush=True)
+        base = next(r for r in rows if r["model"] == name and r["clients"] == 1)
+        for r in rows:
+            if r["model"] == name:
+                r["speedup_vs_one_at_a_time"] = r["req_per_s"] / base["req_per_s"]
+        print(f"{name}: " + ", ".join(f"{r['clients']} clients {r['speedup_vs_one_at_a_time']:.2f}x" for r in rows
+                                      if r["model"] == name), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
