@@ -21,24 +21,22 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def rank_device(kind: str = "") -> torch.device:
-    """This rank's device: its own GPU `cuda:LOCAL_RANK` ("" picks cuda when there is one), or the CPU."""
-    cuda = kind.startswith("cuda") or (kind == "" and torch.cuda.is_available())
-    if not cuda:
-        return torch.device("cpu")
-    if "RANK" not in os.environ:
-        return torch.device(kind or "cuda")
+def rank_device(kind: str = "") -> str:
+    """This rank's device: under torchrun its own GPU `cuda:LOCAL_RANK`, else `kind` ("": cuda when there is one)."""
+    kind = kind or ("cuda" if torch.cuda.is_available() else "cpu")
+    if not kind.startswith("cuda") or "RANK" not in os.environ:
+        return kind
     local = int(os.environ.get("LOCAL_RANK", 0))
     if local >= torch.cuda.device_count():
         raise SystemExit(f"error: LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} GPUs: give "
                          f"torchrun --nproc-per-node at most the GPU count of each node")
     torch.cuda.set_device(local)
-    return torch.device("cuda", local)
+    return f"cuda:{local}"
 
 
 def setup(kind: str = "") -> tuple[int, int, torch.device]:
     """(rank, world size, device), with the process group created under torchrun: NCCL on GPUs, gloo on CPU."""
-    device = rank_device(kind)
+    device = torch.device(rank_device(kind))
     if "RANK" in os.environ and not dist.is_initialized():
         cuda = device.type == "cuda"
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import chat
+import distributed
 import quantize
 import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
@@ -147,14 +148,14 @@ def compute_dtype(args, device: str):
 
 def load(args, kinds=("image",)):
     """(model, tokenizer, its eos ids, template) from the model flags alone (add_model_flags): what serve.py loads."""
-    device = tensor_parallel.rank_device(pick_device(args))
+    device = distributed.rank_device(pick_device(args))
     return load_model(args, device, compute_dtype(args, device), list(kinds))
 
 
 def load_model(args, device: str, dtype, kinds):
     """(model, tokenizer, its eos ids, template) with the command line's token-budget knobs applied; int8
     (--quantize) or split over the ranks of torchrun (tensor_parallel.py) as each weight is read."""
-    parallel = tensor_parallel.world_size() > 1
+    parallel = distributed.world_size() > 1
     if parallel and args.quantize:
         sys.exit(f"error: --quantize {args.quantize} does not combine with tensor parallelism yet: run it in one "
                  "process (LLaVA-NeXT-72B in int8 fits one 141 GB GPU)")
@@ -190,8 +191,8 @@ def load_model(args, device: str, dtype, kinds):
 
 def main(argv=None):
     args = parse_args(argv)
-    tensor_parallel.quiet_other_ranks()  # under torchrun only rank 0 prints
-    device = tensor_parallel.rank_device(check_flags(args))
+    distributed.quiet_other_ranks()  # under torchrun only rank 0 prints
+    device = distributed.rank_device(check_flags(args))
     dtype = compute_dtype(args, device)
     if args.chat or args.batch_file:
         return chat.run(args, device, dtype, load_model)
@@ -230,7 +231,7 @@ def main(argv=None):
         sys.stdout.write("\n")
     print(f"prefill {timings['first_token_s']:.2f} s, {len(out)} tokens"
           + (f", {timings['decode_tok_per_s']:.1f} tok/s" if timings["decode_tok_per_s"] else ""), file=sys.stderr)
-    tensor_parallel.finish()
+    distributed.finish()
 
 
 if __name__ == "__main__":

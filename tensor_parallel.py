@@ -33,7 +33,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from distributed import finish, quiet_other_ranks, rank, rank_device, world_size  # noqa: F401 (infer.py's)
+from distributed import world_size
 
 
 class TensorParallelError(ValueError):

@@ -15,6 +15,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
 
 import generate as generation
 
+import distributed  # noqa: E402
 import infer  # noqa: E402
 import tensor_parallel  # noqa: E402
 from anyres import process_image  # noqa: E402
@@ -47,11 +48,11 @@ def main(argv):
         model, _ = load_pretrained(folder, prepare=functools.partial(tensor_parallel.shard_decoder, device="cpu"))
         tensor_parallel.shard_tied_head(model)
         results[folder] = cases(model, image_path)
-    if tensor_parallel.rank() == 0:
+    if distributed.rank() == 0:
         torch.save(results, out)
-    # one process group for the whole run: infer.main ends its group (tensor_parallel.finish), and a group created
+    # one process group for the whole run: infer.main ends its group (distributed.finish), and a group created
     # again on the same port can race the old one's shutdown, which no real run (one infer.main per process) does
-    finish, tensor_parallel.finish = tensor_parallel.finish, lambda: None
+    finish, distributed.finish = distributed.finish, lambda: None
     for folder in folders:
         infer.main(cli_args(folder, image_path) + flags)
     finish()
