@@ -8,6 +8,8 @@
 
 A request becomes a prompt exactly as infer.py builds one (data.place_visuals, render_prompt in the model's own
 template, anyres.process_images, tokenize), so a greedy request answers what `python infer.py IMAGE "Q"` answers.
+The defaults are infer.py's, not OpenAI's: temperature 0 (greedy), max_tokens 256 (cut to the context window),
+seed 0; each request samples with its own generator, so `seed` reproduces infer.py --seed's sample.
 The one new idea is the scheduler: continuous batching, as in nano-vllm and vLLM's v1 scheduler, without paging.
 
     handlers (event loop)  validate, build the prompt --submit--> waiting (a deque of at most --max-queue; 503 past it)
