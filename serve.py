@@ -274,7 +274,7 @@ class Scheduler:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting, self.running = collections.deque(), []
-        self.peak = 0  # the most sequences decoded together so far (/health)
+        self.peak, self.steps, self.step_s = 0, 0, 0.0  # the largest batch, decode steps and their seconds (/health)
         self.wake = threading.Condition()
         emb = model.language_model.embed_tokens.weight  # the compute dtype (an int8 head's weight is not)
         self.cache = BatchCache(model.cfg.text, max_batch, emb.dtype, emb.device)
@@ -319,8 +319,9 @@ class Scheduler:
                 print(f"error: prefill: {e!r}", file=sys.stderr)
                 seq.post(("error", f"generation failed: {e}"))
         if self.running:
-            self.peak = max(self.peak, len(self.running))
+            self.peak, t0 = max(self.peak, len(self.running)), time.perf_counter()
             self.decode()
+            self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - t0
 
     def prefill(self, seq: Sequence):
         """The prompt alone (batch 1, as generate() runs it), then its keys/values join the batch cache."""
@@ -421,7 +422,8 @@ def make_app(server: Server):
     async def health():
         s = server.scheduler
         return {"status": "ok", "model": server.name, "running": len(s.running), "queued": len(s.waiting),
-                "peak_running": s.peak, "max_batch": s.max_batch, "max_queue": s.max_queue}
+                "peak_running": s.peak, "decode_steps": s.steps, "decode_seconds": round(s.step_s, 3),
+                "max_batch": s.max_batch, "max_queue": s.max_queue}
 
     @app.get("/v1/models")
     async def models():

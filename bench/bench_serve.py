@@ -154,6 +154,7 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
                 body = todo.pop(0)
             results.append(one(url, body))
 
+    before = httpx.get(f"{url}/health").json()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -162,10 +163,14 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     ttft = sorted(r[0] for r in results)
+    after = httpx.get(f"{url}/health").json()
+    steps = after["decode_steps"] - before["decode_steps"]
+    step_s = (after["decode_seconds"] - before["decode_seconds"]) / max(steps, 1)
     return dict(clients=clients, requests=len(results), tokens=sum(r[2] for r in results), wall_s=wall, req_per_s=len(results) / wall,
                 tok_per_s=sum(r[2] for r in results) / wall, ttft_median_s=statistics.median(ttft),
                 ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-                peak_running=httpx.get(f"{url}/health").json()["peak_running"])
+                peak_running=after["peak_running"], decode_steps=steps, decode_step_s=step_s,
+                decode_share=(after["decode_seconds"] - before["decode_seconds"]) / wall)
 
 
 def main():
@@ -196,7 +201,8 @@ def main():
                 rows.append(row)
                 print(f"{name:5s} {clients:3d} clients: {row['req_per_s']:7.3f} req/s  {row['tok_per_s']:7.1f} tok/s  "
                       f"TTFT median {row['ttft_median_s']:6.2f} s  p95 {row['ttft_p95_s']:6.2f} s  "
-                      f"(wall {row['wall_s']:.1f} s, peak batch {row['peak_running']})", flush=True)
+                      f"(wall {row['wall_s']:.1f} s, peak batch {row['peak_running']}, {row['decode_steps']} steps of "
+                      f"{row['decode_step_s'] * 1e3:.0f} ms: {row['decode_share']:.0%} of the wall)", flush=True)
         runs = [r for r in rows if r["model"] == name and "clients" in r]
         base = next(r for r in runs if r["clients"] == 1)
         for r in runs:
