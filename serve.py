@@ -8,6 +8,8 @@
 
 A request becomes a prompt exactly as infer.py builds one (data.place_visuals, render_prompt in the model's own
 template, anyres.process_images, tokenize), so a greedy request answers what `python infer.py IMAGE "Q"` answers.
+The defaults are infer.py's, not OpenAI's: temperature 0 (greedy), max_tokens 256 (cut to the context window),
+seed 0; each request samples with its own generator, so `seed` reproduces infer.py --seed's sample.
 The one new idea is the scheduler: continuous batching, as in nano-vllm and vLLM's v1 scheduler, without paging.
 
     handlers (event loop)  validate, build the prompt --submit--> waiting (a deque of at most --max-queue; 503 past it)
@@ -272,7 +274,7 @@ class Scheduler:
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, stop_ids
         self.max_batch, self.max_queue = max_batch, max_queue
         self.waiting, self.running = collections.deque(), []
-        self.peak = 0  # the most sequences decoded together so far (/health)
+        self.peak, self.steps, self.step_s = 0, 0, 0.0  # the largest batch, decode steps and their seconds (/health)
         self.wake = threading.Condition()
         emb = model.language_model.embed_tokens.weight  # the compute dtype (an int8 head's weight is not)
         self.cache = BatchCache(model.cfg.text, max_batch, emb.dtype, emb.device)
@@ -317,8 +319,9 @@ class Scheduler:
                 print(f"error: prefill: {e!r}", file=sys.stderr)
                 seq.post(("error", f"generation failed: {e}"))
         if self.running:
-            self.peak = max(self.peak, len(self.running))
+            self.peak, t0 = max(self.peak, len(self.running)), time.perf_counter()
             self.decode()
+            self.steps, self.step_s = self.steps + 1, self.step_s + time.perf_counter() - t0
 
     def prefill(self, seq: Sequence):
         """The prompt alone (batch 1, as generate() runs it), then its keys/values join the batch cache."""
@@ -419,7 +422,8 @@ def make_app(server: Server):
     async def health():
         s = server.scheduler
         return {"status": "ok", "model": server.name, "running": len(s.running), "queued": len(s.waiting),
-                "peak_running": s.peak, "max_batch": s.max_batch, "max_queue": s.max_queue}
+                "peak_running": s.peak, "decode_steps": s.steps, "decode_seconds": round(s.step_s, 3),
+                "max_batch": s.max_batch, "max_queue": s.max_queue}
 
     @app.get("/v1/models")
     async def models():

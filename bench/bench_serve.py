@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -39,7 +40,9 @@ from conftest import photo  # noqa: E402
 import tiny_checkpoints  # noqa: E402
 from convert import load_pretrained, load_tokenizer  # noqa: E402
 from export import save_pretrained  # noqa: E402
+from generate import decode_step  # noqa: E402
 from model import Llava, TextConfig, init_fresh  # noqa: E402
+from serve import BatchCache  # noqa: E402
 
 QWEN2_05B = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                        num_kv_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
@@ -65,18 +68,18 @@ def checkpoints(cache: Path, names) -> dict[str, Path]:
 
 
 def requests(n: int, images: bool) -> list[dict]:
-    """n streamed requests: prompts of 2 to 30 words, answers of 16 to 32 tokens; with images, every other one."""
+    """n streamed requests: questions of 2 to 16 words, answers of 32 to 64 tokens; with images, every other one."""
     words = "what is shown here and which colours does the picture have near its left and right edges".split()
     out = []
     for i in range(n):
-        text = " ".join(words[j % len(words)] for j in range(i, i + 2 + (i * 7) % 29))
+        text = " ".join(words[j % len(words)] for j in range(i, i + 2 + (i * 5) % 15))
         content = [{"type": "text", "text": text}]
         if images and i % 2:
             buf = io.BytesIO()
             photo(40 + 8 * i, 30 + 4 * i, seed=i).save(buf, format="PNG")
             content.append({"type": "image_url", "image_url": {
                 "url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}})
-        out.append({"messages": [{"role": "user", "content": content}], "max_tokens": 16 + (i * 5) % 17,
+        out.append({"messages": [{"role": "user", "content": content}], "max_tokens": 32 + (i * 7) % 33,
                     "stream": True, "ignore_eos": True})
     return out
 
@@ -87,7 +90,7 @@ def server(folder: Path, threads: int | None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     command = [sys.executable, "serve.py", "--model", str(folder), "--port", str(port), "--max-batch", "16"]
-    env = None if threads is None else {**__import__("os").environ, "OMP_NUM_THREADS": str(threads)}
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     proc = subprocess.Popen(command, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -117,6 +120,28 @@ def one(url: str, body: dict) -> tuple[float, float, int]:
     return first, time.perf_counter() - t0, tokens
 
 
+@torch.inference_mode()
+def decode_steps(folder: Path, sizes=(1, 4, 16), length: int = 100) -> dict[int, float]:
+    """Seconds of one batched decode step (serve.py's, on its BatchCache) for n rows of `length` positions, in this
+    process and without HTTP: the ceiling the load test can approach (min of 5 after a warm-up)."""
+    model, _ = load_pretrained(str(folder))
+    out = {}
+    for n in sizes:
+        cache = BatchCache(model.cfg.text, n, torch.float32, "cpu")
+        cache.lengths = torch.full((n,), length)
+        cache.reserve(length + 1)
+        capacity = cache.k.shape[3]
+        visible = torch.arange(capacity)[None] <= cache.lengths[:, None]
+        times = []
+        for _ in range(6):
+            t0 = time.perf_counter()
+            decode_step(model, torch.zeros(n, 1, dtype=torch.long), cache.lengths[:, None],
+                        torch.tensor([capacity - 1]), cache, visible)
+            times.append(time.perf_counter() - t0)
+        out[n] = min(times[1:])
+    return out
+
+
 def load(url: str, bodies: list[dict], clients: int) -> dict:
     """Every request once, through `clients` threads; requests/s, tokens/s and TTFT median / p95."""
     todo, results, lock = list(bodies), [], threading.Lock()
@@ -129,6 +154,7 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
                 body = todo.pop(0)
             results.append(one(url, body))
 
+    before = httpx.get(f"{url}/health").json()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
@@ -137,17 +163,22 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
         t.join()
     wall = time.perf_counter() - t0
     ttft = sorted(r[0] for r in results)
-    return dict(clients=clients, requests=len(results), wall_s=wall, req_per_s=len(results) / wall,
+    after = httpx.get(f"{url}/health").json()
+    steps = after["decode_steps"] - before["decode_steps"]
+    step_s = (after["decode_seconds"] - before["decode_seconds"]) / max(steps, 1)
+    return dict(clients=clients, requests=len(results), tokens=sum(r[2] for r in results), wall_s=wall, req_per_s=len(results) / wall,
                 tok_per_s=sum(r[2] for r in results) / wall, ttft_median_s=statistics.median(ttft),
                 ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
-                peak_running=httpx.get(f"{url}/health").json()["peak_running"])
+                peak_running=after["peak_running"], decode_steps=steps, decode_step_s=step_s,
+                decode_share=(after["decode_seconds"] - before["decode_seconds"]) / wall)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", action="store_true", help="run the load test (the only measurement here)")
     p.add_argument("--models", nargs="+", default=["tiny", "0.5b"], choices=["tiny", "0.5b"])
-    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--requests", type=int, default=24, help="requests per run on the 0.5b model")
+    p.add_argument("--tiny-requests", type=int, default=96, help="requests per run on the tiny model")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server (default: torch's)")
     p.add_argument("--cache-dir", default="/tmp/llava-bench-serve")
@@ -158,7 +189,11 @@ def main():
     sys.setswitchinterval(1e-4)  # 16 client threads in this process: hand the GIL over at each event, as serve.py does
     rows = []
     for name, folder in checkpoints(Path(args.cache_dir), args.models).items():
-        bodies = requests(args.requests, images=name == "tiny")
+        steps = decode_steps(folder)
+        print(f"{name:5s} decode step alone: " + ", ".join(f"{n} rows {t * 1e3:.0f} ms ({n / t:.1f} tok/s)"
+                                                      for n, t in steps.items()), flush=True)
+        rows.append(dict(model=name, decode_step_s=steps))
+        bodies = requests(args.tiny_requests if name == "tiny" else args.requests, images=name == "tiny")
         with server(folder, args.threads) as url:
             one(url, {**bodies[1], "max_tokens": 2})  # warm-up
             for clients in args.clients:
@@ -166,13 +201,14 @@ def main():
                 rows.append(row)
                 print(f"{name:5s} {clients:3d} clients: {row['req_per_s']:7.3f} req/s  {row['tok_per_s']:7.1f} tok/s  "
                       f"TTFT median {row['ttft_median_s']:6.2f} s  p95 {row['ttft_p95_s']:6.2f} s  "
-                      f"(wall {row['wall_s']:.1f} s, peak batch {row['peak_running']})", flush=True)
-        base = next(r for r in rows if r["model"] == name and r["clients"] == 1)
-        for r in rows:
-            if r["model"] == name:
-                r["speedup_vs_one_at_a_time"] = r["req_per_s"] / base["req_per_s"]
-        print(f"{name}: " + ", ".join(f"{r['clients']} clients {r['speedup_vs_one_at_a_time']:.2f}x" for r in rows
-                                      if r["model"] == name), flush=True)
+                      f"(wall {row['wall_s']:.1f} s, peak batch {row['peak_running']}, {row['decode_steps']} steps of "
+                      f"{row['decode_step_s'] * 1e3:.0f} ms: {row['decode_share']:.0%} of the wall)", flush=True)
+        runs = [r for r in rows if r["model"] == name and "clients" in r]
+        base = next(r for r in runs if r["clients"] == 1)
+        for r in runs:
+            r["speedup_vs_one_at_a_time"] = r["req_per_s"] / base["req_per_s"]
+        print(f"{name}: " + ", ".join(f"{r['clients']} clients {r['speedup_vs_one_at_a_time']:.2f}x" for r in runs),
+              flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
