@@ -10,6 +10,7 @@ import torch
 from conftest import photo
 
 import tiny_checkpoints as tc
+from tiny_releases import to_original_layout
 from export import main as convert_main
 from data import TEMPLATES, render_prompt, system_slot
 from export import jinja_template
@@ -29,7 +30,7 @@ def export(src, dest, *args):
 def source_folder(tiny, tmp_path, name, layout):
     if layout == "llava-hf":
         return tiny(name)
-    return tc.to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
+    return to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
                                  shard_format="safetensors", include_tower=True)
 
 

@@ -7,6 +7,7 @@ import torch
 from conftest import photo
 
 import tiny_checkpoints as tc
+from tiny_releases import to_original_layout
 from anyres import process_image, process_images, process_video, video_tokens
 from convert import load_pretrained
 from generate import generate
@@ -212,7 +213,7 @@ def test_kv_cache_equals_full_recompute(models, name):
 ])
 def test_original_layout_gives_the_same_logits(models, tmp_path, tiny, name, shard_format, include_tower):
     _, _, ours = models(name)
-    folder = tc.to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
+    folder = to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
                                    shard_format=shard_format, include_tower=include_tower)
     theirs_layout, _ = load_pretrained(str(folder), compat="transformers")
     assert theirs_layout.cfg == ours.cfg
