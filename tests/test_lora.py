@@ -73,8 +73,8 @@ def test_peft_loads_the_adapter_onto_the_base_with_the_same_logits(lora_run):
     pixels = dict(tc.make_processor("next_qwen2")(images=image, return_tensors="pt"))
     theirs_ids = torch.where(ids == IMAGE_TOKEN, tc.IMAGE_TOKEN_ID["next_qwen2"], ids)
     with torch.no_grad():
-        theirs = reference(input_ids=theirs_ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
-                           image_sizes=pixels["image_sizes"]).logits
+        theirs = reference(input_ids=theirs_ids, attention_mask=torch.ones_like(ids),
+                           pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"]).logits
         mine = ours(ids, processed)
     assert (mine - theirs).abs().max() <= 1e-4, (mine - theirs).abs().max()
 
