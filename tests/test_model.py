@@ -107,8 +107,9 @@ def test_multi_image_logits_pixels_and_counts(models, name, count):
     if name == "onevision_qwen2":  # and the same greedy continuation
         greedy = list(generate(ours, mine_ids[0].tolist(), processed, max_new_tokens=8))
         with torch.no_grad():
+            visuals = {k: pixels[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
             reference = ref.generate(input_ids=their_ids, attention_mask=torch.ones_like(their_ids), max_new_tokens=8,
-                                     do_sample=False, **{k: pixels[k] for k in ("pixel_values", "image_sizes", "batch_num_images")})
+                                     do_sample=False, **visuals)
         assert greedy == reference[0, their_ids.shape[1]:].tolist()
 
 

@@ -36,7 +36,8 @@ def test_the_released_mistral_template_has_its_quirk():
 @pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"plain", "qwen_2"}))
 def test_our_exported_templates_name_themselves_only(template):
     """What convert.py writes is read back as the same template, and as no other family."""
-    found = matching_templates(jinja_template(template, "<s>" if template in ("vicuna_v1", "mistral_instruct") else None))
+    bos = "<s>" if template in ("vicuna_v1", "mistral_instruct") else None
+    found = matching_templates(jinja_template(template, bos))
     chatml, vicuna = {"chatml_direct", "qwen_1_5"}, {"vicuna_v1", "llava_v1"}  # alike but for the system sentence
     alike = {"chatml_direct": chatml, "qwen_1_5": chatml, "vicuna_v1": vicuna, "llava_v1": vicuna}
     assert template in found and set(found) <= alike.get(template, {template})
