@@ -86,11 +86,16 @@ VIDEO_TOKEN_ID = {"onevision_qwen2": 319}
 
 # Family facts used for the original-layout config.json.
 _ORIGINAL = {
-    "llava15_llama": dict(model_type="llava_llama", arch="LlavaLlamaForCausalLM", merge="flat", aspect="pad", max_len=2048),
-    "next_llama": dict(model_type="llava_llama", arch="LlavaLlamaForCausalLM", merge="spatial_unpad", aspect="anyres", max_len=4096),
-    "next_mistral": dict(model_type="llava_mistral", arch="LlavaMistralForCausalLM", merge="spatial_unpad", aspect="anyres", max_len=32768),
-    "next_qwen2": dict(model_type="llava_qwen", arch="LlavaQwenForCausalLM", merge="spatial_unpad", aspect="anyres", max_len=32768),
-    "onevision_qwen2": dict(model_type="llava_qwen", arch="LlavaQwenForCausalLM", merge="spatial_unpad", aspect="anyres_max_9", max_len=32768),
+    "llava15_llama": dict(model_type="llava_llama", arch="LlavaLlamaForCausalLM",
+                          merge="flat", aspect="pad", max_len=2048),
+    "next_llama": dict(model_type="llava_llama", arch="LlavaLlamaForCausalLM",
+                       merge="spatial_unpad", aspect="anyres", max_len=4096),
+    "next_mistral": dict(model_type="llava_mistral", arch="LlavaMistralForCausalLM",
+                         merge="spatial_unpad", aspect="anyres", max_len=32768),
+    "next_qwen2": dict(model_type="llava_qwen", arch="LlavaQwenForCausalLM",
+                       merge="spatial_unpad", aspect="anyres", max_len=32768),
+    "onevision_qwen2": dict(model_type="llava_qwen", arch="LlavaQwenForCausalLM",
+                            merge="spatial_unpad", aspect="anyres_max_9", max_len=32768),
 }
 
 # A fixed little corpus the BPE merges are learned from (deterministic, see _learn_merges).
@@ -327,8 +332,10 @@ def make_metaspace_tokenizer(name: str):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(LLAMA_TOKENS, key=LLAMA_TOKENS.get)])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in sorted(LLAMA_TOKENS, key=LLAMA_TOKENS.get)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
     for t, idx in LLAMA_TOKENS.items():
         assert tok.token_to_id(t) == idx, (t, tok.token_to_id(t), idx)
     return tok

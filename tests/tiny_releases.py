@@ -60,7 +60,8 @@ def _split_contiguous(keys: list[str], sizes: dict[str, int], num_shards: int) -
     for i, k in enumerate(keys):
         remaining_keys = len(keys) - i
         remaining_shards = num_shards - len(shards)
-        if shards[-1] and remaining_shards > 0 and (acc >= total * len(shards) / num_shards or remaining_keys <= remaining_shards):
+        if shards[-1] and remaining_shards > 0 and (acc >= total * len(shards) / num_shards
+                                                    or remaining_keys <= remaining_shards):
             shards.append([])
         shards[-1].append(k)
         acc += sizes[k]
