@@ -503,8 +503,7 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     """Build a Llava from a folder, preset short name or hub repo id; returns (model, folder).
 
     prepare(model), if given, runs on the meta-device model before any weight is read: quantize.int8_layers and
-    tensor_parallel.shard_decoder swap or shard its layers there, so each weight is read straight into its final
-    form."""
+    tensor_parallel.shard_decoder swap or shard its layers there, so each weight is read into its final form."""
     folder = resolve(source, revision)
     config_path = folder / "config.json"
     if not config_path.exists():
