@@ -188,7 +188,7 @@ def save_clip_tower(tower: VisionTower, folder: Path):
     last layer: LLaVA reads CLIP's hidden state -2, so the layer after the one it reads exists but is never used."""
     from safetensors.torch import save_file
 
-    from convert import hf_key
+    from export import hf_key
 
     v = tower.cfg
     extra = init_fresh(_meta(type(tower.layers[0]), v))
