@@ -124,7 +124,8 @@ def add_knob_flags(parser: argparse.ArgumentParser):
 
 def knobs_from_flags(args) -> dict:
     """The knob flags a user set, as {field: value}."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(HigherAnyRes) if getattr(args, f.name, None) is not None}
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(HigherAnyRes)
+            if getattr(args, f.name, None) is not None}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -314,7 +315,8 @@ def process_video(frames, cfg) -> ProcessedImage:
     """A video's sampled frames (PIL images) -> (K, 3, C, C): each frame through the tower's own resize (SigLIP
     squashes to C x C), no AnyRes, no padding, as OneVision trains and evaluates."""
     rgb = np.stack([np.asarray(tower_resize(f.convert("RGB"), cfg.vision)) for f in frames])  # (K, C, C, 3) uint8
-    return ProcessedImage(normalise(rgb, cfg.vision.kind), frames[0].size, None, video_tokens(len(frames), cfg), video=True)
+    return ProcessedImage(normalise(rgb, cfg.vision.kind), frames[0].size, None, video_tokens(len(frames), cfg),
+                          video=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,7 +432,8 @@ def token_parts(image_size, cfg, num_images: int = 1) -> list[tuple[str, int]]:
         return rows + [("newline after the image", 1)] * newline
     cols, rows_ = grid_shape(image_size, cfg)
     if cfg.merge_type == "flat":
-        return [(f"base view + {cols} x {rows_} crops, {n} x {n} features each, flat", (1 + cols * rows_) * tokens_per_crop(cfg))]
+        return [(f"base view + {cols} x {rows_} crops, {n} x {n} features each, flat",
+                 (1 + cols * rows_) * tokens_per_crop(cfg))]
     top, bottom, left, right = unpad_bounds(rows_ * n, cols * n, image_size, cfg.compat)
     h, w = grid_token_shape(image_size, (cols, rows_), cfg)
     shrunk = (h, w) != (bottom - top, right - left)
@@ -445,5 +448,6 @@ def token_parts(image_size, cfg, num_images: int = 1) -> list[tuple[str, int]]:
 
 def video_parts(num_frames: int, cfg) -> list[tuple[str, int]]:
     m = pooled_side(cfg.vision.side, cfg.higher_anyres)
-    return [(f"{num_frames} frames, {cfg.vision.side} x {cfg.vision.side} features pooled to {m} x {m}", num_frames * m * m),
+    return [(f"{num_frames} frames, {cfg.vision.side} x {cfg.vision.side} features pooled to {m} x {m}",
+             num_frames * m * m),
             ("one newline after the video", int(cfg.has_newline))]

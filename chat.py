@@ -116,7 +116,8 @@ class Session:
         limit = model.cfg.text.max_position_embeddings
         need = len(self.ids) + len(new) + sampling.get("max_new_tokens", 256)
         if need > limit:
-            raise ValueError(f"the conversation would reach {need} positions, past the model's {limit}; /reset to start over")
+            raise ValueError(f"the conversation would reach {need} positions, past the model's {limit}; "
+                             f"/reset to start over")
         self.grow_cache(need)
         self.ids += new
         self.images += processed
@@ -301,4 +302,5 @@ def question_prompt(model, tokenizer, template, question, image_folder):
     except (SampleError, ValueError) as e:
         sys.exit(f"error: question {question['question_id']}: {e}")
     processed = process_images(images, model.cfg) if images else []
-    return tokenize(tokenizer, render_prompt(template, [("user", text)]), [im.num_tokens for im in processed]), processed
+    prompt = render_prompt(template, [("user", text)])
+    return tokenize(tokenizer, prompt, [im.num_tokens for im in processed]), processed

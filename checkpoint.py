@@ -67,9 +67,10 @@ def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, coun
     if cfg.hf_checkpoints:
         export_hf(cfg, model, tmp, tokenizer, template, rank)
     epoch, batch = divmod(step, steps_per_epoch)
-    trainer_state = {"step": step, "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size},
-                     "counters": global_counters(counters), "config": dataclasses.asdict(cfg), "world_size": world_size(),
-                     "rng": gather_rng(), "run": run}
+    trainer_state = {"step": step,
+                     "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size},
+                     "counters": global_counters(counters), "config": dataclasses.asdict(cfg),
+                     "world_size": world_size(), "rng": gather_rng(), "run": run}
     barrier()  # every rank's files are written (and fsynced by DCP)
     if rank == 0:
         write_json(tmp / "trainer_state.json", trainer_state)
@@ -134,19 +135,21 @@ def resume_from(ckpt: Path, model, optimizer, cfg, rank: int) -> tuple[int, dict
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
     except ValueError as e:
-        raise CheckpointError(f"{ckpt / 'trainer_state.json'} is not valid JSON ({e}); resume from an earlier checkpoint "
-                              f"or start a new --output-dir") from None
+        raise CheckpointError(f"{ckpt / 'trainer_state.json'} is not valid JSON ({e}); "
+                              f"resume from an earlier checkpoint or start a new --output-dir") from None
     check_same_data_order(cfg, state, ckpt)
     reader = SafeReader(ckpt / "trainer")
     stored = reader.read_metadata().state_dict_metadata
     model_state, optim_state = get_state_dict(model, optimizer)  # destinations, laid out as this run shards them
-    # a parameter that had no gradient yet (e.g. the tower before the first image) has no AdamW state, and must not get one
+    # a parameter that had no gradient yet (e.g. the tower before the first image) has no AdamW state,
+    # and must not get one
     kept = {name: s for name, s in optim_state["state"].items() if f"optim.{name}.step" in stored}
     destination = {"model": model_state, "optim": kept}
     with quiet_single_process():
         dcp.load(destination, storage_reader=reader, no_dist=not dist.is_initialized())
     set_model_state_dict(model, destination["model"])
-    set_optimizer_state_dict(model, optimizer, {"state": destination["optim"], "param_groups": optim_state["param_groups"]},
+    set_optimizer_state_dict(model, optimizer,
+                             {"state": destination["optim"], "param_groups": optim_state["param_groups"]},
                              options=StateDictOptions(strict=False))
     try:
         restore_rng(state["rng"], rank, cfg.seed, state["step"])
@@ -164,7 +167,8 @@ def check_same_data_order(cfg, state: dict, ckpt: Path):
         if saved[key] != getattr(cfg, key):
             flag = "--" + key.replace("_", "-")
             raise CheckpointError(f"{ckpt} was trained with {flag} {saved[key]!r}, this run has {getattr(cfg, key)!r}: "
-                                  f"resume with the same value (the data order depends on it) or start a new --output-dir")
+                                  f"resume with the same value (the data order depends on it) "
+                                  f"or start a new --output-dir")
 
 
 class SafeReader(FileSystemReader):
@@ -202,8 +206,9 @@ def check_metadata(metadata, folder: Path, where: Path):
         raise CheckpointError(f"{where} does not hold DCP metadata; resume from a checkpoint train.py wrote")
     for fqn, entry in metadata.state_dict_metadata.items():
         if not isinstance(entry, TensorStorageMetadata):
-            raise CheckpointError(f"{where}: entry {fqn!r} is a {type(entry).__name__}, but train.py saves tensors only "
-                                  f"(DCP would unpickle it with code); not loading this checkpoint")
+            raise CheckpointError(f"{where}: entry {fqn!r} is a {type(entry).__name__}, "
+                                  f"but train.py saves tensors only (DCP would unpickle it with code); "
+                                  f"not loading this checkpoint")
     inside = folder.resolve()
     for info in metadata.storage_data.values():
         name = getattr(info, "relative_path", None)
@@ -211,8 +216,8 @@ def check_metadata(metadata, folder: Path, where: Path):
             raise CheckpointError(f"{where}: a storage entry {info!r} is not a plain DCP file slice; not loading it")
         path = folder / name
         if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != inside or not path.is_file():
-            raise CheckpointError(f"{where}: data file {name!r} is not a file inside {folder} (it points outside, or is "
-                                  f"missing); not loading this checkpoint")
+            raise CheckpointError(f"{where}: data file {name!r} is not a file inside {folder} "
+                                  f"(it points outside, or is missing); not loading this checkpoint")
 
 
 class Unpickler(pickle.Unpickler):

@@ -40,7 +40,7 @@ class Preset:
     original: str | None
     hf: str | None
     template: str
-    geometry: str  # a key of GEOMETRY: the image geometry, for token counts without a download (tools/anyres_picture.py)
+    geometry: str  # a key of GEOMETRY: the image geometry, for token counts without a download (anyres_picture)
 
 
 def find_preset(source: str) -> Preset | None:
@@ -55,18 +55,27 @@ def _preset(original, hf, template, geometry, use_original=False):
 PRESETS = {
     "llava-v1.5-7b": _preset("liuhaotian/llava-v1.5-7b", "llava-hf/llava-1.5-7b-hf", "vicuna_v1", "v1.5"),
     "llava-v1.5-13b": _preset("liuhaotian/llava-v1.5-13b", "llava-hf/llava-1.5-13b-hf", "vicuna_v1", "v1.5"),
-    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava_v1", "next"),
-    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf", "llava_v1", "next"),
-    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf", "mistral_instruct", "next"),
+    "llava-v1.6-vicuna-7b": _preset("liuhaotian/llava-v1.6-vicuna-7b", "llava-hf/llava-v1.6-vicuna-7b-hf",
+                                    "llava_v1", "next"),
+    "llava-v1.6-vicuna-13b": _preset("liuhaotian/llava-v1.6-vicuna-13b", "llava-hf/llava-v1.6-vicuna-13b-hf",
+                                     "llava_v1", "next"),
+    "llava-v1.6-mistral-7b": _preset("liuhaotian/llava-v1.6-mistral-7b", "llava-hf/llava-v1.6-mistral-7b-hf",
+                                     "mistral_instruct", "next"),
     "llava-v1.6-34b": _preset("liuhaotian/llava-v1.6-34b", "llava-hf/llava-v1.6-34b-hf", "chatml_direct", "next"),
-    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf", "llava_llama_3", "next"),
+    "llama3-llava-next-8b": _preset("lmms-lab/llama3-llava-next-8b", "llava-hf/llama3-llava-next-8b-hf",
+                                    "llava_llama_3", "next"),
     "llava-next-72b": _preset("lmms-lab/llava-next-72b", "llava-hf/llava-next-72b-hf", "qwen_1_5", "next"),
     "llava-next-110b": _preset("lmms-lab/llava-next-110b", "llava-hf/llava-next-110b-hf", "qwen_1_5", "next"),
-    "llava-next-interleave-qwen-0.5b": _preset("lmms-lab/llava-next-interleave-qwen-0.5b", "llava-hf/llava-interleave-qwen-0.5b-hf", "qwen_1_5", "interleave", use_original=True),
-    "llava-next-interleave-qwen-7b": _preset("lmms-lab/llava-next-interleave-qwen-7b", "llava-hf/llava-interleave-qwen-7b-hf", "qwen_1_5", "interleave", use_original=True),
-    "llava-next-interleave-qwen-7b-dpo": _preset("lmms-lab/llava-next-interleave-qwen-7b-dpo", "llava-hf/llava-interleave-qwen-7b-dpo-hf", "qwen_1_5", "interleave", use_original=True),
     **{
-        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}", f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf", "qwen_1_5", "onevision")
+        f"llava-next-interleave-qwen-{size}": _preset(f"lmms-lab/llava-next-interleave-qwen-{size}",
+                                                      f"llava-hf/llava-interleave-qwen-{size}-hf",
+                                                      "qwen_1_5", "interleave", use_original=True)
+        for size in ("0.5b", "7b", "7b-dpo")
+    },
+    **{
+        f"llava-onevision-qwen2-{size}-{stage}": _preset(f"lmms-lab/llava-onevision-qwen2-{size}-{stage}",
+                                                         f"llava-hf/llava-onevision-qwen2-{size}-{stage}-hf",
+                                                         "qwen_1_5", "onevision")
         for size, stages in (("0.5b", ("si", "ov")), ("7b", ("si", "ov", "ov-chat")), ("72b", ("si", "ov", "ov-chat")))
         for stage in stages
     },
@@ -76,8 +85,12 @@ DEFAULT_MODEL = "llava-onevision-qwen2-0.5b-ov"  # the smallest release: runs on
 # The two vision towers the releases use, as their hub configs describe them, so that original-layout
 # checkpoints, which only name their tower, load without fetching its config.
 KNOWN_TOWERS = {
-    "openai/clip-vit-large-patch14-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14, layer_norm_eps=1e-5),
-    "google/siglip-so400m-patch14-384": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6),
+    "openai/clip-vit-large-patch14-336": dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                                              num_hidden_layers=24, num_attention_heads=16, image_size=336,
+                                              patch_size=14, layer_norm_eps=1e-5),
+    "google/siglip-so400m-patch14-384": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                                             num_hidden_layers=27, num_attention_heads=16, image_size=384,
+                                             patch_size=14, layer_norm_eps=1e-6),
 }
 
 # The image side of every preset as a config.json (the model cards' and released configs' values): the tower, its
@@ -101,12 +114,16 @@ GEOMETRY = {
 
 # transformers writes only the fields that differ from its class defaults, so a llava-hf config.json needs these
 # defaults to be complete (the values of the transformers config classes).
+_LLM_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6,
+               tie_word_embeddings=False)  # what the three decoder classes' defaults share
+_VIT_B = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224)
 HF_DEFAULTS = {
-    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=2048),
-    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=131072),
-    "qwen2": dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32, num_attention_heads=32, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=32768),
-    "clip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=32, layer_norm_eps=1e-5),
-    "siglip_vision_model": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=224, patch_size=16, layer_norm_eps=1e-6),
+    "llama": dict(_LLM_7B, vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048),
+    "mistral": dict(_LLM_7B, vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+                    max_position_embeddings=131072),
+    "qwen2": dict(_LLM_7B, vocab_size=151936, intermediate_size=22016, max_position_embeddings=32768),
+    "clip_vision_model": dict(_VIT_B, patch_size=32, layer_norm_eps=1e-5),
+    "siglip_vision_model": dict(_VIT_B, patch_size=16, layer_norm_eps=1e-6),
 }
 # the towers transformers' LLaVA config classes assume when config.json has no vision_config at all
 HF_DEFAULT_TOWER = {
@@ -134,9 +151,11 @@ def read_json(path: Path) -> dict:
         raise CheckpointError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}); fix the file "
                               f"or download it again") from None
     except (UnicodeDecodeError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot be read as a JSON text file ({type(e).__name__}); download it again") from None
+        raise CheckpointError(f"{path}: cannot be read as a JSON text file ({type(e).__name__}); "
+                              f"download it again") from None
     if not isinstance(raw, dict):
-        raise CheckpointError(f"{path}: expected a JSON object {{...}}, found a {type(raw).__name__}; download it again")
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, found a {type(raw).__name__}; "
+                              f"download it again")
     return raw
 
 
@@ -218,8 +237,10 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
         vision.num_layers = layers_for_feature(raw.get("vision_feature_layer", default_layer), total, where)
         text_raw = raw.get("text_config") or {"model_type": "qwen2" if model_type == "llava_onevision" else "llama"}
         # the original LLaVA-1.5 pads to a square of the mean colour; transformers' own processor centre-crops
-        aspect = {"llava": "pad", "llava_next": "anyres", "llava_onevision": raw.get("vision_aspect_ratio", "anyres_max_9")}[model_type]
-        pinpoints = raw.get("image_grid_pinpoints") or ([] if model_type == "llava" else HF_DEFAULT_PINPOINTS[model_type])
+        aspect = {"llava": "pad", "llava_next": "anyres",
+                  "llava_onevision": raw.get("vision_aspect_ratio", "anyres_max_9")}[model_type]
+        pinpoints = (raw.get("image_grid_pinpoints")
+                     or ([] if model_type == "llava" else HF_DEFAULT_PINPOINTS[model_type]))
         return LlavaConfig(vision=vision, text=text_config(text_raw, where), projector_type="mlp2x_gelu",
                            image_aspect_ratio=aspect, grid_pinpoints=parse_grid_pinpoints(pinpoints, vision.image_size),
                            merge_type="flat" if model_type == "llava" else "spatial_unpad", compat=compat,
@@ -306,7 +327,8 @@ def is_unused(key: str, cfg: LlavaConfig) -> bool:
         return True
     if key.startswith(("vision_tower.post_layernorm.", "vision_tower.head.")):
         return True
-    if (m := re.match(r"vision_tower\.layers\.(\d+)\.", key)) and cfg.vision and int(m.group(1)) >= cfg.vision.num_layers:
+    m = re.match(r"vision_tower\.layers\.(\d+)\.", key)
+    if m and cfg.vision and int(m.group(1)) >= cfg.vision.num_layers:
         return True
     return key == "lm_head.weight" and cfg.text.tie_word_embeddings
 
@@ -317,11 +339,13 @@ def is_unused(key: str, cfg: LlavaConfig) -> bool:
 
 def checkpoint_files(folder: Path) -> list[Path]:
     """The weight shards of a folder: safetensors preferred, torch .bin otherwise (index files honoured)."""
-    for index, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
         if (folder / index).exists():
             weight_map = read_json(folder / index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-                raise CheckpointError(f"{folder / index}: no \"weight_map\" object of key -> shard file; download it again")
+                raise CheckpointError(f"{folder / index}: no \"weight_map\" object of key -> shard file; "
+                                      f"download it again")
             files = [folder / f for f in dict.fromkeys(weight_map.values())]
             if missing := [f.name for f in files if not f.is_file()]:
                 raise CheckpointError(f"{folder / index} names the shard {missing[0]}, which is not in {folder}"
@@ -389,7 +413,8 @@ def resolve(source: str, revision: str | None = None, what: str = "model") -> Pa
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
         raise CheckpointError(
             f"could not get {what} {repo!r}{f' at revision {revision}' if revision else ''} "
-            f"({'HF_HUB_OFFLINE is set' if offline else type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"({'HF_HUB_OFFLINE is set' if offline else type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}). "
             f"On a machine with internet run `{hub_command(repo)}` to fill the cache, "
             f"or pass a local folder holding its config.json and weights.") from e
     return folder
@@ -409,8 +434,9 @@ def read_config(source: str, what: str = "model") -> tuple[dict, str]:
     try:
         path = Path(hf_hub_download(repo, "config.json"))
     except Exception as e:
-        raise CheckpointError(f"could not get the config.json of {what} {repo!r} ({type(e).__name__}); pass a local "
-                              f"folder holding it, or fill the cache with `{hub_command(repo, 'config.json')}`") from None
+        raise CheckpointError(f"could not get the config.json of {what} {repo!r} ({type(e).__name__}); "
+                              f"pass a local folder holding it, "
+                              f"or fill the cache with `{hub_command(repo, 'config.json')}`") from None
     return read_json(path), f"{repo}/config.json"
 
 
@@ -477,13 +503,13 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     """Build a Llava from a folder, preset short name or hub repo id; returns (model, folder).
 
     prepare(model), if given, runs on the meta-device model before any weight is read: quantize.int8_layers and
-    tensor_parallel.shard_decoder swap or shard its layers there, so each weight is read straight into its final form."""
+    tensor_parallel.shard_decoder swap or shard its layers there, so each weight is read into its final form."""
     folder = resolve(source, revision)
     config_path = folder / "config.json"
     if not config_path.exists():
         if (folder / "trainer_state.json").exists():  # a train.py checkpoint saved without --hf-checkpoints
-            raise CheckpointError(f"{folder} holds only trainer state (for --resume); its run's final/ is the model, or "
-                                  f"train with --hf-checkpoints to have every checkpoint in the llava-hf layout")
+            raise CheckpointError(f"{folder} holds only trainer state (for --resume); its run's final/ is the model, "
+                                  f"or train with --hf-checkpoints to have every checkpoint in the llava-hf layout")
         raise CheckpointError(f"{folder}: no config.json; is this a model folder?")
     raw = read_json(config_path)
     tower_name = raw.get("mm_vision_tower")
@@ -535,13 +561,16 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
     with torch.device("meta"):
         model = Llava(cfg)
     for f in checkpoint_files(llm_folder):
-        load_weights(model, ((k, t) for k, t in read_tensors(f) if k.startswith(("model.", "lm_head."))), torch.float32, device, str(f))
+        llm_tensors = ((k, t) for k, t in read_tensors(f) if k.startswith(("model.", "lm_head.")))
+        load_weights(model, llm_tensors, torch.float32, device, str(f))
     load_weights(model, tower_tensors(tower_folder), torch.float32, device, str(tower_folder))
     if projector:
         path = Path(projector)
         files = [path] if path.is_file() else checkpoint_files(path)
-        load_weights(model, ((k, t) for f in files for k, t in read_tensors(f) if "projector" in internal_key(k)), torch.float32, device, projector)
-    missing = [n for n, p in model.named_parameters() if p.is_meta and not n.startswith(("projector.", "image_newline"))]
+        projector_tensors = ((k, t) for f in files for k, t in read_tensors(f) if "projector" in internal_key(k))
+        load_weights(model, projector_tensors, torch.float32, device, projector)
+    missing = [n for n, p in model.named_parameters()
+               if p.is_meta and not n.startswith(("projector.", "image_newline"))]
     if missing:
         raise CheckpointError(f"{llm_folder} / {tower_folder}: missing weights {missing[:8]}")
     init_fresh(model, device)

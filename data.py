@@ -3,13 +3,15 @@
     messages [(role, text), ...]  --render_conversation-->  one string in the model's chat format, `<image>` where
                                                             images go, and the character spans of the answers
     string + images               --encode / tokenize---->  token ids with each `<image>` replaced by that image's run
-                                                            of IMAGE_TOKEN (its exact feature count, anyres.num_image_tokens)
+                                                            of IMAGE_TOKEN (its exact feature count,
+                                                            anyres.num_image_tokens)
     LLaVA JSON record             --SupervisedDataset---->  {input_ids, labels (answers only, -100 elsewhere), images}
                                   (one image, several interleaved or in front, or a video's sampled frames)
     samples                       --collate / global_batches-->  right-padded batches in a (seed, epoch)-fixed order
 
-The strings are exactly the ones the released models were trained with (the original `llava/conversation.py`); one table serves inference and
-training, and labels are read off the same tokenisation inference uses, so the two never see different ids.
+The strings are exactly the ones the released models were trained with (the original `llava/conversation.py`);
+one table serves inference and training, and labels are read off the same tokenisation inference uses, so the two
+never see different ids.
 """
 
 import json
@@ -59,7 +61,8 @@ TEMPLATES = {
                               H3.format("user") + "{}<|eot_id|>", H3.format("assistant") + "{}<|eot_id|>",
                               H3.format("assistant"), ("<|eot_id|>", "<|end_of_text|>"), strip=True),
     # NeXT-72B/110B, Interleave, OneVision (qwen_2 is the same object in the original code)
-    "qwen_1_5": Template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", "<|im_start|>user\n{}<|im_end|>\n",
+    "qwen_1_5": Template("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+                         "<|im_start|>user\n{}<|im_end|>\n",
                          "<|im_start|>assistant\n{}<|im_end|>\n", "<|im_start|>assistant\n", ("<|im_end|>",)),
     # stage-1 alignment: the image, then its caption; the user's words are dropped
     "plain": Template("", "{}", "{}\n", "", ("\n",)),
@@ -80,7 +83,8 @@ def render_conversation(template: str, messages, add_generation_prompt: bool = F
     for role, text in messages:
         text = text.strip() if t.strip else text
         if role == "user":
-            out += t.user.format("<image>" * text.count("<image>") if template == "plain" else text)  # plain: image only
+            # plain: image only
+            out += t.user.format("<image>" * text.count("<image>") if template == "plain" else text)
             continue
         head, tail = t.assistant.split("{}")
         stop_end = min((tail.find(s) + len(s) for s in t.stop if s in tail), default=0)
@@ -133,7 +137,8 @@ def encode(tokenizer, text: str, image_tokens=(), compat: str = "original"):
     """
     pieces = text.split("<image>")
     if len(pieces) - 1 != len(image_tokens):
-        raise ValueError(f"the prompt has {len(pieces) - 1} <image> placeholders but {len(image_tokens)} images were given")
+        raise ValueError(f"the prompt has {len(pieces) - 1} <image> placeholders "
+                         f"but {len(image_tokens)} images were given")
     ids, ends = [], []
     if compat == "transformers":
         tok, image_id = with_image_token(tokenizer)
@@ -155,9 +160,11 @@ def encode(tokenizer, text: str, image_tokens=(), compat: str = "original"):
                 offset += len("<image>")
             enc = tokenizer.encode(piece, add_special_tokens=i == 0)
             ids += enc.ids
-            ends += [None if special else offset + end for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
+            ends += [None if special else offset + end
+                     for (_, end), special in zip(enc.offsets, enc.special_tokens_mask)]
             offset += len(piece)
-    if len(ids) >= 2 and ids[0] == ids[1] != IMAGE_TOKEN and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>"):
+    if (len(ids) >= 2 and ids[0] == ids[1] != IMAGE_TOKEN
+            and tokenizer.id_to_token(ids[0]) in ("<|begin_of_text|>", "<s>")):
         ids, ends = ids[1:], ends[1:]
     return ids, ends
 
@@ -214,7 +221,8 @@ def tokenize_conversation(tokenizer, template: str, messages, image_tokens=(), c
             labels[i] = ids[i]
         spelled = tokenizer.decode([ids[i] for i in inside], skip_special_tokens=False)
         if "".join(spelled.split()) != "".join(text[start:end].split()):  # tokenizers differ only in spacing
-            raise SampleError("tokenization mismatch", f"answer {text[start:end]!r} is not spelled by its labelled tokens")
+            raise SampleError("tokenization mismatch",
+                              f"answer {text[start:end]!r} is not spelled by its labelled tokens")
     return ids, labels
 
 
@@ -237,7 +245,8 @@ def load_records(path) -> list[dict]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file; --data takes a LLaVA JSON / JSONL file or a mixture spec") from None
+        raise SystemExit(f"error: {path}: no such file; "
+                         f"--data takes a LLaVA JSON / JSONL file or a mixture spec") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path}: cannot be read as a UTF-8 text file ({type(e).__name__}); --data takes a "
                          f"LLaVA JSON / JSONL file or a mixture spec") from None
@@ -250,8 +259,8 @@ def load_records(path) -> list[dict]:
         elif isinstance(data, list):
             records = data
         else:
-            raise SystemExit(f"error: {path}: expected a JSON list of samples or a mixture {{\"datasets\": [...]}}, found "
-                             f"a {type(data).__name__}")
+            raise SystemExit(f"error: {path}: expected a JSON list of samples or a mixture {{\"datasets\": [...]}}, "
+                             f"found a {type(data).__name__}")
     for i, record in enumerate(records):
         if not isinstance(record, dict):
             raise SystemExit(f"error: {path}: sample {i} is a {type(record).__name__}, expected an object with "
@@ -279,7 +288,8 @@ def load_mixture(spec: dict, path: Path) -> list[dict]:
         rule = entry.get("sampling_strategy", "all")
         strategy, _, amount = str(rule).partition(":")
         try:
-            n = len(part) if strategy == "all" else (len(part) * int(amount[:-1]) // 100 if amount.endswith("%") else int(amount))
+            n = len(part) if strategy == "all" else (len(part) * int(amount[:-1]) // 100 if amount.endswith("%")
+                                                     else int(amount))
         except ValueError:
             n = -1
         if strategy not in ("all", "first", "end", "random") or not 0 <= n <= len(part):
@@ -339,9 +349,10 @@ PLACEMENTS = ("interleaved", "front", "mixed")
 
 def place_images(messages, placement: str = "interleaved", key=0):
     """Where the `<image>` placeholders go. A lone image always leads the first user turn as "<image>\n" + text,
-    as the released models were trained (the original `preprocess_multimodal` moves it there). Several stay where the text puts them ("interleaved"), all
-    move to the front of the first user turn ("front", NeXT-Interleave's "in-the-front" format), or either, drawn
-    per sample from `key` ("mixed": the Interleave blog finds that training on both formats helps both)."""
+    as the released models were trained (the original `preprocess_multimodal` moves it there). Several stay where
+    the text puts them ("interleaved"), all move to the front of the first user turn ("front", NeXT-Interleave's
+    "in-the-front" format), or either, drawn per sample from `key` ("mixed": the Interleave blog finds that
+    training on both formats helps both)."""
     count = sum(text.count("<image>") for _, text in messages)
     if placement == "mixed":
         placement = "front" if random.Random(str(key)).random() < 0.5 else "interleaved"
@@ -401,7 +412,8 @@ def load_image(path):
         raise SampleError("image too large", f"{path}: {e} This program decodes at most {MAX_IMAGE_PIXELS:,} "
                           f"pixels; resize it first") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:  # Pillow's plugins raise all of these
-        raise SampleError("unreadable image", f"{path}: {e}; is it a complete image file (JPEG, PNG, WebP, ...)?") from None
+        raise SampleError("unreadable image",
+                          f"{path}: {e}; is it a complete image file (JPEG, PNG, WebP, ...)?") from None
 
 
 def check_size(size: tuple[int, int], path):
@@ -417,7 +429,8 @@ def to_rgb(image):
     from PIL import Image
 
     if image.mode.startswith("I"):  # 16-bit ("I;16*") or 32-bit integer greyscale holding 16-bit values
-        return Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8)).convert("RGB")
+        eight_bit = (np.asarray(image, dtype=np.float64) / 257).clip(0, 255).round().astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image.convert("RGB")
@@ -449,7 +462,8 @@ def load_video(path, num_frames: int):
         if path.is_dir():
             files = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
             if not files:
-                raise SampleError("unreadable video", f"{path}: a folder of frames holds no {sorted(FRAME_SUFFIXES)} files")
+                raise SampleError("unreadable video",
+                                  f"{path}: a folder of frames holds no {sorted(FRAME_SUFFIXES)} files")
             return [load_image(files[i]) for i in uniform_indices(len(files), num_frames)]
         if path.suffix.lower() in ANIMATED_SUFFIXES:
             with warnings.catch_warnings():
@@ -530,8 +544,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 images = [process_video(load_video(self.video_folder / video, self.num_frames), self.model_cfg)]
             else:
                 images = process_images([load_image(self.image_folder / f) for f in files], self.model_cfg)
-            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages, [im.num_tokens for im in images],
-                                               self.model_cfg.compat)
+            ids, labels = tokenize_conversation(self.tokenizer, self.template, messages,
+                                               [im.num_tokens for im in images], self.model_cfg.compat)
             note = None
             if len(ids) > self.max_len:
                 if IMAGE_TOKEN in ids[self.max_len - 1:]:
@@ -577,6 +591,7 @@ def global_batches(lengths, global_batch_size: int, seed: int, epoch: int, group
         full = len(order) - len(order) % global_batch_size
         batches += [order[i: i + global_batch_size] for i in range(0, full, global_batch_size)]
         leftovers += order[full:]
-    batches += [leftovers[i: i + global_batch_size] for i in range(0, len(leftovers) - global_batch_size + 1, global_batch_size)]
+    batches += [leftovers[i: i + global_batch_size]
+                for i in range(0, len(leftovers) - global_batch_size + 1, global_batch_size)]
     batches = [batches[j] for j in torch.randperm(len(batches), generator=g).tolist()]
     return [sorted(b, key=lambda i: -abs(lengths[i])) for b in batches]

@@ -100,7 +100,8 @@ def hf_config(cfg: LlavaConfig) -> dict:
     if v.kind == "clip":
         vision["projection_dim"] = 768  # the released towers' (CLIP's head, which LLaVA never runs)
     out = dict(model_type=model_type, architectures=[ARCHITECTURES[model_type]], text_config=text, vision_config=vision,
-               vision_feature_layer=-1, vision_feature_select_strategy="default" if v.select_feature == "patch" else "full",
+               vision_feature_layer=-1,
+               vision_feature_select_strategy="default" if v.select_feature == "patch" else "full",
                projector_hidden_act="gelu", multimodal_projector_bias=True, tie_word_embeddings=t.tie_word_embeddings,
                ignore_index=-100)  # the label mask value, in every released llava-hf config.json
     if model_type != "llava":
@@ -124,7 +125,8 @@ ARCHITECTURES = {"llava": "LlavaForConditionalGeneration", "llava_next": "LlavaN
 
 
 def with_media_tokens(tokenizer, cfg: LlavaConfig):
-    """(the tokenizer with every media token as an unsplittable special token, {token: id}): data.with_special_tokens."""
+    """(the tokenizer with every media token as an unsplittable special token, {token: id}):
+    data.with_special_tokens."""
     return with_special_tokens(tokenizer, media_tokens(cfg))
 
 
@@ -200,7 +202,8 @@ def jinja_template(template: str, bos: str | None = None) -> str:
     if slot is not None:
         lines.append("{{- " + _q(slot[0]) + " + ns.system + " + _q(slot[1]) + " -}}")
     else:  # no system sentence: a system message opens the first user message
-        lines.append("{%- if messages and messages[0]['role'] == 'system' -%}{%- set ns.pending = ns.system + '\\n\\n' -%}{%- endif -%}")
+        lines.append("{%- if messages and messages[0]['role'] == 'system' -%}"
+                     "{%- set ns.pending = ns.system + '\\n\\n' -%}{%- endif -%}")
     media = "'<image>'" if template == "plain" else "'<image>\\n'"  # plain: the image alone, the user's words dropped
     lines += [
         "{%- for message in messages if message['role'] != 'system' -%}",
@@ -215,7 +218,8 @@ def jinja_template(template: str, bos: str | None = None) -> str:
         "{%- endif -%}",
     ]
     if template == "plain":
-        lines.append("{%- if message['role'] == 'user' -%}{%- set text = '<image>' * (text.count('<image>') + text.count('<video>')) -%}{%- endif -%}")
+        lines.append("{%- if message['role'] == 'user' -%}"
+                     "{%- set text = '<image>' * (text.count('<image>') + text.count('<video>')) -%}{%- endif -%}")
     if t.strip:
         lines.append("{%- set text = text | trim -%}")
     lines += [
@@ -280,7 +284,8 @@ def processor_config(cfg: LlavaConfig) -> dict:
     """processor_config.json as transformers 5 writes it: the processor's arguments, the image processor nested."""
     v, model_type = cfg.vision, hf_model_type(cfg)
     strategy = "default" if v.select_feature == "patch" else "full"
-    out = dict(processor_class=PROCESSORS[model_type][0], image_token="<image>", vision_feature_select_strategy=strategy)
+    out = dict(processor_class=PROCESSORS[model_type][0], image_token="<image>",
+               vision_feature_select_strategy=strategy)
     if model_type == "llava_onevision":
         out |= dict(video_token="<video>", num_image_tokens=v.side * v.side, vision_aspect_ratio=cfg.image_aspect_ratio)
         image = image_processor_config(cfg)
@@ -343,7 +348,8 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     added = {str(i): dict(content=t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
              for t, i in ids.items()}
     dump("tokenizer_config.json", dict(
-        tokenizer_class="PreTrainedTokenizerFast", **specials, extra_special_tokens={k[1:-1] + "_token": k for k in ids},
+        tokenizer_class="PreTrainedTokenizerFast", **specials,
+        extra_special_tokens={k[1:-1] + "_token": k for k in ids},
         model_max_length=cfg.text.max_position_embeddings, padding_side="left",  # left: batched generation
         clean_up_tokenization_spaces=False, added_tokens_decoder=added, chat_template=chat,
         **({"processor_class": processor_class} if processor_class else {})))
@@ -392,7 +398,8 @@ def save_pretrained(model: Llava, folder, state_dict=None, tokenizer=None, max_s
     the tokenizer), kept in config.json for infer.py and the next stage; `eos_ids` adds stop ids for
     generation_config.json; the chat template a `source` folder ships is copied unchanged."""
     state = state_dict if state_dict is not None else model.state_dict()
-    to_hf = hf_key if model.cfg.vision is not None else (lambda k: "model." + k[len("language_model."):] if k.startswith("language_model.") else k)
+    to_hf = hf_key if model.cfg.vision is not None else (
+        lambda k: "model." + k[len("language_model."):] if k.startswith("language_model.") else k)
     write_weights({to_hf(k): v for k, v in state.items()}, Path(folder) if rank == 0 else None, max_shard_bytes)
     if rank == 0:
         dtype = next(iter(state.values())).dtype if state else None
@@ -414,7 +421,8 @@ def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
             size = 0
         shards[-1].append(key)
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     for name, keys in zip(names, shards):
@@ -429,7 +437,8 @@ def write_weights(tensors: dict, folder: Path | None, max_shard_bytes: int):
     if folder is not None and len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
 
 
 def publish(tmp: Path, final: Path):

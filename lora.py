@@ -47,7 +47,8 @@ def inject(model, rank: int, alpha: float, dropout: float = 0.0, targets=DECODER
     """Replace every decoder linear whose name is in `targets` by a LoRALinear, in place; returns the count."""
     unknown = set(targets) - set(DECODER_LINEARS)
     if unknown:
-        raise SystemExit(f"error: --lora-targets {','.join(sorted(unknown))}: expected some of {','.join(DECODER_LINEARS)}")
+        raise SystemExit(f"error: --lora-targets {','.join(sorted(unknown))}: "
+                         f"expected some of {','.join(DECODER_LINEARS)}")
     count = 0
     for block in model.language_model.layers:
         for parent in (block.self_attn, block.mlp):
@@ -128,7 +129,8 @@ def save_adapter(state: dict, folder, rank: int, alpha: float, dropout: float, t
     config = dict(peft_type="LORA", task_type=None, r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
                   # a regex, matched against the whole module path: a plain name list would also catch the vision
                   # tower's q_proj / k_proj / v_proj
-                  target_modules=rf".*language_model.*\.({'|'.join(targets)})", modules_to_save=["multi_modal_projector"],
+                  target_modules=rf".*language_model.*\.({'|'.join(targets)})",
+                  modules_to_save=["multi_modal_projector"],
                   base_model_name_or_path=base_model_name(base_model) if base_model else None,
                   fan_in_fan_out=False, init_lora_weights=True,
                   use_rslora=False, use_dora=False, inference_mode=True, rank_pattern={}, alpha_pattern={},

@@ -103,7 +103,8 @@ class VisionAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(d, d) for _ in range(4))
 
     def forward(self, x):  # (N, L, D)
-        q, k, v = (rearrange(p(x), "N L (h d) -> N h L d", h=self.num_heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (rearrange(p(x), "N L (h d) -> N h L d", h=self.num_heads)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v)  # no mask: every patch sees every patch
         return self.out_proj(rearrange(y, "N h L d -> N L (h d)"))
 
@@ -198,7 +199,8 @@ class RMSNorm(nn.Module):
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype):
     """cos/sin tables (B, T, head_dim) for absolute positions (B, T); computed in fp32."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    even = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32)
+    inv_freq = 1.0 / (theta ** (even / head_dim))
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -260,7 +262,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, slot)  # (B, kv_heads, S, hd)
         gqa = self.cfg.num_heads != self.cfg.num_kv_heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1, enable_gqa=gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                           enable_gqa=gqa)
         return self.o_proj(rearrange(y, "B h T d -> B T (h d)"))
 
 
@@ -345,11 +348,13 @@ class Llava(nn.Module):
         self.cfg = cfg
         # cfg.vision is None for a plain language model (a base LLM before stage 1, or a text-only check)
         self.vision_tower = VisionTower(cfg.vision) if cfg.vision else None
-        self.projector = Projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size) if cfg.vision else None
+        self.projector = (Projector(cfg.projector_type, cfg.vision.hidden_size, cfg.text.hidden_size)
+                          if cfg.vision else None)
         # one learned vector in LLM space, appended after every row of an image's feature grid
         self.image_newline = nn.Parameter(torch.empty(cfg.text.hidden_size)) if cfg.vision and cfg.has_newline else None
         self.language_model = Decoder(cfg.text)
-        self.lm_head = None if cfg.text.tie_word_embeddings else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.lm_head = (None if cfg.text.tie_word_embeddings
+                        else nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False))
 
     def output_embeddings(self):
         return self.language_model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -388,7 +393,8 @@ class Llava(nn.Module):
             x = x.masked_scatter(is_image[..., None], features)
         elif is_image.any():
             raise ValueError("the prompt holds image placeholders but no images were given")
-        elif self.vision_tower is not None and torch.is_grad_enabled() and any(p.requires_grad for p in self.projector.parameters()):
+        elif (self.vision_tower is not None and torch.is_grad_enabled()
+              and any(p.requires_grad for p in self.projector.parameters())):
             # a text-only batch in training still runs one blank crop through tower and projector, weighted 0, as
             # the original does: every rank's autograd graph then holds the same parameters, as DDP/FSDP expect
             C = self.cfg.vision.image_size

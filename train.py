@@ -1,6 +1,7 @@
 """Training: the LLaVA stages on plain PyTorch, one process or many (torchrun: DDP, or FSDP2 with --fsdp).
 
-    LLaVA JSON records --data.SupervisedDataset--> (ids, labels, images) --data.global_batches--> this rank's micro-batches
+    LLaVA JSON records --data.SupervisedDataset--> (ids, labels, images)
+                       --data.global_batches--> this rank's micro-batches
     micro-batch (B, T) --Llava--> logits --cross-entropy over answer tokens, / answer tokens in the global batch-->
     backward per micro-batch (gradients sync on the last) -> clip -> AdamW, one learning rate per module -> cosine
 
@@ -9,7 +10,8 @@ The stages (which parameters learn is `set_trainable`):
     1.5  the whole model, on high-quality detailed captions (OneVision's "mid" stage)
     2    the whole model, on instructions; --freeze-vision-tower keeps the tower fixed (LLaVA-1.5, Interleave)
 
-    python train.py [--seed N]                       the toy life cycle on CPU (toy/lifecycle.py; data from toy/world.py)
+    python train.py [--seed N]                       the toy life cycle on CPU (toy/lifecycle.py;
+                                                     data from toy/world.py)
     python train.py --recipe llava-v1.5-stage1       a real stage (recipes.py; flags override its values)
     torchrun --nproc_per_node 8 train.py --recipe llava-next-stage2 --model runs/stage1/final
              --data mix.json --image-folder /data --fsdp --bf16
@@ -117,7 +119,8 @@ class TrainConfig:
                              "frozen")
     lora_alpha: float = flag(0.0, "the update is scaled by alpha / rank (0: 2 x rank, finetune_lora.sh's 256 / 128)")
     lora_dropout: float = flag(0.05, "on the adapters' input (LLaVA's default)")
-    lora_targets: str = flag("", "comma-separated decoder linears, e.g. q_proj,v_proj (empty: all seven, as LLaVA does)")
+    lora_targets: str = flag("", "comma-separated decoder linears, e.g. q_proj,v_proj "
+                                 "(empty: all seven, as LLaVA does)")
     plan: bool = flag(False, "print the memory plan per GPU for these flags (tools/memory_plan.py) and exit; nothing "
                              "is loaded")
     gpus: int = flag(0, "--plan: GPUs in all, across nodes (0: this machine's)")
@@ -129,7 +132,8 @@ class TrainConfig:
 
 
 def prepare_stage(model, cfg: TrainConfig, bf16_base: bool):
-    """LoRA adapters where asked, then which parameters learn (tools/memory_plan.py prepares its meta model with this too)."""
+    """LoRA adapters where asked, then which parameters learn (tools/memory_plan.py prepares its meta model with
+    this too)."""
     if cfg.lora_rank:
         add_lora(model, cfg, bf16_base)
     set_trainable(model, cfg)
@@ -218,7 +222,8 @@ def parallelize(model, cfg: TrainConfig, device, world: int):
 
         # bf16 on GPUs: each unit is all-gathered and computed in bf16, gradients are reduce-scattered in fp32 and the
         # fp32 shards are AdamW's master weights (16 bytes per parameter / GPUs, torchtitan's default policy)
-        mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision(cfg, device) else MixedPrecisionPolicy()
+        mp = (MixedPrecisionPolicy(torch.bfloat16, torch.float32) if mixed_precision(cfg, device)
+              else MixedPrecisionPolicy())
         for block in [*model.language_model.layers, *(model.vision_tower.layers if model.vision_tower else [])]:
             fully_shard(block, mp_policy=mp)
         return fully_shard(model, mp_policy=mp)
@@ -242,10 +247,12 @@ def build_dataset(cfg: TrainConfig, model, tokenizer):
     """(dataset, per-sample modality lengths, steps per epoch, total steps) of --data."""
     records = load_records(cfg.data)
     dataset = SupervisedDataset(records, cfg.image_folder, tokenizer, cfg.template, model.cfg, cfg.max_len,
-                                video_folder=cfg.video_folder, num_frames=cfg.frames, image_placement=cfg.image_placement)
+                                video_folder=cfg.video_folder, num_frames=cfg.frames,
+                                image_placement=cfg.image_placement)
     steps_per_epoch = len(records) // cfg.global_batch_size
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, fewer than one global batch ({cfg.global_batch_size})")
+        raise SystemExit(f"error: {cfg.data} has {len(records)} samples, "
+                         f"fewer than one global batch ({cfg.global_batch_size})")
     return dataset, dataset.modality_lengths(), steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.epochs
 
 
@@ -255,8 +262,8 @@ def micro_batches(batch: list[int], rank: int, world: int, micro: int) -> list[l
     return [slots[a * world + rank] for a in range(len(slots) // world)]
 
 
-def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, steps_per_epoch: int, rank: int, world: int,
-                 pad_id: int):
+def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, steps_per_epoch: int, rank: int,
+                 world: int, pad_id: int):
     """This rank's collated micro-batches from step `start` to `total`, in order. The order is a pure function of
     (seed, epoch) and each sample of its index, so --num-workers N (processes that read, tile and tokenise ahead
     of the GPU) gives the same batches as 0, and a resumed run picks up exactly where the killed one was."""
@@ -266,7 +273,8 @@ def batch_loader(dataset, lengths, cfg: TrainConfig, start: int, total: int, ste
     for step in range(start, total):
         epoch, index = divmod(step, steps_per_epoch)
         if epoch not in schedules:
-            schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch, cfg.group_by_modality_length)}
+            schedules = {epoch: global_batches(lengths, cfg.global_batch_size, cfg.seed, epoch,
+                                               cfg.group_by_modality_length)}
         plan += micro_batches(schedules[epoch][index], rank, world, cfg.micro_batch_size)
     workers = cfg.num_workers
     if workers < 0:  # GPUs: read, tile and tokenise off the main process, which then only launches kernels
@@ -348,7 +356,8 @@ def step_flops(model, batches) -> int:
             tower_factor = 3 if any(p.requires_grad for p in tower.parameters()) else 1
             crops = sum(im.pixels.shape[0] for im in b["images"])
             P = tower.position_embedding.num_embeddings
-            flops += crops * tower_factor * forward_flops(sum(p.numel() for p in tower.parameters()), v.num_layers, v.hidden_size, P)
+            tower_params = sum(p.numel() for p in tower.parameters())
+            flops += crops * tower_factor * forward_flops(tower_params, v.num_layers, v.hidden_size, P)
             flops += crops * 3 * 2 * sum(p.numel() for p in model.projector.parameters()) * P
     return flops
 
@@ -363,7 +372,8 @@ class StepLog:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep = [l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start] if self.path.exists() and start else []
+        keep = ([l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start]
+                if self.path.exists() and start else [])
         self.path.write_text("".join(l + "\n" for l in keep))
         if not cfg.quiet:
             from tqdm import tqdm
@@ -375,7 +385,8 @@ class StepLog:
         tokens, flops = device_sum(torch.tensor(local, dtype=torch.float64, device=self.device), self.device).tolist()
         loss, grad_norm = float(loss), float(grad_norm)  # the step's one wait for the device
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the step's kernels have finished: dt is the step's time, not its launch
+            # the step's kernels have finished: dt is the step's time, not its launch
+            torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         if self.rank != 0:
             return
@@ -408,7 +419,8 @@ def optimizer_step(parallel_model, model, optimizer, batches, cfg: TrainConfig, 
     # each answer token weighs the same whatever micro-batch or rank it lands in: divide by the global count (counted
     # on the host from the CPU labels, summed over ranks on the device; fp32 holds these integers exactly)
     targets = device_sum(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches), device).clamp(min=1)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 and not mixed_precision(cfg, device) else nullcontext()
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 and not mixed_precision(cfg, device)
+                else nullcontext())
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for a, b in enumerate(batches):
         context = nullcontext()
@@ -421,7 +433,8 @@ def optimizer_step(parallel_model, model, optimizer, batches, cfg: TrainConfig, 
         with context, autocast:
             # no padding_mask: batches are right-padded, so the causal rule alone is exact for every real token and
             # SDPA takes its flash / memory-efficient kernels; pad positions never reach the loss (logits_at)
-            logits = parallel_model(b["input_ids"].to(device, non_blocking=True), b["images"] or None, logits_at=learned)  # (N, V)
+            logits = parallel_model(b["input_ids"].to(device, non_blocking=True), b["images"] or None,
+                                    logits_at=learned)  # (N, V)
             loss = F.cross_entropy(logits.float(), labels[:, 1:][learned[:, :-1]], reduction="sum")
         (loss * world / targets).backward()  # DDP and FSDP average over ranks; this undoes it
         loss_sum += loss.detach()
@@ -465,7 +478,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         if rank == 0:
             print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
 
-    pad_id = tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>") or tokenizer.token_to_id("<unk>") or 0
+    pad_id = (tokenizer.token_to_id("<|endoftext|>") or tokenizer.token_to_id("<pad>")
+              or tokenizer.token_to_id("<unk>") or 0)
     loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
     log = StepLog(cfg, start, total, device, world, rank)
     done = start
@@ -478,8 +492,8 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
         log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
         done = step + 1
         if done % cfg.save_every == 0 or done == total:
-            save_checkpoint(cfg, parallel_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template, rank,
-                            run)
+            save_checkpoint(cfg, parallel_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template,
+                            rank, run)
         if cfg.stop_after and done - start >= cfg.stop_after:
             break
     log.close()
@@ -503,7 +517,8 @@ def arg_parser() -> argparse.ArgumentParser:
         if f.type is dict:
             continue
         if f.type is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"].replace("%", "%%"))
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f.metadata["help"].replace("%", "%%"))
         else:
             p.add_argument(flag, type=f.type, default=None, help=f.metadata["help"].replace("%", "%%"),
                            choices=sorted(TEMPLATES) if f.name == "template" else None)
@@ -536,7 +551,8 @@ def main(argv=None):
         if argv and not argv[1].isdigit():
             raise SystemExit(f"error: --seed {argv[1]!r}: expected a whole number, e.g. python train.py --seed 1")
         seed = int(argv[1]) if argv else 0
-        return life_cycle(sys.modules[__name__], ToyRun(out="runs/toy" if seed == 0 else f"runs/toy-seed{seed}", seed=seed))
+        out = "runs/toy" if seed == 0 else f"runs/toy-seed{seed}"
+        return life_cycle(sys.modules[__name__], ToyRun(out=out, seed=seed))
     cfg = parse_args(argv)
     try:
         if cfg.plan:

@@ -34,11 +34,15 @@ from tests.tiny_checkpoints import make_tokenizer  # noqa: E402
 
 def build(small: bool):
     if small:
-        vision = VisionConfig(image_size=56, patch_size=8, hidden_size=64, intermediate_size=128, num_heads=4, num_layers=2)
-        text = TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+        vision = VisionConfig(image_size=56, patch_size=8, hidden_size=64, intermediate_size=128, num_heads=4,
+                              num_layers=2)
+        text = TextConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                          num_kv_heads=2, head_dim=16)
     else:  # a CLIP-336/14 grid (576 tokens per image) with a narrower tower, and a 8-layer 512-wide decoder
-        vision = VisionConfig(image_size=336, patch_size=14, hidden_size=512, intermediate_size=2048, num_heads=8, num_layers=8)
-        text = TextConfig(vocab_size=320, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8, num_kv_heads=8, head_dim=64)
+        vision = VisionConfig(image_size=336, patch_size=14, hidden_size=512, intermediate_size=2048, num_heads=8,
+                              num_layers=8)
+        text = TextConfig(vocab_size=320, hidden_size=512, intermediate_size=1536, num_layers=8, num_heads=8,
+                          num_kv_heads=8, head_dim=64)
     cfg = LlavaConfig(vision=vision, text=text, image_aspect_ratio="pad", merge_type="flat")
     with torch.device("meta"):
         model = Llava(cfg)
@@ -73,7 +77,8 @@ def question_file(model, tokenizer, images, batch_size, new_tokens, repeats):
         text = f"<image>\nQuestion {i}: what is in the picture?\nAnswer the question using a single word or phrase."
         prompts.append(tokenize(tokenizer, render_prompt("vicuna_v1", [("user", text)]), [p.num_tokens]))
         processed.append([p])
-    run = lambda b: [generate_batch(model, prompts[s:s + b], processed[s:s + b], max_new_tokens=new_tokens)  # noqa: E731
+    run = lambda b: [generate_batch(model, prompts[s:s + b], processed[s:s + b],  # noqa: E731
+                                    max_new_tokens=new_tokens)
                      for s in range(0, len(prompts), b)]
     run(batch_size)  # warm-up
     one, batched = [], []

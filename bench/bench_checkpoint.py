@@ -3,7 +3,8 @@ saves (checkpoint.py: DCP shards per rank + the streamed llava-hf export) agains
 optimizer state on rank 0 first (the way it used to). A stack of square Linear layers under FSDP2 stands in for
 the decoder; the figures scale with its size, the ratios are what matter.
 
-    MALLOC_MMAP_THRESHOLD_=65536 torchrun --nproc-per-node 2 bench/bench_checkpoint.py [--layers 8 --width 2048 --shard-size 64MB]
+    MALLOC_MMAP_THRESHOLD_=65536 torchrun --nproc-per-node 2 bench/bench_checkpoint.py \\
+        [--layers 8 --width 2048 --shard-size 64MB]
 
 Prints, per rank, the peak resident memory above the level before each save (CPU, gloo). The environment variable
 keeps glibc from recycling freed buffers inside the heap, where a later phase would reuse them unseen.
@@ -81,7 +82,8 @@ def main():
     with PeakRSS() as m:  # the old way: full model + optimizer state gathered to rank 0, then written
         msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            torch.save({"model": msd, "optim": osd}, folder / "full.pt")  # stand-in for the write; the gather is the point
+            # stand-in for the write; the gather is the point
+            torch.save({"model": msd, "optim": osd}, folder / "full.pt")
         del msd, osd
         dist.barrier()
     results["gather to rank 0"] = m.peak - m.base
@@ -97,7 +99,8 @@ def main():
     for r in range(world):
         if r == rank:
             print(f"rank {rank}: model + AdamW state {state_bytes / 1e6:.0f} MB over {world} ranks; peak RSS above "
-                  f"the level before the save: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in results.items()), flush=True)
+                  f"the level before the save: " + ", ".join(f"{k} {v / 1e6:.0f} MB" for k, v in results.items()),
+                  flush=True)
         dist.barrier()
     if rank == 0:
         shutil.rmtree(folder)

@@ -1,10 +1,11 @@
 """train.py's training step on a random LLaVA-NeXT of a released shape, on synthetic stage-2 batches.
 
-    python bench/bench_train_step.py --preset cpu               CPU: the step with the dense (B, 1, T, T) padding mask
-                                                                (the previous training path) against without it
-    python bench/bench_train_step.py --preset 7b --device cuda  GPU: CLIP-L/336 + a Vicuna-7B-shaped decoder, bf16 through
-                                                                FSDP2 mixed precision, 5 crops per image; MFU and peak
-                                                                memory against the --plan figures (bench_gpu.sh runs it)
+    python bench/bench_train_step.py --preset cpu               CPU: the step with the dense (B, 1, T, T) padding
+                                                                mask (the previous training path) against without it
+    python bench/bench_train_step.py --preset 7b --device cuda  GPU: CLIP-L/336 + a Vicuna-7B-shaped decoder, bf16
+                                                                through FSDP2 mixed precision, 5 crops per image; MFU
+                                                                and peak memory against the --plan figures
+                                                                (bench_gpu.sh runs it)
 
 A sample is one 672x672 image (5 crops: the base and a 2x2 grid, 2,928 image tokens) and a conversation around it;
 lengths vary within a micro-batch, so rows are right-padded as data.collate pads them. Weights are random: the
@@ -38,7 +39,8 @@ PRESETS = {
                                         num_heads=32, num_kv_heads=32, head_dim=128), text_tokens=(300, 900)),
     # the README's 0.9B: CLIP-L/336 + a Qwen2-0.5B-shaped decoder
     "0.9b": dict(vision=CLIP_L, text=dict(vocab_size=151646, hidden_size=896, intermediate_size=4864, num_layers=24,
-                                          num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True, tie_word_embeddings=True),
+                                          num_heads=14, num_kv_heads=2, head_dim=64, qkv_bias=True,
+                                          tie_word_embeddings=True),
                  text_tokens=(300, 900)),
     # small enough for a 2-core CPU, the same token layout
     "cpu": dict(vision=dict(hidden_size=64, intermediate_size=256, num_heads=4, num_layers=2),
@@ -77,8 +79,10 @@ def batches(model, preset: str, micro: int, count: int, seed: int = 0):
         batch = {"input_ids": torch.zeros(micro, T, dtype=torch.long), "labels": torch.full((micro, T), IGNORE_INDEX),
                  "padding_mask": torch.zeros(micro, T, dtype=torch.long), "bad": [], "notes": [], "size": micro}
         for r, (ids, labels) in enumerate(rows):
-            batch["input_ids"][r, : len(ids)], batch["labels"][r, : len(ids)], batch["padding_mask"][r, : len(ids)] = ids, labels, 1
-        batch["images"] = [ProcessedImage(torch.randn(5, 3, C, C, generator=g), (672, 672), (2, 2), n_img) for _ in range(micro)]
+            n = len(ids)
+            batch["input_ids"][r, :n], batch["labels"][r, :n], batch["padding_mask"][r, :n] = ids, labels, 1
+        batch["images"] = [ProcessedImage(torch.randn(5, 3, C, C, generator=g), (672, 672), (2, 2), n_img)
+                           for _ in range(micro)]
         out.append(batch)
     return out
 
@@ -106,8 +110,8 @@ def cpu(args):
     data = batches(model, "cpu", args.micro_batch_size, 1)
     T = data[0]["input_ids"].shape[1]
     print(f"cpu preset: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, micro-batch "
-          f"{args.micro_batch_size} x {T} tokens (lengths {data[0]['padding_mask'].sum(1).tolist()}), torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{args.micro_batch_size} x {T} tokens (lengths {data[0]['padding_mask'].sum(1).tolist()}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     times, losses = {True: [], False: []}, {}
     for it in range(args.steps + 1):
         for masked in (True, False):
@@ -118,7 +122,8 @@ def cpu(args):
     a, b = statistics.median(times[True]), statistics.median(times[False])
     print(f"forward+backward, dense (B,1,T,T) mask: median {a:.3f} s   causal, no mask: median {b:.3f} s   "
           f"ratio {a / b:.2f}x  ({args.steps} rounds, alternating)")
-    print(f"loss with mask {losses[True]:.8f}, without {losses[False]:.8f}, |diff| {abs(losses[True] - losses[False]):.2e}")
+    print(f"loss with mask {losses[True]:.8f}, without {losses[False]:.8f}, "
+          f"|diff| {abs(losses[True] - losses[False]):.2e}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,9 +149,9 @@ def gpu(args):
     train.prepare_stage(meta, cfg, bf16_base=True)
     plan = memory_plan.plan(cfg, 1, torch.cuda.get_device_properties(device).total_memory, model=meta)
     name = torch.cuda.get_device_name(device)
-    print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''} on {name}: {plan.param_count / 1e9:.2f} B parameters, micro-batch {args.micro_batch_size} x "
-          f"{cfg.max_len} tokens max, {args.accumulation} micro-batches a step, gradient checkpointing "
-          f"{cfg.gradient_checkpointing}, torch {torch.__version__}")
+    print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''} on {name}: {plan.param_count / 1e9:.2f} B parameters, "
+          f"micro-batch {args.micro_batch_size} x {cfg.max_len} tokens max, {args.accumulation} micro-batches a step, "
+          f"gradient checkpointing {cfg.gradient_checkpointing}, torch {torch.__version__}")
     report_sdpa(model, cfg.max_len)
     ddp_model = train.parallelize(model, cfg, device, 1)
     optimizer = torch.optim.AdamW(train.param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
@@ -168,10 +173,12 @@ def gpu(args):
             rates.append(flops / dt)
     measured = torch.cuda.max_memory_allocated(device)
     planned = plan.fixed + args.micro_batch_size * plan.activations
-    mfu = f"MFU {statistics.median(rates) / peak:.1%} (median of steps 3+, peak {peak / 1e12:.0f} TFLOP/s)" if peak and rates else "MFU: unknown GPU peak"
-    print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''}: {mfu}; peak memory {measured / 1e9:.1f} GB measured, {planned / 1e9:.1f} GB planned "
-          f"(params {plan.params / 1e9:.1f} + grads {plan.grads / 1e9:.1f} + AdamW {plan.optimizer / 1e9:.1f} + in flight "
-          f"{plan.in_flight / 1e9:.1f} + {args.micro_batch_size} x activations {plan.activations / 1e9:.2f}), "
+    mfu = (f"MFU {statistics.median(rates) / peak:.1%} (median of steps 3+, peak {peak / 1e12:.0f} TFLOP/s)"
+           if peak and rates else "MFU: unknown GPU peak")
+    print(f"{args.preset}{' LoRA' if cfg.lora_rank else ''}: {mfu}; peak memory {measured / 1e9:.1f} GB measured, "
+          f"{planned / 1e9:.1f} GB planned (params {plan.params / 1e9:.1f} + grads {plan.grads / 1e9:.1f} "
+          f"+ AdamW {plan.optimizer / 1e9:.1f} + in flight {plan.in_flight / 1e9:.1f} "
+          f"+ {args.micro_batch_size} x activations {plan.activations / 1e9:.2f}), "
           f"plan / measured {planned / measured:.2f}")
     dist.destroy_process_group()
 
@@ -184,8 +191,8 @@ def report_sdpa(model, T: int):
     q = torch.empty(1, t.num_heads, T, t.head_dim, device="cuda", dtype=torch.bfloat16)
     k = torch.empty(1, t.num_kv_heads, T, t.head_dim, device="cuda", dtype=torch.bfloat16)
     params = SDPAParams(q, k, k, None, 0.0, True, t.num_heads != t.num_kv_heads)
-    ok = {n: getattr(torch.backends.cuda, f"can_use_{n}_attention")(params, False) for n in ("flash", "efficient", "cudnn")
-          if hasattr(torch.backends.cuda, f"can_use_{n}_attention")}
+    ok = {n: getattr(torch.backends.cuda, f"can_use_{n}_attention")(params, False)
+          for n in ("flash", "efficient", "cudnn") if hasattr(torch.backends.cuda, f"can_use_{n}_attention")}
     print(f"  SDPA kernels that take the decoder's training call: {ok}")
 
 

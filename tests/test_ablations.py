@@ -23,8 +23,8 @@ def run(name, out, capsys):
     for arm in results.values():
         scores = arm[0]
         assert 0 <= scores["heldout"] <= 1 and all(0 <= a <= 1 for a in scores["per_type"].values())
-    assert re.fullmatch(rf"{name}: \S+.*(the miniature (agrees|does not agree) with the paper|(agreeing|disagreeing) with the paper).*\(1 seeds, plot .*\)",
-                        lines[-1]), lines[-1]
+    verdict = r"(the miniature (agrees|does not agree) with the paper|(agreeing|disagreeing) with the paper)"
+    assert re.fullmatch(rf"{name}: \S+.*{verdict}.*\(1 seeds, plot .*\)", lines[-1]), lines[-1]
     return results, lines
 
 
@@ -57,7 +57,8 @@ def test_stage1_and_interleave_arms_run_their_own_stages(out, capsys):
 
 def test_verdict_compares_the_means_and_each_seed_with_its_own():
     def results(first, other):
-        return {arm: [{"heldout": v, "per_type": {}} for v in values] for arm, values in zip(claim.arms, (first, other))}
+        return {arm: [{"heldout": v, "per_type": {}} for v in values]
+                for arm, values in zip(claim.arms, (first, other))}
 
     claim = ablations.CLAIMS["interleave"]
     # the interleave claim as measured: higher at each seed, though one seed's first arm is below another's second

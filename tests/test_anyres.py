@@ -20,7 +20,8 @@ from model import LlavaConfig, VisionConfig
 
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 CLIP = VisionConfig(kind="clip", image_size=336, patch_size=14, hidden_size=1024, num_layers=23)
-SIGLIP = VisionConfig(kind="siglip", image_size=384, patch_size=14, hidden_size=1152, num_layers=26, select_feature="full")
+SIGLIP = VisionConfig(kind="siglip", image_size=384, patch_size=14, hidden_size=1152, num_layers=26,
+                      select_feature="full")
 
 
 def llava_16(compat="original"):
@@ -159,7 +160,8 @@ def test_video_tokens_are_196_per_frame_plus_one_newline():
 
 def test_knobs_off_reproduce_the_release():
     assert HigherAnyRes().changed() == {}
-    for cfg, size, tokens in [(llava_16(), (640, 480), 2340), (onevision(), (1920, 1080), 7269), (llava_15(), (640, 480), 576)]:
+    for cfg, size, tokens in [(llava_16(), (640, 480), 2340), (onevision(), (1920, 1080), 7269),
+                              (llava_15(), (640, 480), 576)]:
         assert num_image_tokens(size, knobs(cfg)) == tokens
 
 

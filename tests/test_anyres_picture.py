@@ -1,6 +1,6 @@
-"""`python -m tools.anyres_picture IMAGE --model NAME --save grid.png`: the printed token rows add up to `num_image_tokens` and
-match counts worked out by hand; the canvas panel has its crop boundaries, unpad cut and newline column where the
-arithmetic puts them. Only config.json is read: the model folders here hold nothing else."""
+"""`python -m tools.anyres_picture IMAGE --model NAME --save grid.png`: the printed token rows add up to
+`num_image_tokens` and match counts worked out by hand; the canvas panel has its crop boundaries, unpad cut and
+newline column where the arithmetic puts them. Only config.json is read: the model folders here hold nothing else."""
 
 import json
 
@@ -46,7 +46,8 @@ def test_printed_rows_worked_out_by_hand(models, tmp_path, capsys):
     assert run([tmp_path / "big.png", "--model", models / "onevision", "--images", "2"], capsys) == [729, 1, 730]
 
 
-@pytest.mark.parametrize("size, flags", [((1000, 600), ["--max-grid", "4"]), ((300, 1200), []), ((640, 480), ["--compat", "transformers"])])
+@pytest.mark.parametrize("size, flags", [((1000, 600), ["--max-grid", "4"]), ((300, 1200), []),
+                                         ((640, 480), ["--compat", "transformers"])])
 def test_rows_add_up_to_num_image_tokens(models, tmp_path, capsys, size, flags):
     photo(*size).save(tmp_path / "x.png")
     rows = run([tmp_path / "x.png", "--model", models / "next", *flags], capsys)
@@ -85,7 +86,8 @@ def test_canvas_panel(models):
 
 def test_single_crop_panel_and_saved_picture(models, tmp_path, capsys):
     photo(500, 300).save(tmp_path / "x.png")
-    anyres_picture.main([str(tmp_path / "x.png"), "--model", str(models / "onevision"), "--images", "2", "--save", str(tmp_path / "pic.png")])
+    anyres_picture.main([str(tmp_path / "x.png"), "--model", str(models / "onevision"), "--images", "2",
+                         "--save", str(tmp_path / "pic.png")])
     assert rows_of(capsys.readouterr().out) == [729, 1, 730]
     picture = Image.open(tmp_path / "pic.png")
     # the image (fitted in 300 px), the padded 384 crop (shown at 460 px) side by side; no base view, no grid

@@ -89,7 +89,8 @@ def question_file(tmp_path):
     (tmp_path / "images").mkdir()
     for i, size in enumerate([(70, 30), (30, 70), (40, 40)]):
         photo(*size, seed=i).save(tmp_path / "images" / f"{i}.png")
-    rows = [{"question_id": q, "image": f"{q % 3}.png", "text": f"Question {q}?\nAnswer the question using a single word."}
+    rows = [{"question_id": q, "image": f"{q % 3}.png",
+             "text": f"Question {q}?\nAnswer the question using a single word."}
             for q in range(5)] + [{"question_id": "text-only", "text": "Say hi."}]
     path = tmp_path / "questions.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -124,7 +125,8 @@ def test_question_file_resumes_after_the_answers_it_has(tiny, question_file, tmp
     partial.write_text(json.dumps(full[3]) + "\n" + json.dumps(full[0]) + "\n" + '{"question_id": 1, "te')
     asked = []
     generate_batch = generation.generate_batch
-    monkeypatch.setattr(generation, "generate_batch", lambda m, prompts, *a, **k: asked.append(len(prompts)) or generate_batch(m, prompts, *a, **k))
+    monkeypatch.setattr(generation, "generate_batch",
+                        lambda m, prompts, *a, **k: asked.append(len(prompts)) or generate_batch(m, prompts, *a, **k))
     resumed = run_file(folder, question_file, partial, "--batch-size", "3")
     assert sum(asked) == 4  # questions 1, 2, 4 and text-only
     assert sorted(map(str, (r["question_id"] for r in resumed))) == sorted(map(str, (r["question_id"] for r in full)))
@@ -135,9 +137,11 @@ def test_question_file_errors_are_one_line(tiny, tmp_path):
     bad = tmp_path / "q.jsonl"
     bad.write_text('{"question_id": 1, "text": "Hi"}\n{"image": "x.png", "text": "Hi"}\n')
     with pytest.raises(SystemExit, match=r"q.jsonl:2: missing question_id"):
-        infer.main(["--batch-file", str(bad), "--output", str(tmp_path / "a.jsonl"), "--model", str(tiny("next_llama"))])
+        infer.main(["--batch-file", str(bad), "--output", str(tmp_path / "a.jsonl"),
+                    "--model", str(tiny("next_llama"))])
     bad.write_text('{"question_id": 1, "image": "gone.png", "text": "Hi"}\n')
     with pytest.raises(SystemExit, match=r"question 1: missing image: .*gone.png"):
-        infer.main(["--batch-file", str(bad), "--output", str(tmp_path / "a.jsonl"), "--model", str(tiny("next_llama"))])
+        infer.main(["--batch-file", str(bad), "--output", str(tmp_path / "a.jsonl"),
+                    "--model", str(tiny("next_llama"))])
     with pytest.raises(SystemExit, match="needs --output"):
         infer.main(["--batch-file", str(bad), "--model", str(tiny("next_llama"))])

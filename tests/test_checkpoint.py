@@ -62,7 +62,8 @@ def test_llava_hf_shards_hold_at_most_max_shard_size(dataset, monkeypatch, tmp_p
 
     model, _ = load_pretrained(str(dataset[1]))
     written = {}
-    monkeypatch.setattr(safetensors.torch, "save_file", lambda shard, path, metadata=None: written.update({path: dict(shard)}))
+    monkeypatch.setattr(safetensors.torch, "save_file",
+                        lambda shard, path, metadata=None: written.update({path: dict(shard)}))
     limit = parse_size("150KB")
     save_pretrained(model, tmp_path, max_shard_bytes=limit)
     sizes = {p: sum(t.numel() * t.element_size() for t in shard.values()) for p, shard in written.items()}
@@ -73,8 +74,8 @@ def test_llava_hf_shards_hold_at_most_max_shard_size(dataset, monkeypatch, tmp_p
 
 
 def test_parse_size():
-    assert [parse_size(s) for s in ("5GB", "200KB", "2GiB", "1.5MB", "100", "80G")] == [5 * 10**9, 200_000, 2 << 30, 1_500_000,
-                                                                                   100, 80 * 10**9]
+    assert ([parse_size(s) for s in ("5GB", "200KB", "2GiB", "1.5MB", "100", "80G")]
+            == [5 * 10**9, 200_000, 2 << 30, 1_500_000, 100, 80 * 10**9])
     with pytest.raises(SystemExit, match="--max-shard-size '5 apples'"):
         parse_size("5 apples")
 
@@ -113,7 +114,8 @@ point = sys.argv[2]
 if point == "dcp-metadata":  # step 6's data files are written, its .metadata not yet
     pause_when(dcp_files.FileSystemWriter, "finish", lambda self, *a, **k: ".tmp-step-0000006" in str(self.path))
 if point == "llava-hf-shard":  # step 6's DCP files and first llava-hf shard are written, the second not yet
-    pause_when(safetensors.torch, "save_file", lambda shard, path, **k: ".tmp-step-0000006" in path and "00002-of" in path)
+    pause_when(safetensors.torch, "save_file",
+               lambda shard, path, **k: ".tmp-step-0000006" in path and "00002-of" in path)
 if point == "final":  # the last checkpoint is published, final/ not yet
     pause_when(train, "publish_final", lambda *a, **k: True)
 train.main(sys.argv[3:])
@@ -124,12 +126,13 @@ train.main(sys.argv[3:])
 def test_sigkill_during_a_save_then_resume_ends_bit_identical(dataset, reference, tmp_path, point):
     root, model = dataset
     args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
-            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-            "--max-steps", str(STEPS), "--save-every", "3", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
-            "--device", "cpu", "--hf-checkpoints", "--max-shard-size", "200KB"]
+            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--max-steps", str(STEPS), "--save-every", "3", "--quiet", "--template", "qwen_1_5",
+            "--max-len", "512", "--device", "cpu", "--hf-checkpoints", "--max-shard-size", "200KB"]
     run = subprocess.Popen([sys.executable, "-c", PAUSING_DRIVER, str(ROOT), point, *args], cwd=ROOT, text=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})  # the same sums as in here
+                           # the same sums as in here
+                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     try:
         assert run.stdout.readline().strip() == "paused", run.stderr.read()[-3000:]
     finally:
@@ -139,7 +142,8 @@ def test_sigkill_during_a_save_then_resume_ends_bit_identical(dataset, reference
     visible = sorted(p.name for p in checkpoints.iterdir() if not p.name.startswith("."))
     assert visible == (["step-0000006", "step-0000008"] if point == "final" else ["step-0000003"])
     assert not (tmp_path / "run" / "final").exists()
-    train(config(dataset, tmp_path, max_steps=STEPS, save_every=3, hf_checkpoints=True, max_shard_size="200KB", resume=True))
+    train(config(dataset, tmp_path, max_steps=STEPS, save_every=3, hf_checkpoints=True, max_shard_size="200KB",
+                 resume=True))
     a, b = weights(reference / "final"), sharded_weights(tmp_path / "run" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert losses(reference) == losses(tmp_path / "run")
@@ -149,13 +153,14 @@ def test_two_nodes_of_one_process_equal_one_process(dataset, reference, tmp_path
     """torchrun --nnodes 2 with c10d rendezvous on localhost, one process per "node": the losses of one process."""
     root, model = dataset
     args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
-            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-            "--max-steps", str(STEPS), "--stop-after", "2", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
-            "--device", "cpu"]
+            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--max-steps", str(STEPS), "--stop-after", "2", "--quiet", "--template", "qwen_1_5",
+            "--max-len", "512", "--device", "cpu"]
     port = 30500 + os.getpid() % 1000
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(r), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}",
-                               "--rdzv-id", "test", "train.py", *args], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                               "--rdzv-id", "test", "train.py", *args],
+                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     results = [node.communicate(timeout=900) for node in nodes]
     assert all(node.returncode == 0 for node in nodes), [err[-3000:] for _, err in results]

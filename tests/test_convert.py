@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import tiny_checkpoints as tc
 from convert import (
     PRESETS,
     CheckpointError,
@@ -29,7 +28,8 @@ from convert import (
     ("model.mm_projector.2.bias", "projector.linear_2.bias"),
     ("model.mm_projector.weight", "projector.linear.weight"),
     ("model.image_newline", "image_newline"),
-    ("model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "vision_tower.layers.0.mlp.fc1.weight"),
+    ("model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+     "vision_tower.layers.0.mlp.fc1.weight"),
     ("model.vision_tower.vision_tower.vision_model.embeddings.class_embedding", "vision_tower.class_embedding"),
     # llava-hf as on the hub (transformers 4.x)
     ("language_model.model.norm.weight", "language_model.norm.weight"),
@@ -53,7 +53,8 @@ def rewrite_keys(src, dst, rename):
     """Copy a saved tiny checkpoint with every key passed through `rename`."""
     shutil.copytree(src, dst)
     state = load_file(dst / "model.safetensors")
-    save_file({rename(k): v.contiguous() for k, v in state.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    save_file({rename(k): v.contiguous() for k, v in state.items()}, dst / "model.safetensors",
+              metadata={"format": "pt"})
     return dst
 
 
@@ -62,7 +63,8 @@ def rewrite_keys(src, dst, rename):
     "hub_4x": lambda k: k.replace("vision_tower.", "vision_tower.vision_model.", 1),
     # transformers 4.52+ in-memory names
     "inmemory_452": lambda k: ("lm_head.weight" if k == "language_model.lm_head.weight" else
-                               "model.language_model." + k[len("language_model.model."):] if k.startswith("language_model.model.") else
+                               "model.language_model." + k[len("language_model.model."):]
+                               if k.startswith("language_model.model.") else
                                "model." + k),
 }.items(), ids=["hub_4x", "inmemory_452"])
 def test_llava_hf_layouts_load_to_the_same_weights(tiny, tmp_path, layout):
@@ -86,7 +88,8 @@ def test_clip_tower_runs_only_the_layers_llava_reads(tiny):
 
 
 def test_unexpected_key_names_the_key(tiny, tmp_path):
-    folder = rewrite_keys(tiny("next_llama"), tmp_path / "ckpt", lambda k: k.replace("layers.1.mlp.up_proj", "layers.1.mlp.upper"))
+    folder = rewrite_keys(tiny("next_llama"), tmp_path / "ckpt",
+                          lambda k: k.replace("layers.1.mlp.up_proj", "layers.1.mlp.upper"))
     with pytest.raises(CheckpointError, match=r"unexpected key 'language_model.model.layers.1.mlp.upper.weight'"):
         load_pretrained(str(folder))
 
@@ -107,7 +110,8 @@ def test_wrong_shape_names_key_and_shapes(tiny, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 96
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match=r"model.safetensors: 'language_model.model.layers.0.mlp.down_proj.weight' has shape \(64, 128\), the config implies \(64, 96\)"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: 'language_model.model.layers.0.mlp.down_proj."
+                                              r"weight' has shape \(64, 128\), the config implies \(64, 96\)"):
         load_pretrained(str(folder))
 
 
@@ -115,9 +119,11 @@ def test_llava_hf_configs_written_sparsely_fall_back_to_class_defaults():
     # the llava-hf LLaVA-1.5-7B config.json as on the hub: transformers wrote only non-default fields
     raw = {"model_type": "llava", "image_token_index": 32000, "vision_feature_layer": -2,
            "vision_feature_select_strategy": "default",
-           "text_config": {"model_type": "llama", "max_position_embeddings": 4096, "rms_norm_eps": 1e-05, "vocab_size": 32064},
-           "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096, "model_type": "clip_vision_model",
-                             "num_attention_heads": 16, "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}}
+           "text_config": {"model_type": "llama", "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+                           "vocab_size": 32064},
+           "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                             "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                             "patch_size": 14, "projection_dim": 768}}
     cfg = llava_config(raw, "config.json")
     assert (cfg.text.hidden_size, cfg.text.num_layers, cfg.text.num_kv_heads, cfg.text.head_dim) == (4096, 32, 32, 128)
     assert (cfg.text.vocab_size, cfg.text.rms_norm_eps, cfg.text.rope_theta) == (32064, 1e-5, 10000.0)
@@ -126,14 +132,16 @@ def test_llava_hf_configs_written_sparsely_fall_back_to_class_defaults():
 
 def test_original_onevision_config():
     # lmms-lab/llava-onevision-qwen2-7b-ov: SigLIP named, not described; range-syntax pinpoints expanded
-    raw = {"model_type": "llava", "architectures": ["LlavaQwenForCausalLM"], "hidden_size": 3584, "intermediate_size": 18944,
-           "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
-           "rms_norm_eps": 1e-6, "vocab_size": 152064, "tie_word_embeddings": False, "max_position_embeddings": 32768,
-           "mm_vision_tower": "google/siglip-so400m-patch14-384", "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1152,
-           "mm_vision_select_layer": -2, "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
+    raw = {"model_type": "llava", "architectures": ["LlavaQwenForCausalLM"], "hidden_size": 3584,
+           "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
+           "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "vocab_size": 152064, "tie_word_embeddings": False,
+           "max_position_embeddings": 32768, "mm_vision_tower": "google/siglip-so400m-patch14-384",
+           "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": 1152, "mm_vision_select_layer": -2,
+           "mm_patch_merge_type": "spatial_unpad", "image_aspect_ratio": "anyres_max_9",
            "image_grid_pinpoints": "(1x1),...,(6x6)"}
     cfg = llava_config(raw, "config.json")
-    assert (cfg.vision.kind, cfg.vision.num_layers, cfg.vision.side, cfg.vision.select_feature) == ("siglip", 26, 27, "full")
+    assert ((cfg.vision.kind, cfg.vision.num_layers, cfg.vision.side, cfg.vision.select_feature)
+            == ("siglip", 26, 27, "full"))
     assert len(cfg.grid_pinpoints) == 36 and cfg.grid_pinpoints[-1] == [2304, 2304]
     # model_type "llava" (edited by lmms-lab for SGLang) hides the Qwen family; the architectures name it
     assert cfg.text.qkv_bias is True and cfg.text.rope_theta == 1e6 and cfg.text.num_kv_heads == 4

@@ -39,13 +39,15 @@ def test_qwen_1_5_string():  # NeXT's conv_qwen
 def test_llava_llama_3_string_trims_messages():
     prompt = render_prompt("llava_llama_3", [("user", " <image>\nWhat is this? ")])
     assert prompt == (
-        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + TEMPLATES["llava_llama_3"].system.split("\n\n")[1]
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+        + TEMPLATES["llava_llama_3"].system.split("\n\n")[1]
         + "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is this?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def test_plain_keeps_only_the_image_and_the_caption():
-    assert render_prompt("plain", [("user", "<image>\nDescribe."), ("assistant", "A red square.")], False) == "<image>A red square.\n"
+    assert (render_prompt("plain", [("user", "<image>\nDescribe."), ("assistant", "A red square.")], False)
+            == "<image>A red square.\n")
 
 
 def word_tokenizer(bos: str):
@@ -183,7 +185,8 @@ def test_sentencepiece_labels_spell_the_answers(tiny_parts, name, template, comp
     _, _, tok = tiny_parts(name)
     chat = [("user", "<image>\nwhat is it"), ("assistant", "a cat"), ("user", "and this"), ("assistant", "the dog")]
     ids, labels = tokenize_conversation(tok, template, chat, [3], compat)
-    assert tok.decode([l for l in labels if l != IGNORE_INDEX], skip_special_tokens=False).replace(" ", "") == "acat</s>thedog</s>"
+    answers = tok.decode([l for l in labels if l != IGNORE_INDEX], skip_special_tokens=False)
+    assert answers.replace(" ", "") == "acat</s>thedog</s>"
     assert ids == tokenize(tok, render_prompt(template, chat, add_generation_prompt=False), [3], compat)
 
 
@@ -197,7 +200,8 @@ CHAT = [("user", "<image>\nwhat is it"), ("assistant", "a cat"), ("user", "and t
 
 def chat_tokenizer(bos=None):
     """Word-level: every whitespace-separated word and every template marker is one token, so labels read as words."""
-    words = sorted({w for t in TEMPLATES.values() for s in (t.system, t.user, t.assistant, t.generation) for w in s.split()}
+    words = sorted({w for t in TEMPLATES.values() for s in (t.system, t.user, t.assistant, t.generation)
+                    for w in s.split()}
                    | {"what", "is", "it", "a", "cat", "and", "this", "dog", "left", "right", "USER:", "ASSISTANT:"})
     vocab = {w: i for i, w in enumerate(["[UNK]", *SPECIALS, *words])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -249,8 +253,10 @@ def test_plain_learns_the_caption_only():
 
 def test_multi_image_positions_are_never_learned():
     tok = chat_tokenizer()
-    ids, labels = tokenize_conversation(tok, "qwen_1_5", [("user", "<image> left <image> right"), ("assistant", "a dog")], [2, 3])
-    assert [i for i, t in enumerate(ids) if t == IMAGE_TOKEN] == [i for i, t in enumerate(ids) if t == IMAGE_TOKEN and labels[i] == IGNORE_INDEX]
+    chat = [("user", "<image> left <image> right"), ("assistant", "a dog")]
+    ids, labels = tokenize_conversation(tok, "qwen_1_5", chat, [2, 3])
+    assert ([i for i, t in enumerate(ids) if t == IMAGE_TOKEN]
+            == [i for i, t in enumerate(ids) if t == IMAGE_TOKEN and labels[i] == IGNORE_INDEX])
     assert ids.count(IMAGE_TOKEN) == 5 and learned(tok, ids, labels) == ["a", "dog", "<|im_end|>"]
 
 
@@ -270,7 +276,10 @@ def bad_records(tmp_path):
 
     photo(40, 30).save(tmp_path / "ok.png")
     (tmp_path / "truncated.jpg").write_bytes((lambda b: b[: len(b) // 2])(_jpeg_bytes()))
-    chat = lambda text="<image>\nwhat is it": [{"from": "human", "value": text}, {"from": "gpt", "value": "a cat"}]  # noqa: E731
+
+    def chat(text="<image>\nwhat is it"):
+        return [{"from": "human", "value": text}, {"from": "gpt", "value": "a cat"}]
+
     return tmp_path, [
         {"id": "good", "image": "ok.png", "conversations": chat()},
         {"id": "missing", "image": "nope.png", "conversations": chat()},
@@ -279,7 +288,8 @@ def bad_records(tmp_path):
         {"id": "gpt-first", "image": "ok.png", "conversations": chat()[::-1]},
         {"id": "empty", "image": "ok.png", "conversations": []},
         # two images stay where the text puts them; the second falls beyond --max-len
-        {"id": "long", "image": ["ok.png", "ok.png"], "conversations": chat("<image> " + "what is it " * 100 + "<image>")},
+        {"id": "long", "image": ["ok.png", "ok.png"],
+         "conversations": chat("<image> " + "what is it " * 100 + "<image>")},
     ]
 
 
@@ -302,8 +312,8 @@ def test_each_bad_sample_gets_its_own_error(bad_records, tiny):
     assert len(dataset[0]["input_ids"]) < 300
     kinds = {dataset[i]["id"]: dataset[i].get("error") for i in range(len(records))}
     assert kinds == {"good": None, "missing": "missing image", "truncated": "unreadable image",
-                     "count": "image count mismatch", "gpt-first": "first turn not human", "empty": "empty conversation",
-                     "long": "truncated through an image"}
+                     "count": "image count mismatch", "gpt-first": "first turn not human",
+                     "empty": "empty conversation", "long": "truncated through an image"}
     assert "nope.png" in dataset[1]["detail"] and "truncated.jpg" in dataset[2]["detail"]
 
 
@@ -315,9 +325,10 @@ def test_a_run_counts_bad_samples_and_stops_when_there_are_too_many(bad_records,
     folder, records = bad_records
     data = folder / "data.json"
     data.write_text(json.dumps([records[0]] * 20 + records[1:3]))  # 2 bad samples in 22
-    cfg = TrainConfig(model=str(tiny("next_qwen2")), data=str(data), image_folder=str(folder), output_dir=str(tmp_path / "run"),
-                      global_batch_size=22, micro_batch_size=11, max_steps=1, max_len=512, save_every=10, group_by_modality_length=False,
-                      max_bad_fraction=0.1)  # allows up to 0.1 * 22 + 3 standard deviations = 6.4 bad samples in 22
+    # max_bad_fraction 0.1 allows up to 0.1 * 22 + 3 standard deviations = 6.4 bad samples in 22
+    cfg = TrainConfig(model=str(tiny("next_qwen2")), data=str(data), image_folder=str(folder),
+                      output_dir=str(tmp_path / "run"), global_batch_size=22, micro_batch_size=11, max_steps=1,
+                      max_len=512, save_every=10, group_by_modality_length=False, max_bad_fraction=0.1)
     train(cfg)
     err = capsys.readouterr().err
     assert "skipping sample 'missing'" in err and "skipping sample 'truncated'" in err
@@ -339,7 +350,8 @@ def test_image_placement_interleaved_front_and_mixed():
 
     turns = [("user", "Look at <image> and then <image>. Same?"), ("assistant", "No.")]
     assert place_images(turns, "interleaved") == turns
-    assert place_images(turns, "front") == [("user", "<image>\n<image>\nLook at  and then . Same?"), ("assistant", "No.")]
+    assert (place_images(turns, "front")
+            == [("user", "<image>\n<image>\nLook at  and then . Same?"), ("assistant", "No.")])
     # mixed: drawn per sample id, the same every time, and both formats occur
     drawn = [place_images(turns, "mixed", key=i) for i in range(40)]
     assert drawn == [place_images(turns, "mixed", key=i) for i in range(40)]

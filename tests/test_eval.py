@@ -139,7 +139,8 @@ def test_score_file_with_categories_and_unanswered(tmp_path):
 
 
 def test_choice_file_uses_the_options(tmp_path):
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "q1", "text": "a dog"}, {"question_id": "q2", "text": "A"}])
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": "q1", "text": "a dog"},
+                                                 {"question_id": "q2", "text": "A"}])
     gold = write_jsonl(tmp_path / "g.jsonl", [{"question_id": "q1", "answer": "B", "options": OPTIONS},
                                               {"question_id": "q2", "answer": "C", "options": OPTIONS}])
     assert ev.score_file(answers, gold, "choice")["score"] == 0.5
@@ -162,14 +163,18 @@ def test_bad_files_are_one_line_errors(tmp_path, answers, gold, message):
 
 
 def test_command_line(tmp_path):
-    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "Gadsen"}, {"question_id": 2, "text": "xyz"}])
-    gold = write_jsonl(tmp_path / "g.jsonl", [{"question_id": 1, "answers": ["Gadsden"]}, {"question_id": 2, "answer": "abc"}])
-    done = subprocess.run([sys.executable, "-m", "tools.eval", str(answers), "--annotations", str(gold), "--metric", "anls", "--json"],
+    answers = write_jsonl(tmp_path / "a.jsonl", [{"question_id": 1, "text": "Gadsen"},
+                                                 {"question_id": 2, "text": "xyz"}])
+    gold = write_jsonl(tmp_path / "g.jsonl", [{"question_id": 1, "answers": ["Gadsden"]},
+                                              {"question_id": 2, "answer": "abc"}])
+    done = subprocess.run([sys.executable, "-m", "tools.eval", str(answers), "--annotations", str(gold),
+                           "--metric", "anls", "--json"],
                           cwd=ROOT, capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["score"] == pytest.approx((1 - 1 / 7) / 2)
-    missing = subprocess.run([sys.executable, "-m", "tools.eval", str(tmp_path / "nope.jsonl"), "--annotations", str(gold),
-                              "--metric", "anls"], cwd=ROOT, capture_output=True, text=True)
-    assert missing.returncode != 0 and missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jsonl'}: no such file"]
+    missing = subprocess.run([sys.executable, "-m", "tools.eval", str(tmp_path / "nope.jsonl"),
+                              "--annotations", str(gold), "--metric", "anls"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert missing.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope.jsonl'}: no such file"]
 
 
 def lmms_eval_file(relative):

@@ -56,7 +56,8 @@ def alone(adapter, doc_id, max_new_tokens):
 def test_generate_until_equals_one_at_a_time(adapter):
     assert (adapter.batch_size, adapter.max_new_tokens, adapter.template) == (2, 64, "vicuna_v1")
     # two gen_kwargs groups, the first split into batches of 2 and 1: answers still come back in request order
-    short, longer = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}, {"max_new_tokens": 7, "do_sample": False}
+    short = {"max_new_tokens": 4, "temperature": 0, "until": ["\n\n"]}
+    longer = {"max_new_tokens": 7, "do_sample": False}
     requests = [request(0, short), request(1, longer), request(2, short), request(1, short)]
     answers = adapter.generate_until(requests)
     expected = [alone(adapter, 0, 4)[1], alone(adapter, 1, 7)[1], alone(adapter, 2, 4)[1], alone(adapter, 1, 4)[1]]
@@ -79,7 +80,8 @@ def test_loglikelihood_is_the_mean_token_loss(adapter):
     path through the model than the adapter's single forward), with the image in the context."""
     tokenizer, model = adapter.tokenizer, adapter.model
     image = process_image(DOCS[0]["image"], model.cfg)
-    ids = tokenize(tokenizer, render_prompt(adapter.template, [("user", "<image>\n" + DOCS[0]["question"])]), [image.num_tokens])
+    prompt = render_prompt(adapter.template, [("user", "<image>\n" + DOCS[0]["question"])])
+    ids = tokenize(tokenizer, prompt, [image.num_tokens])
     target = tokenizer.encode("blue sky", add_special_tokens=False).ids
     assert len(target) >= 2
     cache = KVCache(model.cfg.text, 1, len(ids) + len(target), torch.float32, "cpu")
@@ -97,8 +99,10 @@ def test_loglikelihood_prefers_the_greedy_token(adapter):
     """Over single-token continuations, the greedy token has the smallest loss and the only is_greedy=True. Text-only
     contexts are tried until the random model's greedy token is one that decodes and encodes back to itself."""
     tokenizer = adapter.tokenizer
-    candidates = [t for t in range(3, 300) if tokenizer.encode(tokenizer.decode([t]), add_special_tokens=False).ids == [t]]
-    for word in ["Say a word.", "Hello", "Name a colour.", "Count.", "Why?", "Go on", "And then?", "Yes or no?", "Pick"]:
+    candidates = [t for t in range(3, 300)
+                  if tokenizer.encode(tokenizer.decode([t]), add_special_tokens=False).ids == [t]]
+    for word in ["Say a word.", "Hello", "Name a colour.", "Count.", "Why?", "Go on", "And then?", "Yes or no?",
+                 "Pick"]:
         ids = tokenize(tokenizer, render_prompt(adapter.template, [("user", word)]))
         greedy = next(generate(adapter.model, ids, max_new_tokens=1))
         if greedy in candidates:

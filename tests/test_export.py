@@ -10,6 +10,7 @@ import torch
 from conftest import photo
 
 import tiny_checkpoints as tc
+from tiny_releases import to_original_layout
 from export import main as convert_main
 from data import TEMPLATES, render_prompt, system_slot
 from export import jinja_template
@@ -29,7 +30,7 @@ def export(src, dest, *args):
 def source_folder(tiny, tmp_path, name, layout):
     if layout == "llava-hf":
         return tiny(name)
-    return tc.to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
+    return to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
                                  shard_format="safetensors", include_tower=True)
 
 
@@ -65,13 +66,15 @@ def test_onevision_export_matches_its_source(tiny, tmp_path):
     out = tmp_path / "export"
     model = export(source_folder(tiny, tmp_path, "onevision_qwen2", "original"), out)
     config = json.loads((out / "config.json").read_text())
-    assert (config["image_token_index"], config["video_token_index"], config["vision_aspect_ratio"]) == (318, 319, "anyres_max_9")
+    assert ((config["image_token_index"], config["video_token_index"], config["vision_aspect_ratio"])
+            == (318, 319, "anyres_max_9"))
     processor = json.loads((out / "processor_config.json").read_text())
     assert (processor["processor_class"], processor["num_image_tokens"], processor["video_token"]) == (
         "LlavaOnevisionProcessor", 81, "<video>")
     assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == 317  # <|im_end|>
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
-    assert tokenizer("a<image>b<video>").input_ids == tc.load_tokenizer(tiny("onevision_qwen2"))("a<image>b<video>").input_ids
+    source_tokenizer = tc.load_tokenizer(tiny("onevision_qwen2"))
+    assert tokenizer("a<image>b<video>").input_ids == source_tokenizer("a<image>b<video>").input_ids
     image = photo(170, 120, seed=2)
     pixels = transformers.AutoImageProcessor.from_pretrained(str(out), backend="pil")(images=image, return_tensors="pt")
     reference = tc.load_reference(tiny("onevision_qwen2"))
@@ -105,7 +108,8 @@ def test_a_tokenizer_without_image_gets_the_token_and_a_vocabulary_row(tiny, tmp
     assert processor.tokenizer("a<image>b", add_special_tokens=False).input_ids == [67, 320, 68]
 
     image = photo(50, 30, seed=1)
-    theirs = tc.load_full_processor(tiny("next_llama"))(images=image, text="<s>USER: <image>\nHi ASSISTANT:", return_tensors="pt")
+    theirs = tc.load_full_processor(tiny("next_llama"))(images=image, text="<s>USER: <image>\nHi ASSISTANT:",
+                                                        return_tensors="pt")
     ours = dict(theirs, input_ids=torch.where(theirs["input_ids"] == 319, 320, theirs["input_ids"]))
     reference = tc.load_reference(tiny("next_llama"))
     with torch.no_grad():
@@ -133,7 +137,8 @@ def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tm
     from chat_template import default_template  # the folder's template is read back; the tokenizer alone says vicuna_v1
 
     tokenizer = load_tokenizer(src, str(src))
-    assert (default_template(str(tmp_path / "ckpt"), tokenizer), default_template(str(src), tokenizer)) == ("llava_v1", "vicuna_v1")
+    assert ((default_template(str(tmp_path / "ckpt"), tokenizer), default_template(str(src), tokenizer))
+            == ("llava_v1", "vicuna_v1"))
 
 
 @pytest.mark.parametrize("template", sorted(set(TEMPLATES) - {"qwen_2"}))

@@ -192,7 +192,8 @@ def split_into_two_shards(folder, keep_second: bool):
     tensors = load_file(folder / "model.safetensors")
     (folder / "model.safetensors").unlink()
     keys = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
     for i, (name, part) in enumerate(halves.items()):
         if i == 0 or keep_second:
             save_file({k: tensors[k] for k in part}, str(folder / name))
@@ -201,9 +202,11 @@ def split_into_two_shards(folder, keep_second: bool):
 
 
 CHECKPOINT_CASES = [
-    ("config.json not JSON", lambda f: (f / "config.json").write_text('{\n  "model_type": "llava_next",\n  "text_config": {,}\n}'),
+    ("config.json not JSON",
+     lambda f: (f / "config.json").write_text('{\n  "model_type": "llava_next",\n  "text_config": {,}\n}'),
      ["config.json", "not valid JSON at line 3", "download it again"]),
-    ("config.json a list", lambda f: (f / "config.json").write_text("[1, 2]"), ["config.json", "expected a JSON object"]),
+    ("config.json a list", lambda f: (f / "config.json").write_text("[1, 2]"),
+     ["config.json", "expected a JSON object"]),
     ("config.json field of the wrong type", edit_config(lambda c: c["text_config"].update(hidden_size="big")),
      ["config.json", "hidden_size 'big'", "expected a positive integer"]),
     ("config.json pinpoints unreadable", edit_config(lambda c: c.update(image_grid_pinpoints="336 by 672")),
@@ -212,12 +215,14 @@ CHECKPOINT_CASES = [
      ["model.safetensors", "has shape", "the config implies"]),
     ("safetensors cut in half", lambda f: cut_in_half(f / "model.safetensors"),
      ["model.safetensors", "not a complete safetensors file", "download it again"]),
-    ("safetensors empty", lambda f: (f / "model.safetensors").write_bytes(b""), ["model.safetensors", "not a complete"]),
+    ("safetensors empty", lambda f: (f / "model.safetensors").write_bytes(b""),
+     ["model.safetensors", "not a complete"]),
     ("index names a missing shard", lambda f: split_into_two_shards(f, keep_second=False),
      ["model.safetensors.index.json", "model-00002-of-00002.safetensors", "which is not in", "download"]),
     ("index not JSON", lambda f: (split_into_two_shards(f, True), (f / "model.safetensors.index.json").write_text("{")),
      ["model.safetensors.index.json", "not valid JSON at line 1"]),
-    ("index without weight_map", lambda f: (split_into_two_shards(f, True), (f / "model.safetensors.index.json").write_text("{}")),
+    ("index without weight_map",
+     lambda f: (split_into_two_shards(f, True), (f / "model.safetensors.index.json").write_text("{}")),
      ["model.safetensors.index.json", "weight_map"]),
     ("no weights", lambda f: (f / "model.safetensors").unlink(), ["no model.safetensors"]),
     ("no config.json", lambda f: (f / "config.json").unlink(), ["no config.json", "model folder"]),
@@ -255,9 +260,11 @@ DATA_CASES = [  # (case, file name, content, words)
     ("binary file", "data.json", b"\xff\xfe\x00\x81garbage", ["data.json", "UTF-8 text file"]),
     ("mixture entry without json_path", "mix.json", '{"datasets": [{"sampling_strategy": "all"}]}',
      ["mix.json", "datasets[0]", "json_path"]),
-    ("mixture with a bad strategy", "mix.json", '{"datasets": [{"json_path": "part.json", "sampling_strategy": "first:lots"}]}',
+    ("mixture with a bad strategy", "mix.json",
+     '{"datasets": [{"json_path": "part.json", "sampling_strategy": "first:lots"}]}',
      ["mix.json", "datasets[0] sampling_strategy 'first:lots'", "first:N"]),
-    ("mixture asking for more than there is", "mix.json", '{"datasets": [{"json_path": "part.json", "sampling_strategy": "end:9"}]}',
+    ("mixture asking for more than there is", "mix.json",
+     '{"datasets": [{"json_path": "part.json", "sampling_strategy": "end:9"}]}',
      ["mix.json", "0 <= N <= 2"]),
 ]
 
@@ -289,8 +296,10 @@ CHAT = [{"from": "human", "value": "<image>\nwhat is it"}, {"from": "gpt", "valu
 ROWS = [  # (record, error kind, words of the detail)
     ({"id": "r1", "image": "ok.png"}, "missing conversations", ['"conversations"']),
     ({"id": "r2", "image": "ok.png", "conversations": "hello"}, "malformed turn", ['"conversations" is a str']),
-    ({"id": "r3", "image": "ok.png", "conversations": [CHAT[0], "a cat"]}, "malformed turn", ["conversations[1] is a str"]),
-    ({"id": "r4", "image": "ok.png", "conversations": [CHAT[0], {"from": "gpt"}]}, "malformed turn", ['conversations[1]', '"value"']),
+    ({"id": "r3", "image": "ok.png", "conversations": [CHAT[0], "a cat"]}, "malformed turn",
+     ["conversations[1] is a str"]),
+    ({"id": "r4", "image": "ok.png", "conversations": [CHAT[0], {"from": "gpt"}]}, "malformed turn",
+     ['conversations[1]', '"value"']),
     ({"id": "r5", "image": "ok.png", "conversations": [{"from": "robot", "value": "hi"}, CHAT[1]]}, "malformed turn",
      ['conversations[0]', '"from"']),
     ({"id": "r6", "image": 7, "conversations": CHAT}, "malformed image field", ['"image" is 7']),
@@ -350,11 +359,12 @@ def test_as_a_process(tiny, files, args, words):
 
 def test_a_cut_checkpoint_as_a_process(tiny, tmp_path):
     folder = broken_copy(tiny, tmp_path, lambda f: cut_in_half(f / "model.safetensors"))
-    done = subprocess.run([sys.executable, "infer.py", "Hi", "--model", str(folder)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "infer.py", "Hi", "--model", str(folder)], cwd=ROOT, capture_output=True,
+                          text=True)
     assert done.returncode == 1 and "Traceback" not in done.stderr
-    assert done.stderr.strip() == (f"error: {folder / 'model.safetensors'}: not a complete safetensors file (Error while "
-                                   f"deserializing header: incomplete metadata, file not fully covered); the download "
-                                   f"was probably cut short: download it again")
+    assert done.stderr.strip() == (f"error: {folder / 'model.safetensors'}: not a complete safetensors file "
+                                   f"(Error while deserializing header: incomplete metadata, file not fully covered); "
+                                   f"the download was probably cut short: download it again")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -407,7 +417,8 @@ def test_unusual_images_are_answered(tiny, unusual, capsys, model):
     from convert import load_pretrained
 
     paths = [str(unusual / name) for name in sorted(UNUSUAL)]
-    infer.main(paths + ["What differs?", "--model", str(tiny(model)), "--json", "--max-new-tokens", "2", "--ignore-eos"])
+    infer.main(paths + ["What differs?", "--model", str(tiny(model)), "--json", "--max-new-tokens", "2",
+                        "--ignore-eos"])
     result = json.loads(capsys.readouterr().out)
     cfg = load_pretrained(str(tiny(model)))[0].cfg
     assert result["image_tokens"] == [im.num_tokens for im in process_images([load_image(p) for p in paths], cfg)]

@@ -27,7 +27,8 @@ def image_file(tmp_path):
 
 def test_json_output_matches_the_model(tiny, image_file, capsys):
     folder = tiny("onevision_qwen2")
-    infer.main([str(image_file), "What is it?", "--model", str(folder), "--json", "--max-new-tokens", "6", "--ignore-eos"])
+    infer.main([str(image_file), "What is it?", "--model", str(folder), "--json", "--max-new-tokens", "6",
+                "--ignore-eos"])
     result = json.loads(capsys.readouterr().out)  # stdout holds exactly one JSON object
     assert set(result) == {"answer", "prompt_token_ids", "output_token_ids", "image_tokens", "timings"}
 
@@ -35,7 +36,8 @@ def test_json_output_matches_the_model(tiny, image_file, capsys):
     tokenizer = load_tokenizer(folder, str(folder))
     image = process_image(photo(70, 30, seed=7), model.cfg)
     prompt = render_prompt("qwen_1_5", [("user", "<image>\nWhat is it?")])
-    expected = list(generation.generate(model, tokenize(tokenizer, prompt, [image.num_tokens]), [image], max_new_tokens=6))
+    expected = list(generation.generate(model, tokenize(tokenizer, prompt, [image.num_tokens]), [image],
+                                        max_new_tokens=6))
     assert result["output_token_ids"] == expected and len(expected) == 6
     assert result["image_tokens"] == [image.num_tokens]
     assert result["prompt_token_ids"] == tokenize(tokenizer, prompt, [1])  # one IMAGE_TOKEN per image

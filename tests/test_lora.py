@@ -11,6 +11,7 @@ from conftest import photo
 from test_train import config, dataset  # noqa: F401  (the fixture)
 
 import tiny_checkpoints as tc
+from tiny_releases import to_original_layout
 from anyres import process_image
 from convert import PRESETS, load_pretrained
 from lora import base_model_name
@@ -72,8 +73,8 @@ def test_peft_loads_the_adapter_onto_the_base_with_the_same_logits(lora_run):
     pixels = dict(tc.make_processor("next_qwen2")(images=image, return_tensors="pt"))
     theirs_ids = torch.where(ids == IMAGE_TOKEN, tc.IMAGE_TOKEN_ID["next_qwen2"], ids)
     with torch.no_grad():
-        theirs = reference(input_ids=theirs_ids, attention_mask=torch.ones_like(ids), pixel_values=pixels["pixel_values"],
-                           image_sizes=pixels["image_sizes"]).logits
+        theirs = reference(input_ids=theirs_ids, attention_mask=torch.ones_like(ids),
+                           pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"]).logits
         mine = ours(ids, processed)
     assert (mine - theirs).abs().max() <= 1e-4, (mine - theirs).abs().max()
 
@@ -104,7 +105,7 @@ def test_an_adapter_from_a_preset_names_its_llava_hf_repo(source):
 def test_an_adapter_from_an_original_layout_folder_names_no_base(tiny, tmp_path):
     """transformers cannot build an original-layout checkpoint that is no preset: nothing is named (its llava-hf
     form is whatever `python convert.py` writes, later); a llava-hf folder is named by its absolute path."""
-    original = tc.to_original_layout(tiny("next_qwen2"), tmp_path / "original", tower_dir=tmp_path / "tower",
+    original = to_original_layout(tiny("next_qwen2"), tmp_path / "original", tower_dir=tmp_path / "tower",
                                      shard_format="safetensors", include_tower=True)
     assert base_model_name(str(original)) is None
     assert base_model_name(str(tiny("next_qwen2"))) == str(tiny("next_qwen2").resolve())

@@ -40,7 +40,8 @@ def test_plan_bytes_equal_the_sharded_meta_model(tiny, world, kind):
     p = memory_plan.plan(cfg, world, 80 * 10**9, memory_plan.meta_model(cfg, train.prepare_stage))
     assert (p.params, p.grads, p.optimizer) == fsdp_bytes(memory_plan.meta_model(cfg, train.prepare_stage), cfg, world)
     if kind == "lora_bf16":  # the frozen base is stored in bf16
-        assert {q.dtype for q in memory_plan.meta_model(cfg, train.prepare_stage).parameters() if not q.requires_grad} == {torch.bfloat16}
+        frozen = [q for q in memory_plan.meta_model(cfg, train.prepare_stage).parameters() if not q.requires_grad]
+        assert {q.dtype for q in frozen} == {torch.bfloat16}
 
 
 def test_ddp_plan_is_one_whole_replica(tiny):
@@ -48,7 +49,8 @@ def test_ddp_plan_is_one_whole_replica(tiny):
     model = memory_plan.meta_model(cfg, train.prepare_stage)
     p = memory_plan.plan(cfg, 8, 80 * 10**9, model)
     learning = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    assert (p.params, p.grads, p.optimizer) == (4 * sum(q.numel() for q in model.parameters()), 4 * learning, 8 * learning)
+    assert ((p.params, p.grads, p.optimizer)
+            == (4 * sum(q.numel() for q in model.parameters()), 4 * learning, 8 * learning))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -57,8 +59,9 @@ def test_activation_estimate_covers_what_autograd_keeps(dtype):
     see for one sample's forward are at most the estimate, and at least 85% of it (the estimate adds the
     loss's gradient, alive at the start of backward)."""
     cfg = LlavaConfig(vision=VisionConfig(hidden_size=64, intermediate_size=256, num_heads=4, num_layers=2),
-                      text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_layers=2, num_heads=8,
-                                      num_kv_heads=4, head_dim=32), grid_pinpoints=[[336, 672], [672, 336]])
+                      text=TextConfig(vocab_size=1000, hidden_size=256, intermediate_size=688, num_layers=2,
+                                      num_heads=8, num_kv_heads=4, head_dim=32),
+                      grid_pinpoints=[[336, 672], [672, 336]])
     with torch.device("meta"):
         model = Llava(cfg)
     model = init_fresh(model, dtype=dtype).train()
@@ -146,11 +149,14 @@ def test_plan_within_15_percent_of_a_tower_training_step(checkpointing):
 
 
 def test_plan_command_line(tiny):
-    run = lambda *flags: subprocess.run([sys.executable, "train.py", "--plan", "--model", str(tiny("next_qwen2")), *flags],
-                                        cwd=ROOT, capture_output=True, text=True)
+    def run(*flags):
+        return subprocess.run([sys.executable, "train.py", "--plan", "--model", str(tiny("next_qwen2")), *flags],
+                              cwd=ROOT, capture_output=True, text=True)
+
     done = run("--fsdp", "--bf16", "--gpus", "128", "--gpu-memory", "80GB")
     assert done.returncode == 0, done.stderr
     assert "FSDP2 over 128 GPUs, 16 nodes of 8" in done.stdout and "largest micro-batch that fits" in done.stdout
     bad = run("--gpu-memory", "lots")
     assert bad.returncode != 0
-    assert bad.stderr.strip().splitlines() == ["error: --gpu-memory 'lots': expected a size such as 5GB, 500MB, 80GB or 24GiB"]
+    assert bad.stderr.strip().splitlines() == ["error: --gpu-memory 'lots': "
+                                               "expected a size such as 5GB, 500MB, 80GB or 24GiB"]

@@ -7,6 +7,7 @@ import torch
 from conftest import photo
 
 import tiny_checkpoints as tc
+from tiny_releases import to_original_layout
 from anyres import process_image, process_images, process_video, video_tokens
 from convert import load_pretrained
 from generate import generate
@@ -106,8 +107,9 @@ def test_multi_image_logits_pixels_and_counts(models, name, count):
     if name == "onevision_qwen2":  # and the same greedy continuation
         greedy = list(generate(ours, mine_ids[0].tolist(), processed, max_new_tokens=8))
         with torch.no_grad():
+            visuals = {k: pixels[k] for k in ("pixel_values", "image_sizes", "batch_num_images")}
             reference = ref.generate(input_ids=their_ids, attention_mask=torch.ones_like(their_ids), max_new_tokens=8,
-                                     do_sample=False, **{k: pixels[k] for k in ("pixel_values", "image_sizes", "batch_num_images")})
+                                     do_sample=False, **visuals)
         assert greedy == reference[0, their_ids.shape[1]:].tolist()
 
 
@@ -212,7 +214,7 @@ def test_kv_cache_equals_full_recompute(models, name):
 ])
 def test_original_layout_gives_the_same_logits(models, tmp_path, tiny, name, shard_format, include_tower):
     _, _, ours = models(name)
-    folder = tc.to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
+    folder = to_original_layout(tiny(name), tmp_path / "original", tower_dir=tmp_path / "tower",
                                    shard_format=shard_format, include_tower=include_tower)
     theirs_layout, _ = load_pretrained(str(folder), compat="transformers")
     assert theirs_layout.cfg == ours.cfg

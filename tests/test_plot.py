@@ -52,7 +52,8 @@ def test_missing_metrics_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit) as exit:
         train.main(["--plot", str(tmp_path / "empty"), "--save", str(tmp_path / "c.png")])
-    assert str(exit.value) == f"error: {tmp_path / 'empty'}: no metrics.jsonl (expected a train.py --output-dir, or the file itself)"
+    assert str(exit.value) == (f"error: {tmp_path / 'empty'}: no metrics.jsonl "
+                               f"(expected a train.py --output-dir, or the file itself)")
 
 
 def test_without_matplotlib_is_one_line(tmp_path, monkeypatch):

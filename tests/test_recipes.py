@@ -22,5 +22,7 @@ def test_grids_and_stage_settings():
     assert RECIPES["llava-next-stage2"]["vision_lr"] == 2e-6 and "lora_rank" not in RECIPES["llava-next-stage2"]
     lora = RECIPES["llava-next-stage2-lora"]
     assert (lora["lr"], lora["projector_lr"], lora["lora_rank"], lora["lora_alpha"]) == (2e-4, 2e-5, 128, 256)
-    assert RECIPES["onevision-0.5b-stage1.5"]["max_len"] == 8192 and RECIPES["onevision-0.5b-stage2"]["max_len"] == 32768
-    assert RECIPES["llava-v1.5-stage1"]["template"] == "plain" and RECIPES["llava-v1.5-stage2"]["template"] == "vicuna_v1"
+    assert RECIPES["onevision-0.5b-stage1.5"]["max_len"] == 8192
+    assert RECIPES["onevision-0.5b-stage2"]["max_len"] == 32768
+    assert RECIPES["llava-v1.5-stage1"]["template"] == "plain"
+    assert RECIPES["llava-v1.5-stage2"]["template"] == "vicuna_v1"

@@ -55,7 +55,8 @@ def eager_and_static(model, ids, images, steps, step_fn, max_len):
 
 def test_static_cache_step_equals_dynamic_cache(qwen):
     ids, images = prompt(qwen, [(45, 30)], (5, 6, 7, 8))
-    (tokens, logits), (static_tokens, static_logits) = eager_and_static(qwen, ids, images, 10, generation.decode_step, len(ids) + 10)
+    (tokens, logits), (static_tokens, static_logits) = eager_and_static(qwen, ids, images, 10, generation.decode_step,
+                                                                        len(ids) + 10)
     assert static_tokens == tokens
     assert (static_logits - logits).abs().max() <= 1e-5
 
@@ -90,7 +91,8 @@ def test_batch_equals_one_by_one(qwen):
     prompts = batch_prompts(qwen)
     alone = [list(generation.generate(qwen, ids, images, max_new_tokens=8)) for ids, images in prompts]
     assert len({len(ids) for ids, _ in prompts}) == 3  # really padded
-    batched = generation.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts], max_new_tokens=8)
+    batched = generation.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts],
+                                        max_new_tokens=8)
     assert batched == alone
 
 

@@ -234,7 +234,8 @@ def colored_cells(image: Image.Image) -> list[tuple[int, int]]:
     a = np.asarray(image.convert("RGB")).astype(int)
     saturated = (a.max(-1) - a.min(-1)) > 100
     h, w = saturated.shape
-    return [(c, r) for r in range(h // 16) for c in range(w // 16) if saturated[16 * r: 16 * r + 16, 16 * c: 16 * c + 16].sum() > 20]
+    return [(c, r) for r in range(h // 16) for c in range(w // 16)
+            if saturated[16 * r: 16 * r + 16, 16 * c: 16 * c + 16].sum() > 20]
 
 
 def test_two_image_and_motion_answers_follow_from_the_pixels(out):

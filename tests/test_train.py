@@ -24,8 +24,9 @@ def dataset(tmp_path_factory, tiny):
     records = []
     for i in range(32):
         if i % 8 == 7:
+            answer = "one two three"[: 3 + 4 * (i % 3)]
             records.append({"id": f"text{i}", "conversations": [{"from": "human", "value": f"count to {i % 3 + 1}"},
-                                                                 {"from": "gpt", "value": "one two three"[: 3 + 4 * (i % 3)]}]})
+                                                                 {"from": "gpt", "value": answer}]})
             continue
         photo(24 + 3 * i, 60 - i, seed=i).save(root / "images" / f"{i}.png")
         records.append({"id": f"img{i}", "image": f"{i}.png", "conversations": [
@@ -56,7 +57,8 @@ def test_stage_1_updates_the_projector_and_nothing_else(dataset, tmp_path):
     before, _ = load_pretrained(str(dataset[1]))
     after = train(config(dataset, tmp_path, stage="1", max_steps=3))
     changed = {n for n, p in after.state_dict().items() if not torch.equal(p, before.state_dict()[n])}
-    assert changed == {"projector.linear_1.weight", "projector.linear_1.bias", "projector.linear_2.weight", "projector.linear_2.bias"}
+    assert changed == {"projector.linear_1.weight", "projector.linear_1.bias",
+                       "projector.linear_2.weight", "projector.linear_2.bias"}
 
 
 def test_loss_falls_and_the_checkpoint_is_what_infer_reads(dataset, tmp_path):
@@ -67,7 +69,8 @@ def test_loss_falls_and_the_checkpoint_is_what_infer_reads(dataset, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model.eval()(ids))
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000020", "step-0000024"]  # keep 2
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-0000020", "step-0000024"]  # keep 2
 
 
 def test_killed_and_resumed_run_ends_bit_identical(dataset, tmp_path):
@@ -90,12 +93,13 @@ def run_torchrun(dataset, tmp_path, *flags, nproc=2, device="cpu"):
     """The same run as config(...) with max_steps 4, through torchrun's command line on `nproc` processes."""
     root, model = dataset
     args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
-            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-3",
-            "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5", "--max-len", "512",
-            "--device", device, *flags]
+            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--max-steps", "4", "--save-every", "4", "--quiet", "--template", "qwen_1_5",
+            "--max-len", "512", "--device", device, *flags]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-                           str(29500 + os.getpid() % 1000), "train.py", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                           "--master_port", str(29500 + os.getpid() % 1000), "train.py", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-6000:]
     return tmp_path / "run"
 
@@ -127,7 +131,8 @@ def mixed_dataset(tmp_path_factory, tiny):
             frames = [photo(30, 30, seed=i * 10 + f) for f in range(4)]
             frames[0].save(root / "images" / f"{i}.gif", save_all=True, append_images=frames[1:])
             records.append({"id": f"video{i}", "video": f"{i}.gif", "conversations": [
-                {"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": ["a cat", "a dog"][i % 8 // 4]}]})
+                {"from": "human", "value": "<image>\nWhat moves?"},
+                {"from": "gpt", "value": ["a cat", "a dog"][i % 8 // 4]}]})
         elif i % 4 == 3:
             records.append({"id": f"text{i}", "conversations": [{"from": "human", "value": "count"},
                                                                  {"from": "gpt", "value": "one two"}]})
@@ -170,7 +175,8 @@ def test_mfu_counts_the_flops_torch_counts(dataset, kind):
     model, _ = load_pretrained(str(folder))
     if kind == "lora":
         lora.inject(model, rank=4, alpha=8)
-    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=kind != "full", lora_rank=4 if kind == "lora" else 0))
+    set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=kind != "full",
+                                     lora_rank=4 if kind == "lora" else 0))
     from convert import load_tokenizer
 
     records = load_records(root / "data.json")[:4]

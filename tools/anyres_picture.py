@@ -60,7 +60,8 @@ def draw_image(image: Image.Image, cfg, num_images: int = 1) -> Image.Image:
     font, small, gap, top = _font(16), _font(12), 40, 50
     widths = [int(max(p.width, *(small.getlength(t) for t in lines))) for lines, p in panels]
     panels_height = max(p.height for _, p in panels) + 50
-    out = Image.new("RGB", (max(20 + sum(w + gap for w in widths), 800), top + panels_height + 22 * (len(parts) + 2)), "white")
+    out = Image.new("RGB", (max(20 + sum(w + gap for w in widths), 800), top + panels_height + 22 * (len(parts) + 2)),
+                    "white")
     draw = ImageDraw.Draw(out)
     n = feature_side(cfg)
     draw.text((20, 14), f"{sum(t for _, t in parts)} image tokens ({cfg.image_aspect_ratio}, {cfg.vision.kind} "
@@ -88,7 +89,8 @@ def draw_canvas(image: Image.Image, cfg, num_images: int = 1, box: int = 460):
     else:  # one crop: the square the tower sees
         cols = rows = 1
         pad = uses_anyres(cfg) or (cfg.image_aspect_ratio == "pad" and cfg.compat == "original")
-        square = expand_to_square(image, tuple(int(m * 255) for m in tower_mean_std(cfg.vision.kind)[0])) if pad else image
+        mean_colour = tuple(int(m * 255) for m in tower_mean_std(cfg.vision.kind)[0])
+        square = expand_to_square(image, mean_colour) if pad else image
         canvas = tower_resize(square, cfg.vision)
         titles = [f"the one crop the tower sees, {C} x {C}" + (" (padded to a square)" if pad else "")]
     crop = round(C * _fit(canvas.size, box))
@@ -110,7 +112,8 @@ def draw_canvas(image: Image.Image, cfg, num_images: int = 1, box: int = 460):
     px = crop / n  # screen pixels per feature
     kept = (round(left * px), round(top * px), round(right * px), round(bottom * px))
     W, H = cols * crop, rows * crop
-    for x0, y0, x1, y1 in ((0, 0, W, kept[1]), (0, kept[3], W, H), (0, kept[1], kept[0], kept[3]), (kept[2], kept[1], W, kept[3])):
+    for x0, y0, x1, y1 in ((0, 0, W, kept[1]), (0, kept[3], W, H),
+                           (0, kept[1], kept[0], kept[3]), (kept[2], kept[1], W, kept[3])):
         if x1 > x0 and y1 > y0:
             draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=(220, 30, 30, 110))
     draw.rectangle((kept[0], kept[1], kept[2] - 1, kept[3] - 1), outline=(0, 200, 0), width=3)
@@ -127,9 +130,11 @@ def draw_video(frames, cfg) -> Image.Image:
     parts = video_parts(len(frames), cfg)
     rows = -(-len(frames) // per_row)
     font, small = _font(16), _font(12)
-    out = Image.new("RGB", (20 + per_row * (side + 10) + 10, 50 + rows * (side + 30) + 22 * (len(parts) + 1) + 20), "white")
+    out = Image.new("RGB", (20 + per_row * (side + 10) + 10, 50 + rows * (side + 30) + 22 * (len(parts) + 1) + 20),
+                    "white")
     draw = ImageDraw.Draw(out)
-    draw.text((20, 14), f"{sum(t for _, t in parts)} video tokens ({len(frames)} frames, {m} x {m} each)", fill="black", font=font)
+    draw.text((20, 14), f"{sum(t for _, t in parts)} video tokens ({len(frames)} frames, {m} x {m} each)",
+              fill="black", font=font)
     for i, frame in enumerate(frames):
         x, y = 20 + (i % per_row) * (side + 10), 50 + (i // per_row) * (side + 30)
         out.paste(tower_resize(frame.convert("RGB"), cfg.vision).resize((side, side)), (x, y))
@@ -149,13 +154,16 @@ def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (8
     clip = VisionConfig(kind="clip", image_size=336, patch_size=14)
     siglip = VisionConfig(kind="siglip", image_size=384, patch_size=14, select_feature="full")
     next_grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
-    onevision = dict(vision=siglip, image_aspect_ratio="anyres_max_9", grid_pinpoints=parse_grid_pinpoints("(1x1),...,(6x6)", 384))
+    onevision = dict(vision=siglip, image_aspect_ratio="anyres_max_9",
+                     grid_pinpoints=parse_grid_pinpoints("(1x1),...,(6x6)", 384))
     rows = [  # (setting, config, images in the prompt)
         ("LLaVA-1.5 (pad, CLIP-336)", LlavaConfig(vision=clip, image_aspect_ratio="pad", merge_type="flat"), 1),
         ("LLaVA-NeXT (anyres, 5 grids up to 3x1)", LlavaConfig(vision=clip, grid_pinpoints=next_grids), 1),
-        ("  + max_grid 6", LlavaConfig(vision=clip, grid_pinpoints=next_grids, higher_anyres=HigherAnyRes(max_grid=6)), 1),
+        ("  + max_grid 6", LlavaConfig(vision=clip, grid_pinpoints=next_grids,
+                                       higher_anyres=HigherAnyRes(max_grid=6)), 1),
         ("  + max_grid 6, tau = 9 x 576", LlavaConfig(vision=clip, grid_pinpoints=next_grids,
-                                                      higher_anyres=HigherAnyRes(max_grid=6, token_threshold=9 * 576)), 1),
+                                                      higher_anyres=HigherAnyRes(max_grid=6,
+                                                                                 token_threshold=9 * 576)), 1),
         ("OneVision (anyres_max_9, 6x6, SigLIP-384)", LlavaConfig(**onevision), 1),
         ("  + tau = 4 x 729", LlavaConfig(**onevision, higher_anyres=HigherAnyRes(token_threshold=4 * 729)), 1),
         ("  + pool_images (bilinear 2x2)", LlavaConfig(**onevision, higher_anyres=HigherAnyRes(pool_images=True)), 1),
@@ -182,7 +190,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Without an image: the visual-token budget table. With an image (or "
                                 "--video): how the model cuts it into crops and tokens, printed and drawn (--save).")
     p.add_argument("image", nargs="?", help="an image file")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="short name, hub repo id or folder (only config.json is read)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="short name, hub repo id or folder (only config.json is read)")
     p.add_argument("--video", help="a video file, animated GIF/WebP or folder of frames, instead of an image")
     p.add_argument("--frames", type=int, default=32, help="frames sampled from --video")
     p.add_argument("--images", type=int, default=1,

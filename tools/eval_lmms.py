@@ -101,7 +101,8 @@ class LlavaScratch(lmms):
             until = gen.pop("until", [])
             until = [until] if isinstance(until, str) else list(until)
             if gen.get("num_beams", 1) not in (None, 1):
-                raise ValueError(f"num_beams={gen['num_beams']}: beam search is not implemented; greedy or sampling only")
+                raise ValueError(f"num_beams={gen['num_beams']}: beam search is not implemented; "
+                                 f"greedy or sampling only")
             options = dict(max_new_tokens=int(gen.get("max_new_tokens", self.max_new_tokens)),
                            temperature=float(gen.get("temperature") or 0) if gen.get("do_sample", True) else 0.0,
                            top_p=float(gen.get("top_p") or 1.0), stop_ids=self.stop)
@@ -133,7 +134,8 @@ class LlavaScratch(lmms):
         return results
 
     def generate_until_multi_round(self, requests):
-        raise NotImplementedError("multi-round generation is not implemented by this adapter (nor by lmms-eval's llava)")
+        raise NotImplementedError("multi-round generation is not implemented by this adapter "
+                                  "(nor by lmms-eval's llava)")
 
 
 def cut_at(text: str, until: list[str]) -> str:
@@ -144,7 +146,8 @@ def cut_at(text: str, until: list[str]) -> str:
     return text
 
 
-MODEL_REGISTRY_V2.register_manifest(ModelManifest(MODEL_NAME, simple_class_path=f"tools.eval_lmms.{LlavaScratch.__name__}"),
+MODEL_REGISTRY_V2.register_manifest(ModelManifest(MODEL_NAME,
+                                                  simple_class_path=f"tools.eval_lmms.{LlavaScratch.__name__}"),
                                     overwrite=True)
 
 

@@ -222,8 +222,8 @@ def report(cfg, p: Plan) -> str:
     else:
         lines.append("  does NOT fit, even at micro-batch 1")
     if not cfg.gradient_checkpointing:
-        lines.append(f"  with --gradient-checkpointing: activations {gb(p.activations_checkpointed).strip()} per sample, "
-                     f"largest micro-batch {p.largest_micro_batch(p.activations_checkpointed)}")
+        lines.append(f"  with --gradient-checkpointing: activations {gb(p.activations_checkpointed).strip()} "
+                     f"per sample, largest micro-batch {p.largest_micro_batch(p.activations_checkpointed)}")
     if not b and not p.sharded:
         lines.append("  shard the model and optimizer across the GPUs with --fsdp")
     return "\n".join(lines)

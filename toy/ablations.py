@@ -1,10 +1,10 @@
 """The seeds' claims in miniature: each ablation runs the toy life cycle (toy/lifecycle.py) in arms that differ in one
 thing, over several seeds, and says whether the toy moves the way the paper says.
 
-    python -m toy.ablations anyres       (a) AnyRes vs a fixed-resolution (pad) model on a small detail   LLaVA-1.6
-    python -m toy.ablations stage1       (b) stage 1 (projector only) first vs the whole model from the start   LLaVA-1.5
-    python -m toy.ablations threshold    (c) thresholded interpolation: accuracy against visual tokens   Higher-AnyRes
-    python -m toy.ablations interleave   (d) Interleave continued from the stage-2 vs the stage-1 model   NeXT-Interleave
+    python -m toy.ablations anyres      (a) AnyRes vs a fixed-resolution (pad) model on a small detail  LLaVA-1.6
+    python -m toy.ablations stage1      (b) stage 1 (projector only) first vs the whole model from the start  LLaVA-1.5
+    python -m toy.ablations threshold   (c) thresholded interpolation: accuracy against visual tokens  Higher-AnyRes
+    python -m toy.ablations interleave  (d) Interleave continued from the stage-2 vs the stage-1 model  NeXT-Interleave
         [--seeds 0 1 2] [--jobs 2] [--out runs/ablations] [--scale 1.0]
 
 Every arm of a seed shares that seed's data and stage 0 (made once, in OUT/seedS). An arm is a ToyRun: ABLATION_RUN
@@ -90,7 +90,8 @@ def arm_run(out: Path, name: str, arm: str, seed: int, scale: float) -> ToyRun:
     base["n_eval"] = max(10, round(base["n_eval"] * min(1.0, scale * 4)))
     seed_dir = out / f"seed{seed}-scale{scale:g}"
     key = "-".join(f"{k}={v}" for k, v in sorted(changes.items())).replace(",", "+") or "default"
-    return ToyRun(out=str(seed_dir / key), seed=seed, data=str(seed_dir / "data"), stage0=str(seed_dir / "stage0"), **base)
+    return ToyRun(out=str(seed_dir / key), seed=seed, data=str(seed_dir / "data"), stage0=str(seed_dir / "stage0"),
+                  **base)
 
 
 def run_one(run: ToyRun, threads: int) -> dict:
@@ -140,7 +141,8 @@ def run_ablation(name: str, seeds, out: Path, jobs: int, scale: float) -> dict:
     results = {arm: [json.loads((Path(runs[arm, s].out) / "scores.json").read_text()) for s in seeds]
                for arm in claim.arms}
     (out / name).mkdir(parents=True, exist_ok=True)
-    (out / name / "results.json").write_text(json.dumps({"seeds": seeds, "scale": scale, "arms": results}, indent=1) + "\n")
+    summary = {"seeds": seeds, "scale": scale, "arms": results}
+    (out / name / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return results
 
 
@@ -159,9 +161,11 @@ def verdict(claim: Claim, results: dict) -> str:
     if claim.keeps:
         agrees = all(mean[o] >= claim.keeps * mean[first] for o in others)
         how = f"keeps {claim.keeps:.0%} of it" if agrees else f"does not keep {claim.keeps:.0%} of it"
-        return f"{compared}: with fewer tokens the miniature {how}, {'agreeing' if agrees else 'disagreeing'} with the paper"
+        return (f"{compared}: with fewer tokens the miniature {how}, "
+                f"{'agreeing' if agrees else 'disagreeing'} with the paper")
     agrees = all(mean[first] > mean[o] for o in others)
-    every_seed = all(a > b for o in others for a, b in zip(values[first], values[o]))  # seed by seed: arms share its data
+    # seed by seed: arms share its data
+    every_seed = all(a > b for o in others for a, b in zip(values[first], values[o]))
     how = ("agrees with the paper" + (" (every seed)" if every_seed else " (on the mean, not at every seed)")
            if agrees else "does not agree with the paper")
     return f"{compared}: the miniature {how}"
@@ -176,8 +180,8 @@ def table(claim: Claim, results: dict) -> str:
         for k in keys:
             values = [score(r, k) for r in runs]
             cells.append(f"{statistics.mean(values):.3f} ({min(values):.2f}-{max(values):.2f})")
-        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {statistics.mean(r['visual_tokens'] for r in runs):.1f} | "
-                     f"{len(runs)} |")
+        lines.append(f"| {arm} | " + " | ".join(cells)
+                     + f" | {statistics.mean(r['visual_tokens'] for r in runs):.1f} | {len(runs)} |")
     return "\n".join(lines)
 
 

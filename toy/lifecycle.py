@@ -293,7 +293,8 @@ STAGES = {
 
 
 def stage_configs(trainer, run: ToyRun, data: Path, stage0: Path) -> list:
-    """One TrainConfig per stage of run.stages, exactly as the recipes run them (the tower frozen: see stage0_vision)."""
+    """One TrainConfig per stage of run.stages, exactly as the recipes run them (the tower frozen: see
+    stage0_vision)."""
     out, previous, configs = Path(run.out), None, []
     knobs = {"token_threshold": run.token_threshold} if run.token_threshold else {}
     for name in run.stages.split(","):
@@ -313,15 +314,17 @@ def stage_configs(trainer, run: ToyRun, data: Path, stage0: Path) -> list:
 
 
 # the ToyRun fields stage 0 depends on
-STAGE0_FIELDS = ("seed", "vision_width", "vision_layers", "text_width", "text_heads", "text_layers", "stage0_vision_steps",
-                 "stage0_images", "stage0_position_std", "stage0_warmup_ratio", "stage0_text_steps")
+STAGE0_FIELDS = ("seed", "vision_width", "vision_layers", "text_width", "text_heads", "text_layers",
+                 "stage0_vision_steps", "stage0_images", "stage0_position_std", "stage0_warmup_ratio",
+                 "stage0_text_steps")
 
 
 def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
     """The data set and stage 0's stand-ins, each made only if missing or made with other settings:
     (data folder, stage-0 folder)."""
     data = Path(run.data or Path(run.out) / "data")
-    wanted = json.loads(json.dumps(world.manifest(world.ToyConfig(), run.n_train, run.n_eval, run.seed)))  # as read back
+    # as read back
+    wanted = json.loads(json.dumps(world.manifest(world.ToyConfig(), run.n_train, run.n_eval, run.seed)))
     if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
         world.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed, progress=not run.quiet)
     stage0 = Path(run.stage0 or Path(run.out) / "stage0")
@@ -333,7 +336,8 @@ def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
         torch.manual_seed(run.seed)
         log(f"stage 0: vision tower, final loss {stage0_vision(run, data, stage0 / 'tower', trainer.lr_factor):.3f}")
         text_loss = stage0_text(run, data, Tokenizer.from_file(str(data / "tokenizer.json")), stage0 / "llm")
-        log(f"stage 0: language model, {f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
+        log(f"stage 0: language model, "
+            f"{f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
         stamp.write_text(json.dumps(made_with) + "\n")
     return data, stage0
 
@@ -365,8 +369,8 @@ def evaluate(model, tokenizer, data: Path, run: ToyRun) -> dict:
 
 def life_cycle(trainer, run: ToyRun = ToyRun()) -> dict:
     """Every stage, then the evaluation; returns the scores. `trainer` is train.py itself, handed in by its main() so
-    that the two files do not import each other: its `train`, `TrainConfig` and `lr_factor` run the stages exactly as the
-    recipes."""
+    that the two files do not import each other: its `train`, `TrainConfig` and `lr_factor` run the stages exactly
+    as the recipes."""
     from tokenizers import Tokenizer
 
     from convert import load_pretrained
@@ -389,6 +393,6 @@ def life_cycle(trainer, run: ToyRun = ToyRun()) -> dict:
                                                             if t in scores["among_several"]))
     if "compare" in scores:
         print(f"toy: multi-image accuracy {scores['compare']:.2f}, motion accuracy {scores['motion']:.2f}")
-    print(f"toy: held-out accuracy {scores['heldout']:.2f}, blank-image accuracy {scores.get('blank', float('nan')):.2f}, "
-          f"wall {scores['wall']:.0f} s")
+    print(f"toy: held-out accuracy {scores['heldout']:.2f}, "
+          f"blank-image accuracy {scores.get('blank', float('nan')):.2f}, wall {scores['wall']:.0f} s")
     return scores

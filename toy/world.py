@@ -410,8 +410,8 @@ def motion_sample(seed: int, split: str, i: int, cfg: ToyConfig):
     question = rng.choice(["Which way does the {} {} move?", "In which direction does the {} {} move: left, right, "
                            "up or down?"]).format(color, shape)
     path = f"videos/{split}_motion_{i:06d}.gif"
-    record = {"id": f"{split}_motion_{i:06d}", "video": path,
-              "conversations": [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": direction}]}
+    turns = [{"from": "human", "value": "<image>\n" + question}, {"from": "gpt", "value": direction}]
+    record = {"id": f"{split}_motion_{i:06d}", "video": path, "conversations": turns}
     return record, {path: frames}
 
 
@@ -512,12 +512,14 @@ def write_dataset(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: 
     (out / "videos").mkdir(exist_ok=True)
     interleave, interleave_evals = [], {"compare": [], "motion": []}
     for kind, make, share in (("compare", compare_sample, cfg.p_compare), ("motion", motion_sample, cfg.p_motion)):
-        for split, n, sink in (("train", round(n_train * share), interleave), ("eval", n_eval // 5, interleave_evals[kind])):
+        for split, n, sink in (("train", round(n_train * share), interleave),
+                               ("eval", n_eval // 5, interleave_evals[kind])):
             for i in range(n):
                 record, media = make(seed, split, i, cfg)
                 for path, content in media.items():
                     (out / path).write_bytes(gif_bytes(content) if isinstance(content, list) else png_bytes(content))
-                sink.append(record if split == "train" else {**record, "answer": record["conversations"][1]["value"], "type": kind})
+                sink.append(record if split == "train"
+                            else {**record, "answer": record["conversations"][1]["value"], "type": kind})
     random.Random(f"toy:{seed}:shuffle").shuffle(stages["instruct"])
     # replay, as OneVision's last stage replays single-image data: the Interleave stage must not forget stage 2
     interleave += [r for r in stages["instruct"] if isinstance(r.get("image"), str)][: len(interleave)]
