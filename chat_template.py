@@ -1,5 +1,6 @@
-"""Which chat template a checkpoint uses: the one a folder we wrote names, else the one it ships as Jinja
-(chat_template.json / .jinja, tokenizer_config.json) matched against ours, else the preset's, else a guess.
+"""A checkpoint's text side: its tokenizer (`load_tokenizer`), stop ids (`eos_token_ids`), and which chat template
+it uses: the one a folder we wrote names, else the one it ships as Jinja (chat_template.json / .jinja,
+tokenizer_config.json) matched against ours, else the preset's, else a guess.
 
     Jinja template  --render_jinja on probes-->  prompts: one user turn without and with an image, and after a
                                                  short history (user / assistant / user)
@@ -14,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from convert import CheckpointError, Preset, find_preset, read_json
+from convert import CheckpointError, Preset, find_preset, hub_command, read_json
 from data import TEMPLATES, render_prompt, system_slot
 
 
@@ -209,3 +210,45 @@ def saved_template(folder: Path) -> str | None:
     """The chat format a checkpoint written by train.py was trained with (None for released checkpoints)."""
     path = Path(folder) / "config.json"
     return json.loads(path.read_text()).get(TEMPLATE_KEY) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer and its stop ids
+
+
+def load_tokenizer(folder: Path, source: str):
+    """The `tokenizers` tokenizer of a checkpoint. Original LLaVA-1.5/1.6 repos ship only SentencePiece files;
+    their llava-hf twins hold the same vocabulary as tokenizer.json, so a preset falls back to those."""
+    from tokenizers import Tokenizer
+
+    if (folder / "tokenizer.json").exists():
+        try:
+            return Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust side raises a plain Exception for any malformed file
+            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer.json ({str(e)[:200]}); "
+                                  f"download it again") from None
+    preset = find_preset(source)
+    if preset and preset.hf and preset.hf != source:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Tokenizer.from_file(hf_hub_download(preset.hf, "tokenizer.json"))
+        except Exception as e:
+            raise CheckpointError(f"{folder} has no tokenizer.json and {preset.hf}/tokenizer.json could not be fetched "
+                                  f"({type(e).__name__}); download it with "
+                                  f"`{hub_command(preset.hf, 'tokenizer.json')}`") from e
+    hint = " (it ships only a SentencePiece tokenizer.model)" if (folder / "tokenizer.model").exists() else ""
+    raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
+                          f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
+                          f"tokenizer.json from the matching llava-hf repo into the folder.")
+
+
+def eos_token_ids(folder: Path) -> set[int]:
+    """eos ids named by config.json (or its text_config) and generation_config.json."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        if (folder / name).exists():
+            raw = read_json(folder / name)
+            for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
+                ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids

@@ -552,7 +552,7 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
                image_aspect_ratio: str = "square", grid_pinpoints: str = "", merge_type: str = "", device="cpu"):
     """A LLaVA assembled for stage 1 from a base LLM and a vision tower (folders or hub ids), with a fresh
     projector (or a stage-1 one from `projector`: an mm_projector.bin or a checkpoint folder) and, for AnyRes, a
-    fresh `image_newline`. Returns (model, tokenizer)."""
+    fresh `image_newline`. Returns (model, the LLM's folder), as load_pretrained does."""
     from model import init_fresh
 
     llm_folder, tower_folder = resolve(llm, what="LLM"), resolve(tower, what="tower")
@@ -574,46 +574,4 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
     if missing:
         raise CheckpointError(f"{llm_folder} / {tower_folder}: missing weights {missing[:8]}")
     init_fresh(model, device)
-    return model, load_tokenizer(llm_folder, llm)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizer (the chat template: chat_template.py; the llava-hf layout written out: export.py)
-
-
-def load_tokenizer(folder: Path, source: str):
-    """The `tokenizers` tokenizer of a checkpoint. Original LLaVA-1.5/1.6 repos ship only SentencePiece files;
-    their llava-hf twins hold the same vocabulary as tokenizer.json, so a preset falls back to those."""
-    from tokenizers import Tokenizer
-
-    if (folder / "tokenizer.json").exists():
-        try:
-            return Tokenizer.from_file(str(folder / "tokenizer.json"))
-        except Exception as e:  # the Rust side raises a plain Exception for any malformed file
-            raise CheckpointError(f"{folder / 'tokenizer.json'}: not a readable tokenizer.json ({str(e)[:200]}); "
-                                  f"download it again") from None
-    preset = find_preset(source)
-    if preset and preset.hf and preset.hf != source:
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Tokenizer.from_file(hf_hub_download(preset.hf, "tokenizer.json"))
-        except Exception as e:
-            raise CheckpointError(f"{folder} has no tokenizer.json and {preset.hf}/tokenizer.json could not be fetched "
-                                  f"({type(e).__name__}); download it with "
-                                  f"`{hub_command(preset.hf, 'tokenizer.json')}`") from e
-    hint = " (it ships only a SentencePiece tokenizer.model)" if (folder / "tokenizer.model").exists() else ""
-    raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
-                          f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
-                          f"tokenizer.json from the matching llava-hf repo into the folder.")
-
-
-def eos_token_ids(folder: Path) -> set[int]:
-    """eos ids named by config.json (or its text_config) and generation_config.json."""
-    ids = set()
-    for name in ("config.json", "generation_config.json"):
-        if (folder / name).exists():
-            raw = read_json(folder / name)
-            for value in (raw.get("eos_token_id"), (raw.get("text_config") or {}).get("eos_token_id")):
-                ids |= set(value if isinstance(value, list) else [value] if value is not None else [])
-    return ids
+    return model, llm_folder

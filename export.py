@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from anyres import anyres_max_crops, tower_mean_std
-from chat_template import CHAT_TEMPLATE_FILES, TEMPLATE_KEY, default_template, shipped_template
-from convert import (CheckpointError, checkpoint_files, eos_token_ids, load_pretrained, load_tokenizer, read_tensors,
-                     resolve)
+from chat_template import (CHAT_TEMPLATE_FILES, TEMPLATE_KEY, default_template, eos_token_ids, load_tokenizer,
+                           shipped_template)
+from convert import CheckpointError, checkpoint_files, load_pretrained, read_tensors, resolve
 from data import TEMPLATES, stop_token_ids, system_slot, with_special_tokens
 from model import Llava, LlavaConfig
 

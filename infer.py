@@ -27,8 +27,8 @@ import distributed
 import quantize
 import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
-from chat_template import default_template
-from convert import DEFAULT_MODEL, CheckpointError, eos_token_ids, load_pretrained, load_tokenizer
+from chat_template import default_template, eos_token_ids, load_tokenizer
+from convert import DEFAULT_MODEL, CheckpointError, load_pretrained
 from data import TEMPLATES, SampleError, load_image, load_video, place_visuals, render_prompt, stop_token_ids, tokenize
 from generate import generate, stream_answer
 

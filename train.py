@@ -41,9 +41,9 @@ import torch.nn.functional as F
 import distributed
 import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
-from chat_template import default_template
+from chat_template import default_template, load_tokenizer
 from checkpoint import check_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
-from convert import CheckpointError, load_parts, load_pretrained, load_tokenizer
+from convert import CheckpointError, load_parts, load_pretrained
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 from distributed import device_sum
 from recipes import RECIPES, fetch_recipe_data
@@ -197,9 +197,10 @@ def build_model(cfg: TrainConfig, device):
         tokenizer = load_tokenizer(folder, cfg.model)
         own = default_template(cfg.model, tokenizer, folder)
     elif cfg.llm:
-        model, tokenizer = load_parts(cfg.llm, cfg.vision_tower, cfg.projector_type, cfg.pretrained_projector,
-                                      cfg.image_aspect_ratio or "square", cfg.grid_pinpoints, device=device)
-        own = default_template(cfg.llm, tokenizer)
+        model, folder = load_parts(cfg.llm, cfg.vision_tower, cfg.projector_type, cfg.pretrained_projector,
+                                   cfg.image_aspect_ratio or "square", cfg.grid_pinpoints, device=device)
+        tokenizer = load_tokenizer(folder, cfg.llm)
+        own = default_template(cfg.llm, tokenizer, folder)
     else:
         raise SystemExit("error: give --model (a LLaVA checkpoint to continue) or --llm (a base LLM for stage 1)")
     if cfg.image_aspect_ratio:

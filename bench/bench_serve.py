@@ -38,7 +38,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import photo  # noqa: E402
 
 import tiny_checkpoints  # noqa: E402
-from convert import load_pretrained, load_tokenizer  # noqa: E402
+from convert import load_pretrained
+from chat_template import load_tokenizer  # noqa: E402
 from export import save_pretrained  # noqa: E402
 from generate import decode_step  # noqa: E402
 from model import Llava, TextConfig, init_fresh  # noqa: E402

@@ -12,7 +12,8 @@ import generate as generation
 
 import infer
 import chat
-from convert import load_pretrained, load_tokenizer
+from convert import load_pretrained
+from chat_template import load_tokenizer
 from model import IMAGE_TOKEN
 
 

@@ -8,15 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert import (
-    PRESETS,
-    CheckpointError,
-    internal_key,
-    llava_config,
-    load_pretrained,
-    load_tokenizer,
-    resolve,
-)
+from chat_template import load_tokenizer
+from convert import PRESETS, CheckpointError, internal_key, llava_config, load_pretrained, resolve
 
 
 @pytest.mark.parametrize("key, ours", [

@@ -101,7 +101,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def tiny_parts(tiny):
-    from convert import load_pretrained, load_tokenizer
+    from convert import load_pretrained
+    from chat_template import load_tokenizer
 
     cache = {}
 

@@ -121,7 +121,8 @@ def test_a_tokenizer_without_image_gets_the_token_and_a_vocabulary_row(tiny, tmp
 def test_a_training_checkpoint_keeps_its_weights_and_says_how_to_export(tiny, tmp_path, capsys):
     """save_pretrained never reshapes weights (a resumed run must find what it saved): with no row free for
     <image> it writes the token at the next id, says so, and `python export.py` adds the row."""
-    from convert import load_pretrained, load_tokenizer
+    from convert import load_pretrained
+    from chat_template import load_tokenizer
     from export import save_pretrained
 
     src = tmp_path / "src"
@@ -230,7 +231,8 @@ def test_transformers_processor_on_the_export_gives_our_pixels_tokens_ids_and_lo
     only the exported files, gives the pixel_values shape, <image> count and input ids our code gives for the
     export, and transformers' model class on the export gives our logits."""
     from anyres import process_image
-    from convert import load_pretrained, load_tokenizer
+    from convert import load_pretrained
+    from chat_template import load_tokenizer
     from data import tokenize
     from model import IMAGE_TOKEN
 

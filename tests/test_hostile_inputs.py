@@ -310,7 +310,8 @@ ROWS = [  # (record, error kind, words of the detail)
 
 
 def test_bad_rows_name_the_row_and_the_key(tiny, files):
-    from convert import load_pretrained, load_tokenizer
+    from convert import load_pretrained
+    from chat_template import load_tokenizer
 
     folder = tiny("next_qwen2")
     model, _ = load_pretrained(str(folder))

@@ -13,7 +13,8 @@ import generate as generation
 import data
 import infer
 from anyres import process_image
-from convert import load_pretrained, load_tokenizer
+from convert import load_pretrained
+from chat_template import load_tokenizer
 from data import render_prompt, tokenize
 from model import IMAGE_TOKEN
 

@@ -169,7 +169,7 @@ def test_sentencepiece_prompt_end_to_end_equals_transformers(models, tiny, name,
     """A real prompt through a SentencePiece-style (Metaspace) tokenizer.json, as the llava-hf LLaVA-1.5 and 1.6
     Mistral repos ship: our ids (compat "transformers") equal the transformers processor's, and so do the logits
     and 8 greedy tokens. Two images, the second mid-text, so a word-start piece after an image would show."""
-    from convert import load_tokenizer
+    from chat_template import load_tokenizer
     from data import render_prompt, tokenize
 
     ref, _, ours = models(name)

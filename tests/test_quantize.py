@@ -17,7 +17,8 @@ import generate as generation
 import infer
 import quantize
 from anyres import process_image
-from convert import load_pretrained, load_tokenizer
+from convert import load_pretrained
+from chat_template import load_tokenizer
 from data import render_prompt, tokenize
 from tools.convert_gguf import convert, gguf_path
 

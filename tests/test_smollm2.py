@@ -8,7 +8,8 @@ import torch
 import generate as generation
 
 import infer
-from convert import load_pretrained, load_tokenizer
+from convert import load_pretrained
+from chat_template import load_tokenizer
 from tools.convert_gguf import convert, gguf_path
 from data import render_prompt, tokenize
 

@@ -9,8 +9,7 @@ import shutil
 import pytest
 
 import tiny_releases as tr
-from chat_template import default_template, jinja_renderer, matching_templates
-from convert import load_tokenizer
+from chat_template import default_template, jinja_renderer, load_tokenizer, matching_templates
 from data import TEMPLATES
 from export import jinja_template
 from export import main as convert_main

@@ -177,7 +177,7 @@ def test_mfu_counts_the_flops_torch_counts(dataset, kind):
         lora.inject(model, rank=4, alpha=8)
     set_trainable(model, TrainConfig(stage="2", freeze_vision_tower=kind != "full",
                                      lora_rank=4 if kind == "lora" else 0))
-    from convert import load_tokenizer
+    from chat_template import load_tokenizer
 
     records = load_records(root / "data.json")[:4]
     data = SupervisedDataset(records, root / "images", load_tokenizer(folder, str(folder)), "qwen_1_5", model.cfg, 512)
@@ -195,7 +195,7 @@ def test_mfu_counts_the_flops_torch_counts(dataset, kind):
 def test_training_without_the_padding_mask_gives_the_masked_losses(dataset):
     """Right padding + the causal rule (no (B, 1, T, T) mask, so SDPA keeps its fast kernels) gives, at every learned
     position, the logits of the explicit causal-and-padding mask: fp32 loss within 1e-6 relative, logits 1e-5."""
-    from convert import load_tokenizer
+    from chat_template import load_tokenizer
     from data import SupervisedDataset, collate, load_records
 
     root, folder = dataset

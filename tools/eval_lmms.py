@@ -36,8 +36,8 @@ except ImportError as e:
     sys.exit(f"error: tools/eval_lmms.py needs lmms-eval ({e}): pip install lmms-eval")
 
 from anyres import process_images, process_video
-from chat_template import default_template
-from convert import CheckpointError, eos_token_ids, load_pretrained, load_tokenizer
+from chat_template import default_template, eos_token_ids, load_tokenizer
+from convert import CheckpointError, load_pretrained
 from data import load_video, render_prompt, stop_token_ids, tokenize
 from data import place_visuals
 from generate import generate_batch
