@@ -17,14 +17,11 @@ from sending a streamed request to its first server-sent event, which the server
 
 import argparse
 import base64
-import contextlib
 import dataclasses
 import io
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -38,12 +35,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from conftest import photo  # noqa: E402
 
 import tiny_checkpoints  # noqa: E402
-from convert import load_pretrained
+from convert import load_pretrained  # noqa: E402
 from chat_template import load_tokenizer  # noqa: E402
 from export import save_pretrained  # noqa: E402
 from generate import decode_step  # noqa: E402
 from model import Llava, TextConfig, init_fresh  # noqa: E402
 from serve import BatchCache  # noqa: E402
+from test_serve import running_server  # noqa: E402 (the tests' server in a subprocess)
 
 QWEN2_05B = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                        num_kv_heads=2, head_dim=64, rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
@@ -83,28 +81,6 @@ def requests(n: int, images: bool) -> list[dict]:
         out.append({"messages": [{"role": "user", "content": content}], "max_tokens": 32 + (i * 7) % 33,
                     "stream": True, "ignore_eos": True})
     return out
-
-
-@contextlib.contextmanager
-def server(folder: Path, threads: int | None):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "serve.py", "--model", str(folder), "--port", str(port), "--max-batch", "16"]
-    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            assert proc.poll() is None, "serve.py exited"
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 def one(url: str, body: dict) -> tuple[float, float, int]:
@@ -195,7 +171,8 @@ def main():
                                                       for n, t in steps.items()), flush=True)
         rows.append(dict(model=name, decode_step_s=steps))
         bodies = requests(args.tiny_requests if name == "tiny" else args.requests, images=name == "tiny")
-        with server(folder, args.threads) as url:
+        env = None if args.threads is None else {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        with running_server(folder, "--max-batch", "16", env=env, timeout=600) as url:
             one(url, {**bodies[1], "max_tokens": 2})  # warm-up
             for clients in args.clients:
                 row = dict(model=name, **load(url, bodies, clients))

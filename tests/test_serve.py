@@ -31,12 +31,12 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def running_server(folder, *extra, timeout=60):
+def running_server(folder, *extra, timeout=60, env=None):
     """serve.py in a subprocess on a free loopback port; yields its base URL, and stops it after."""
     port = free_port()
     log = open(folder.parent / f"serve-{port}.log", "w+")
     proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(folder), "--host", "127.0.0.1", "--port",
-                             str(port), *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+                             str(port), *extra], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
