@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from anyres import HigherAnyRes, parse_grid_pinpoints
+from anyres import NEXT_GRIDS, HigherAnyRes, parse_grid_pinpoints
 from model import Llava, LlavaConfig, TextConfig, VisionConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +102,7 @@ GEOMETRY = {
                  vision_feature_select_strategy="default"),
     "next": dict(model_type="llava_next", vision_config=_CLIP, vision_feature_layer=-2,
                  vision_feature_select_strategy="default",
-                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+                 image_grid_pinpoints=NEXT_GRIDS),
     # the original layout (the Interleave presets download lmms-lab's repos): SigLIP minus its last layer, 384-px grids
     "interleave": dict(model_type="qwen2", mm_vision_tower="google/siglip-so400m-patch14-384",
                        mm_projector_type="mlp2x_gelu", image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
@@ -133,7 +133,7 @@ HF_DEFAULT_TOWER = {
 }
 # ... and the grids they assume when it has no image_grid_pinpoints
 HF_DEFAULT_PINPOINTS = {
-    "llava_next": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "llava_next": NEXT_GRIDS,
     "llava_onevision": "(1x1),...,(6x6)",
 }
 

@@ -14,7 +14,7 @@ import sys
 
 from PIL import Image, ImageDraw, ImageFont
 
-from anyres import (HigherAnyRes, add_knob_flags, expand_to_square, feature_side, grid_shape, grid_token_shape,
+from anyres import (NEXT_GRIDS, HigherAnyRes, add_knob_flags, expand_to_square, feature_side, grid_shape, grid_token_shape,
                     knobs_from_flags, num_image_tokens, parse_grid_pinpoints, pooled_side, resize_and_pad,
                     tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds, uses_anyres,
                     video_parts, video_tokens)
@@ -153,15 +153,14 @@ def draw_video(frames, cfg) -> Image.Image:
 def budget_table(sizes=((640, 480), (1024, 1024), (1920, 1080), (2304, 2304), (800, 3000))) -> str:
     clip = VisionConfig(kind="clip", image_size=336, patch_size=14)
     siglip = VisionConfig(kind="siglip", image_size=384, patch_size=14, select_feature="full")
-    next_grids = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
     onevision = dict(vision=siglip, image_aspect_ratio="anyres_max_9",
                      grid_pinpoints=parse_grid_pinpoints("(1x1),...,(6x6)", 384))
     rows = [  # (setting, config, images in the prompt)
         ("LLaVA-1.5 (pad, CLIP-336)", LlavaConfig(vision=clip, image_aspect_ratio="pad", merge_type="flat"), 1),
-        ("LLaVA-NeXT (anyres, 5 grids up to 3x1)", LlavaConfig(vision=clip, grid_pinpoints=next_grids), 1),
-        ("  + max_grid 6", LlavaConfig(vision=clip, grid_pinpoints=next_grids,
+        ("LLaVA-NeXT (anyres, 5 grids up to 3x1)", LlavaConfig(vision=clip, grid_pinpoints=NEXT_GRIDS), 1),
+        ("  + max_grid 6", LlavaConfig(vision=clip, grid_pinpoints=NEXT_GRIDS,
                                        higher_anyres=HigherAnyRes(max_grid=6)), 1),
-        ("  + max_grid 6, tau = 9 x 576", LlavaConfig(vision=clip, grid_pinpoints=next_grids,
+        ("  + max_grid 6, tau = 9 x 576", LlavaConfig(vision=clip, grid_pinpoints=NEXT_GRIDS,
                                                       higher_anyres=HigherAnyRes(max_grid=6,
                                                                                  token_threshold=9 * 576)), 1),
         ("OneVision (anyres_max_9, 6x6, SigLIP-384)", LlavaConfig(**onevision), 1),
