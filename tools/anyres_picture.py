@@ -15,9 +15,9 @@ import sys
 from PIL import Image, ImageDraw, ImageFont
 
 from anyres import (NEXT_GRIDS, HigherAnyRes, add_knob_flags, expand_to_square, feature_side, grid_shape,
-                    grid_token_shape, knobs_from_flags, num_image_tokens, parse_grid_pinpoints, pooled_side, resize_and_pad,
-                    tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds, uses_anyres,
-                    video_parts, video_tokens)
+                    grid_token_shape, knobs_from_flags, num_image_tokens, parse_grid_pinpoints, pooled_side,
+                    resize_and_pad, tiles_with_anyres, token_parts, tower_mean_std, tower_resize, unpad_bounds,
+                    uses_anyres, video_parts, video_tokens)
 from convert import DEFAULT_MODEL, CheckpointError, config_of
 from data import SampleError, load_image, load_video
 from model import LlavaConfig, VisionConfig
