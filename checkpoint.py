@@ -124,8 +124,8 @@ def latest_checkpoint(cfg) -> Path | None:
     """The newest finished checkpoint of output_dir (a half-written one still has its temporary name)."""
     found = sorted((Path(cfg.output_dir) / "checkpoints").glob("step-*"))
     if found and not (found[-1] / "trainer_state.json").exists():
-        raise CheckpointError(f"{found[-1]} has no trainer_state.json: it was written by an older version of train.py "
-                              f"(trainer_state.pt); start a new --output-dir, with --model {found[-1]}")
+        raise CheckpointError(f"{found[-1]} has no trainer_state.json, which every checkpoint train.py writes holds, "
+                              f"so it cannot be resumed; start a new --output-dir, with --model {found[-1]}")
     return found[-1] if found else None
 
 
