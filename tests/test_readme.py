@@ -2,13 +2,13 @@
 that exists, starts, and knows every flag the command passes.
 
 Which commands: each `python ...` command in a ```bash block of the two pages (after joining `\\` continuations,
-dropping `# comments` and splitting on `&&`), and the script of each `torchrun ... FILE.py ...` command.
-Which are checked: this repository's entry points only, `python FILE.py` (a file at the root) and
-`python -m tools.NAME` / `python -m toy.NAME`; `python -m pytest`, `python -m sglang...`, `vllm`, `pip` are someone
-else's. How: the command itself is never run (its hub model names download, its images and data sets are not on a
-test machine, `--device cuda` and torchrun want GPUs); its entry point is run once with `--help`, offline, which
-needs none of them, and must exit 0 with a help text that names every `--flag` the commands give it.
-One subprocess per distinct entry point.
+dropping `# comments` and splitting on `&&`; lines that run neither python nor torchrun are skipped), and the
+script of each `torchrun ... FILE.py ...` command. Which are checked: this repository's entry points only,
+`python FILE.py` (a file at the root) and `python -m tools.NAME` / `python -m toy.NAME`; `python -m pytest`,
+`python -m sglang...`, `vllm`, `pip` are someone else's. How: the command itself is never run (its hub model names
+download, its images and data sets are not on a test machine, `--device cuda` and torchrun want GPUs); its entry
+point is run once with `--help`, offline, which needs none of them, and must exit 0 with a help text that names
+every `--flag` the commands give it. One subprocess per distinct entry point.
 """
 
 import os
@@ -36,6 +36,8 @@ def commands(text: str) -> list[tuple[str, list[str]]]:
     found = []
     for block in bash_blocks(text):
         for line in block.replace("\\\n", " ").splitlines():
+            if not re.search(r"\b(python|torchrun)\b", line.split("#")[0]):
+                continue  # another program's line (curl's JSON body may span lines, which shlex cannot split alone)
             tokens = shlex.split(line, comments=True)
             while tokens:
                 cut = tokens.index("&&") if "&&" in tokens else len(tokens)
