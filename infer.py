@@ -7,7 +7,7 @@
 
 The answer streams to stdout; everything else goes to stderr. --json prints one JSON object instead.
 --quantize int8 stores the decoder's matrices in int8, int8-dynamic also rounds each token's activations to int8 (the
-fast CPU path; quantize.py); `torchrun --nproc_per_node N infer.py ...`
+fast CPU path), int4 stores them in 4 bits (quantize.py); `torchrun --nproc_per_node N infer.py ...`
 splits the decoder over N processes, one GPU each or gloo on CPU (tensor_parallel.py); only rank 0 prints.
 """
 
@@ -57,7 +57,8 @@ def parse_args(argv):
                                                           "wait for the compiler)")
     p.add_argument("--quantize", choices=quantize.MODES, default=None,
                    help="int8: weight-only decoder and output head, quantised while loading (quantize.py); "
-                        "int8-dynamic: also each token's activations in int8, the fast path on a CPU")
+                        "int8-dynamic: also each token's activations in int8, the fast path on a CPU; "
+                        "int4: 4-bit weights in groups of 32, each with a scale and zero point")
     add_knob_flags(p)
     serve.add_flags(p)
     p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
@@ -141,12 +142,13 @@ def load_model(args, device: str, dtype, kinds):
     if args.quantize == "int8-dynamic" and (device != "cpu" or not quantize.dynamic_available()):
         sys.exit("error: --quantize int8-dynamic runs on x86 CPUs (PyTorch's fbgemm kernels); "
                  + ("on a GPU use --quantize int8" if device != "cpu" else "use --quantize int8 on this machine"))
+    if args.quantize == "int4" and torch.device(device).type not in ("cpu", "cuda"):
+        sys.exit(f"error: --quantize int4 runs on CPU and CUDA (PyTorch's int4 kernels); on {device} use --quantize int8")
     if args.quantize == "int8-dynamic" and args.compile:
         sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile (on a CPU the "
                  "compiled step does not pay) or use --quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
-               else functools.partial(quantize.int8_layers, dynamic=args.quantize == "int8-dynamic")
-               if args.quantize else None)
+               else functools.partial(quantize.quantized_layers, mode=args.quantize) if args.quantize else None)
     try:
         model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat,
                                         prepare=prepare)
@@ -171,7 +173,7 @@ def load_model(args, device: str, dtype, kinds):
 def main(argv=None):
     args = parse_args(argv)
     tensor_parallel.quiet_other_ranks()  # under torchrun only rank 0 prints
-    device = tensor_parallel.rank_device(check_flags(args))
+    device = str(tensor_parallel.rank_device(check_flags(args)))  # a name: serve.py and the checks compare strings
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
     if args.chat or args.batch_file:
         return serve.run(args, device, dtype, load_model)

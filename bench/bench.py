@@ -131,7 +131,7 @@ def load_ours(folder: Path, dtype=torch.float32, quantize_mode=None):
 
     from convert import load_pretrained
 
-    prepare = functools.partial(quantize.int8_layers, dynamic=quantize_mode == "int8-dynamic") if quantize_mode else None
+    prepare = functools.partial(quantize.quantized_layers, mode=quantize_mode) if quantize_mode else None
     model = load_pretrained(str(folder), compat="transformers", dtype=dtype, prepare=prepare)[0]
     return quantize.quantize_tied_head(model) if quantize_mode else model
 
