@@ -177,13 +177,13 @@ def matmul_rate(n: int = 4096) -> float:
 
 def decode_bytes_per_token(model, context: int) -> int:
     """Bytes one decode step must read: every decoder matrix and norm, the output head, and the KV cache, each in
-    its stored dtype (int8 layers: 1 byte a weight, plus their scales; int8-dynamic ones keep it packed, outside
-    their parameters)."""
+    its stored dtype (int8 layers: 1 byte a weight, plus their scales; int4: half a byte, plus a scale and zero
+    point per group; int8-dynamic ones keep it packed, outside their parameters)."""
     t = model.cfg.text
     packed = sum(m.in_features * m.out_features for m in [*model.language_model.modules(), model.lm_head]
                  if getattr(m, "packed", None) is not None)
     tensors = [p for n, p in model.language_model.named_parameters() if "embed_tokens" not in n]
-    tensors += [b for n, b in model.language_model.named_buffers() if n.endswith("scales")]
+    tensors += [b for n, b in model.language_model.named_buffers() if n.endswith(("scales", "scales_and_zeros"))]
     if model.lm_head is not None:
         tensors += list(model.lm_head.parameters()) + list(model.lm_head.buffers())
     else:  # tied: the embedding matrix, read whole to score every token
