@@ -22,6 +22,7 @@ on a shared machine.
     python bench/bench.py --only P1 --quantize int8            # int8 weights vs fp32, ours and transformers'
     python bench/bench.py --only P1 --quantize int8-dynamic    # int8 weights and activations (the CPU fast path)
     python bench/bench.py --only P1 --dtype bfloat16           # bf16 on CPU
+    python bench/bench.py --only P1 --peer llama.cpp           # every mode against llama.cpp (peer_llama_cpp.py)
     P2  time to first token for a 672x672 image (pixels already processed: preprocessing is P3): vision tower,
         projector, prefill of 2928 image + 32 text positions, one greedy token.
         Roofline: the matrix FLOPs of that work / the machine's fp32 matmul rate.
@@ -412,6 +413,9 @@ def main(argv=None):
                    help="P1 also in this compute dtype (P1v; float32 alone adds no variant)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "llava-bench"),
                    help="where the random checkpoint is written once")
+    p.add_argument("--peer", choices=["llama.cpp"], default=None,
+                   help="P1 also: each of our modes against llama.cpp on the same weights (bench/peer_llama_cpp.py; "
+                        "builds it once into CACHE_DIR/llama.cpp)")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     torch.set_num_threads(args.threads)
@@ -469,6 +473,15 @@ def main(argv=None):
             figure("P3", f"AnyRes preprocessing {size[0]}x{size[1]}", 1 / seconds["ours"], 1 / seconds["theirs"],
                    "img/s", True, identical_pixels=identical)
         del ours, theirs
+
+    if "P1" in only and args.peer == "llama.cpp":
+        import peer_llama_cpp
+
+        for model_name in ["small"] if args.small else ["llama-0.45b", "smollm2"]:
+            peer = peer_llama_cpp.compare(Path(args.cache_dir) / "llama.cpp", model_name, args.threads, args.repeats,
+                                          bandwidth)
+            report[f"P1 llama.cpp {model_name}"] = peer
+            print(peer_llama_cpp.table(peer, f"P1 against llama.cpp: {model_name}, {args.threads} threads"), flush=True)
 
     if "P4" in only:
         runs = {side: in_child(train_child, side, str(folder), args.threads, args.train_len, args.repeats)

@@ -221,6 +221,8 @@ def compare(cache: Path, model_name: str, threads: int, repeats: int, bandwidth:
     theirs = {f: (llama_bench(binaries, path, threads, repeats, 0, 64), llama_bench(binaries, path, threads, repeats,
                                                                                      512, 0))
               for f, path in files.items()}
+    print("llama.cpp (decode, prefill tok/s): " + ", ".join(f"{f} {d:.1f}, {p:.0f}" for f, (d, p) in theirs.items()),
+          file=sys.stderr, flush=True)
     rows = []
     for mode in modes:
         if mode == "int8-dynamic" and not quantize.dynamic_available():
@@ -235,6 +237,7 @@ def compare(cache: Path, model_name: str, threads: int, repeats: int, bandwidth:
             tok, their_share = theirs[peer][0], theirs[peer][0] * gguf_bytes_per_token(files[peer]) / (bandwidth * 1e9)
             rows.append(("decode", mode, decode, share, peer, tok, their_share, decode / tok))
             rows.append(("prefill 512", mode, prefill, None, peer, theirs[peer][1], None, prefill / theirs[peer][1]))
+        print(f"{mode}: decode {decode:.1f} tok/s, prefill {prefill:.0f} tok/s", file=sys.stderr, flush=True)
         del model
     return rows
 
