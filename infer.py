@@ -53,7 +53,7 @@ def parse_args(argv):
     p.add_argument("--video", default=None, help="a video: mp4/webm/mkv/... (needs PyAV: pip install av), an animated "
                                                  "GIF/WebP, or a folder of frames; <video> in the prompt places it")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (OneVision: 32)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA's fast path; the first tokens "
                                                           "wait for the compiler)")
     p.add_argument("--quantize", choices=quantize.MODES, default=None,
                    help="int8: weight-only decoder and output head, quantised while loading (quantize.py); "
@@ -144,9 +144,11 @@ def load_model(args, device: str, dtype, kinds):
                  + ("on a GPU use --quantize int8" if device != "cpu" else "use --quantize int8 on this machine"))
     if args.quantize == "int4" and torch.device(device).type not in ("cpu", "cuda"):
         sys.exit(f"error: --quantize int4 runs on CPU and CUDA (PyTorch's int4 kernels); on {device} use --quantize int8")
+    if args.compile and torch.device(device).type == "cpu":
+        sys.exit("error: --compile is for CUDA: on a CPU the compiled decode step was slower than eager in every mode "
+                 "measured (docs/results/2026-12-07-cpu-decode.md); drop --compile")
     if args.quantize == "int8-dynamic" and args.compile:
-        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile (on a CPU the "
-                 "compiled step does not pay) or use --quantize int8")
+        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile or use --quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
                else functools.partial(quantize.quantized_layers, mode=args.quantize) if args.quantize else None)
     try:

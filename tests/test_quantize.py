@@ -524,7 +524,10 @@ def test_cli_int8_dynamic_without_fbgemm_is_one_line(smollm2, monkeypatch):
 
 
 @pytestmark_smollm2
-def test_cli_int8_dynamic_with_compile_is_one_line(smollm2):
+@pytest.mark.parametrize("mode", [None, "int8", "int8-dynamic", "int4"])
+def test_cli_compile_on_cpu_is_one_line(smollm2, mode):
+    # measured on the 0.45B Llama: the compiled step ran slower than eager (int4 7.4 against 19.1 tok/s)
     with pytest.raises(SystemExit) as e:
-        infer.main(["Hi", "--model", str(smollm2[0]), "--quantize", "int8-dynamic", "--compile"])
-    assert str(e.value).startswith("error: --compile cannot trace int8-dynamic's packed fbgemm layers")
+        infer.main(["Hi", "--model", str(smollm2[0]), "--device", "cpu", "--compile"]
+                   + (["--quantize", mode] if mode else []))
+    assert str(e.value).startswith("error: --compile is for CUDA: on a CPU the compiled decode step was slower")
