@@ -145,8 +145,8 @@ def load_model(args, device: str, dtype, kinds):
     if args.quantize == "int4" and torch.device(device).type not in ("cpu", "cuda"):
         sys.exit(f"error: --quantize int4 runs on CPU and CUDA (PyTorch's int4 kernels); on {device} use --quantize int8")
     if args.compile and torch.device(device).type == "cpu":
-        sys.exit("error: --compile is for CUDA: on a CPU the compiled decode step was slower than eager in every mode "
-                 "measured (docs/results/2026-12-07-cpu-decode.md); drop --compile")
+        sys.exit("error: --compile is for CUDA: on a CPU the compiled decode step measured no faster than eager (int8 "
+                 "and int4 several times slower; docs/results/2026-12-07-cpu-decode.md); drop --compile")
     if args.quantize == "int8-dynamic" and args.compile:
         sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile or use --quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
