@@ -143,12 +143,14 @@ def load_model(args, device: str, dtype, kinds):
         sys.exit("error: --quantize int8-dynamic runs on x86 CPUs (PyTorch's fbgemm kernels); "
                  + ("on a GPU use --quantize int8" if device != "cpu" else "use --quantize int8 on this machine"))
     if args.quantize == "int4" and torch.device(device).type not in ("cpu", "cuda"):
-        sys.exit(f"error: --quantize int4 runs on CPU and CUDA (PyTorch's int4 kernels); on {device} use --quantize int8")
+        sys.exit(f"error: --quantize int4 runs on CPU and CUDA (PyTorch's int4 kernels); on {device} use "
+                 "--quantize int8")
     if args.compile and torch.device(device).type == "cpu":
         sys.exit("error: --compile is for CUDA: on a CPU the compiled decode step measured no faster than eager (int8 "
                  "and int4 several times slower; docs/results/2026-12-07-cpu-decode.md); drop --compile")
     if args.quantize == "int8-dynamic" and args.compile:
-        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile or use --quantize int8")
+        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile or use "
+                 "--quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
                else functools.partial(quantize.quantized_layers, mode=args.quantize) if args.quantize else None)
     try:

@@ -81,7 +81,8 @@ def build(cache: Path, jobs: int = 2) -> Path:
              "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_OPENSSL=OFF",
              "-DLLAMA_CURL=OFF"]
     print(f"building llama.cpp {VERSION} in {cache / 'build'} (once)", file=sys.stderr)
-    subprocess.run(["cmake", "-S", str(tree), "-B", str(cache / "build"), *flags], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "-S", str(tree), "-B", str(cache / "build"), *flags], check=True,
+                   stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(cache / "build"), "--target", "llama-bench", "llama-quantize", "-j",
                     str(jobs)], check=True, stdout=subprocess.DEVNULL)
     return binaries
@@ -182,7 +183,8 @@ def load_ours(folder: Path, mode: str):
 
 
 def ours_decode(model, repeats: int, new: int = 64) -> float:
-    """tok/s of `new` greedy tokens after a 32-token prompt, first to last token, median of `repeats` after a warm-up."""
+    """tok/s of `new` greedy tokens after a 32-token prompt (first to last token), the median of `repeats` runs
+    after a warm-up."""
     import generate as generation
 
     prompt = torch.randint(10, 1000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -243,12 +245,13 @@ def compare(cache: Path, model_name: str, threads: int, repeats: int, bandwidth:
 
 
 def table(rows: list, title: str) -> str:
-    lines = [f"\n{title}\n", "| figure | ours | tok/s (share of roofline) | llama.cpp | tok/s (share) | ours / llama.cpp |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"\n{title}\n", "| figure | ours | tok/s (share of roofline) | llama.cpp | tok/s (share) "
+             "| ours / llama.cpp |", "|---|---|---|---|---|---|"]
     for what, mode, ours, share, peer, theirs, their_share, ratio in rows:
         s = f" ({100 * share:.0f}%)" if share is not None else ""
         t = "-" if theirs is None else f"{theirs:.1f}" + (f" ({100 * their_share:.0f}%)" if their_share else "")
-        lines.append(f"| {what} | {mode} | {ours:.1f}{s} | {peer} | {t} | {'-' if ratio is None else f'{ratio:.2f}x'} |")
+        r = "-" if ratio is None else f"{ratio:.2f}x"
+        lines.append(f"| {what} | {mode} | {ours:.1f}{s} | {peer} | {t} | {r} |")
     return "\n".join(lines)
 
 

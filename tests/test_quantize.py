@@ -410,8 +410,10 @@ def shuffled_copy(folder, dest):
 def smollm2_int4(smollm2, tmp_path_factory):
     """int4 of SmolLM2 as shipped (Q4_1 values) and of its shuffled copy, with that copy in fp32."""
     shuffled = shuffled_copy(smollm2[0], tmp_path_factory.mktemp("smollm2") / "shuffled")
-    int4 = [quantize.quantize_tied_head(load_pretrained(str(f), prepare=lambda m: quantize.quantized_layers(m, "int4"))[0])
-            for f in (smollm2[0], shuffled)]
+    def load_int4(folder):
+        return load_pretrained(str(folder), prepare=lambda m: quantize.quantized_layers(m, "int4"))[0]
+
+    int4 = [quantize.quantize_tied_head(load_int4(f)) for f in (smollm2[0], shuffled)]
     return (*int4, load_pretrained(str(shuffled))[0])
 
 
