@@ -153,7 +153,7 @@ def drop_added_prefix(tokenizer, ids: list[int]) -> list[int]:
 @torch.inference_mode()
 def continue_generation(model, cache, new_ids, images, *, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
     """Prefill `new_ids` on top of what `cache` holds, then decode one token at a time; yields the new ids."""
-    from generate import sample
+    from generate import gemv_context, sample
 
     device = model.language_model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -163,7 +163,8 @@ def continue_generation(model, cache, new_ids, images, *, max_new_tokens=256, te
         yield token
         if step == max_new_tokens - 1:
             return
-        logits = model(torch.tensor([[token]], device=device), cache=cache, num_logits=1)[0, -1]
+        with gemv_context(model, 1):
+            logits = model(torch.tensor([[token]], device=device), cache=cache, num_logits=1)[0, -1]
 
 
 HELP = "/image PATH adds an image to your next message, /reset starts over, Ctrl-D leaves"

@@ -10,6 +10,7 @@ own images) and returns the same greedy tokens as one at a time. The compiled de
 "Fast path" below; the eager loop is the reference.
 """
 
+import contextlib
 import sys
 import time
 
@@ -30,11 +31,20 @@ def sample(logits, temperature: float, top_p: float, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def gemv_context(model, batch: int):
+    """The context for one decode step. A bf16/fp16 model on CPU decoding one row: oneDNN off, so that each
+    matrix-vector product takes ATen's reduced-precision GEMV (fp32 sums) rather than oneDNN's brgemm matmul, which
+    measured 2x slower there (docs/results/2026-12-07-cpu-decode.md); prompts and batches keep oneDNN."""
+    weight = model.language_model.embed_tokens.weight  # the compute dtype
+    gemv = batch == 1 and weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16)
+    return torch.backends.mkldnn.flags(enabled=False) if gemv else contextlib.nullcontext()
+
+
 def generate(model, input_ids: list[int], images=None, *, max_new_tokens=256, temperature=0.0, top_p=1.0,
              stop_ids=(), seed=0, compile=False):
     """Yields new token ids one at a time (the stop token included, if reached)."""
-    for step in generation_loop(model, [input_ids], [images or []], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, compile=compile):
+    for step in generation_loop(model, [input_ids], [images or []], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, seed=seed, compile=compile):
         yield step[0]
         if step[0] in stop_ids:
             return
@@ -103,10 +113,13 @@ def generation_loop(model, prompts, images, *, max_new_tokens, temperature, top_
         token = torch.tensor(tokens, device=device)[:, None]  # (B, 1)
         position_ids = (lengths + step)[:, None]
         if step_fn is None:  # the readable eager step: attends over the written prefix only
-            logits = model(token, position_ids=position_ids, padding_mask=padding_mask, cache=cache, num_logits=1)[:, -1]
+            with gemv_context(model, B):
+                logits = model(token, position_ids=position_ids, padding_mask=padding_mask, cache=cache,
+                               num_logits=1)[:, -1]
         else:
             slot = torch.tensor([cache.length], device=device)
-            logits = step_fn(model, token, position_ids, slot, cache, padding_mask).clone()  # clone: out of graph memory
+            # clone: out of the compiled graph's memory, which the next step reuses
+            logits = step_fn(model, token, position_ids, slot, cache, padding_mask).clone()
             cache.length += 1
 
 

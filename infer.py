@@ -7,7 +7,7 @@
 
 The answer streams to stdout; everything else goes to stderr. --json prints one JSON object instead.
 --quantize int8 stores the decoder's matrices in int8, int8-dynamic also rounds each token's activations to int8 (the
-fast CPU path; quantize.py); `torchrun --nproc_per_node N infer.py ...`
+fast CPU path), int4 stores them in 4 bits (quantize.py); `torchrun --nproc_per_node N infer.py ...`
 splits the decoder over N processes, one GPU each or gloo on CPU (tensor_parallel.py); only rank 0 prints.
 """
 
@@ -47,7 +47,7 @@ def parse_args(argv):
     p.add_argument("--video", default=None, help="a video: mp4/webm/mkv/... (needs PyAV: pip install av), an animated "
                                                  "GIF/WebP, or a folder of frames; <video> in the prompt places it")
     p.add_argument("--frames", type=int, default=32, help="frames sampled uniformly from --video (OneVision: 32)")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (fast path; the first tokens "
+    p.add_argument("--compile", action="store_true", help="compile the decode step (CUDA's fast path; the first tokens "
                                                           "wait for the compiler)")
     chat.add_flags(p)
     p.error = lambda message: sys.exit(f"error: {message}; see python infer.py --help")  # one line, not usage + error
@@ -66,7 +66,8 @@ def add_model_flags(p):
                    help="preprocess as the original LLaVA code (default) or as the transformers processor")
     p.add_argument("--quantize", choices=quantize.MODES, default=None,
                    help="int8: weight-only decoder and output head, quantised while loading (quantize.py); "
-                        "int8-dynamic: also each token's activations in int8, the fast path on a CPU")
+                        "int8-dynamic: also each token's activations in int8, the fast path on a CPU; "
+                        "int4: 4-bit weights in groups of 32, each with a scale and zero point")
     add_knob_flags(p)
 
 
@@ -100,7 +101,8 @@ def pick_device(args) -> str:
     available = {"cpu": True, "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
                  "mps": torch.backends.mps.is_available()}
     if not available.get(device.type, False):
-        sys.exit(f"error: --device {args.device}: this torch ({torch.__version__}) sees no such device; use --device cpu")
+        sys.exit(f"error: --device {args.device}: this torch ({torch.__version__}) sees no such device; "
+                 "use --device cpu")
     return args.device
 
 
@@ -162,15 +164,20 @@ def load_model(args, device: str, dtype, kinds):
     if args.quantize == "int8-dynamic" and (device != "cpu" or not quantize.dynamic_available()):
         sys.exit("error: --quantize int8-dynamic runs on x86 CPUs (PyTorch's fbgemm kernels); "
                  + ("on a GPU use --quantize int8" if device != "cpu" else "use --quantize int8 on this machine"))
+    if args.quantize == "int4" and torch.device(device).type not in ("cpu", "cuda"):
+        sys.exit(f"error: --quantize int4 runs on CPU and CUDA (PyTorch's int4 kernels); on {device} use "
+                 "--quantize int8")
+    if getattr(args, "compile", False) and torch.device(device).type == "cpu":
+        sys.exit("error: --compile is for CUDA: on a CPU the compiled decode step measured no faster than eager "
+                 "(int8 and int4 several times slower; docs/results/2026-12-07-cpu-decode.md); drop --compile")
     if args.quantize == "int8-dynamic" and getattr(args, "compile", False):
-        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile (on a CPU the "
-                 "compiled step does not pay) or use --quantize int8")
+        sys.exit("error: --compile cannot trace int8-dynamic's packed fbgemm layers; drop --compile or use "
+                 "--quantize int8")
     prepare = (functools.partial(tensor_parallel.shard_decoder, device=device) if parallel
-               else functools.partial(quantize.int8_layers, dynamic=args.quantize == "int8-dynamic")
-               if args.quantize else None)
+               else functools.partial(quantize.quantized_layers, mode=args.quantize) if args.quantize else None)
     try:
-        model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device, compat=args.compat,
-                                        prepare=prepare)
+        model, folder = load_pretrained(args.model, revision=args.revision, dtype=dtype, device=device,
+                                        compat=args.compat, prepare=prepare)
         tokenizer, eos = load_tokenizer(folder, args.model), eos_token_ids(folder)
         template = args.template or default_template(args.model, tokenizer, folder)
     except (CheckpointError, tensor_parallel.TensorParallelError) as e:
@@ -204,7 +211,8 @@ def main(argv=None):
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    stills = iter(process_images(images, model.cfg))  # several images: each padded to a square (anyres.tiles_with_anyres)
+    # several images: each padded to a square (anyres.tiles_with_anyres)
+    stills = iter(process_images(images, model.cfg))
     processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
     input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed],
                          model.cfg.compat)
@@ -224,7 +232,8 @@ def main(argv=None):
     answer = tokenizer.decode([t for t in out if t not in stop]).strip()
     if args.json:
         # each image appears once, as IMAGE_TOKEN (-200), like the original code's prompts
-        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed), model.cfg.compat)
+        compact = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [1] * len(processed),
+                           model.cfg.compat)
         print(json.dumps({"answer": answer, "prompt_token_ids": compact, "output_token_ids": out,
                           "image_tokens": [im.num_tokens for im in processed], "timings": timings}))
     else:

@@ -46,7 +46,7 @@ import torch
 import infer
 from anyres import process_images
 from data import TEMPLATES, SampleError, load_image, place_visuals, render_prompt, stop_token_ids, system_slot, tokenize
-from generate import decode_step, sample
+from generate import decode_step, gemv_context, sample
 from model import KVCache
 
 DEFAULT_MAX_TOKENS = 256  # infer.py's --max-new-tokens
@@ -342,7 +342,8 @@ class Scheduler:
         tokens = torch.tensor([[seq.out[-1]] for seq in self.running], device=cache.device)
         visible = torch.arange(capacity, device=cache.device)[None] <= cache.lengths[:, None]  # (n, capacity)
         slot = torch.tensor([capacity - 1], device=cache.device)  # the decoder's slot mask: every slot, then `visible`
-        logits = decode_step(self.model, tokens, cache.lengths[:, None], slot, cache, visible)
+        with gemv_context(self.model, n):  # one row of a bf16 model on CPU: ATen's GEMV (generate.py)
+            logits = decode_step(self.model, tokens, cache.lengths[:, None], slot, cache, visible)
         cache.lengths += 1
         for i in reversed(range(n)):
             seq = self.running[i]

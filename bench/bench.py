@@ -22,6 +22,7 @@ on a shared machine.
     python bench/bench.py --only P1 --quantize int8            # int8 weights vs fp32, ours and transformers'
     python bench/bench.py --only P1 --quantize int8-dynamic    # int8 weights and activations (the CPU fast path)
     python bench/bench.py --only P1 --dtype bfloat16           # bf16 on CPU
+    python bench/bench.py --only P1 --peer llama.cpp           # every mode against llama.cpp (peer_llama_cpp.py)
     P2  time to first token for a 672x672 image (pixels already processed: preprocessing is P3): vision tower,
         projector, prefill of 2928 image + 32 text positions, one greedy token.
         Roofline: the matrix FLOPs of that work / the machine's fp32 matmul rate.
@@ -131,7 +132,7 @@ def load_ours(folder: Path, dtype=torch.float32, quantize_mode=None):
 
     from convert import load_pretrained
 
-    prepare = functools.partial(quantize.int8_layers, dynamic=quantize_mode == "int8-dynamic") if quantize_mode else None
+    prepare = functools.partial(quantize.quantized_layers, mode=quantize_mode) if quantize_mode else None
     model = load_pretrained(str(folder), compat="transformers", dtype=dtype, prepare=prepare)[0]
     return quantize.quantize_tied_head(model) if quantize_mode else model
 
@@ -177,13 +178,13 @@ def matmul_rate(n: int = 4096) -> float:
 
 def decode_bytes_per_token(model, context: int) -> int:
     """Bytes one decode step must read: every decoder matrix and norm, the output head, and the KV cache, each in
-    its stored dtype (int8 layers: 1 byte a weight, plus their scales; int8-dynamic ones keep it packed, outside
-    their parameters)."""
+    its stored dtype (int8 layers: 1 byte a weight, plus their scales; int4: half a byte, plus a scale and zero
+    point per group; int8-dynamic ones keep it packed, outside their parameters)."""
     t = model.cfg.text
     packed = sum(m.in_features * m.out_features for m in [*model.language_model.modules(), model.lm_head]
                  if getattr(m, "packed", None) is not None)
     tensors = [p for n, p in model.language_model.named_parameters() if "embed_tokens" not in n]
-    tensors += [b for n, b in model.language_model.named_buffers() if n.endswith("scales")]
+    tensors += [b for n, b in model.language_model.named_buffers() if n.endswith(("scales", "scales_and_zeros"))]
     if model.lm_head is not None:
         tensors += list(model.lm_head.parameters()) + list(model.lm_head.buffers())
     else:  # tied: the embedding matrix, read whole to score every token
@@ -308,7 +309,8 @@ def bench_first_token(ours, theirs, processor, crop: int, repeats: int):
     image = photo(2 * crop, 2 * crop, seed=1)
     processed = process_image(image, ours.cfg)
     pixels = processor(images=image, return_tensors="pt")
-    text = torch.randint(10, min(ours.cfg.text.vocab_size, 1000), (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    vocab = min(ours.cfg.text.vocab_size, 1000)
+    text = torch.randint(10, vocab, (32,), generator=torch.Generator().manual_seed(1)).tolist()
     ids = text[:2] + [IMAGE_TOKEN] * processed.num_tokens + text[2:]
     their_ids = torch.tensor([[theirs.config.image_token_id if t == IMAGE_TOKEN else t for t in ids]])
     firsts = {}
@@ -412,6 +414,9 @@ def main(argv=None):
                    help="P1 also in this compute dtype (P1v; float32 alone adds no variant)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "llava-bench"),
                    help="where the random checkpoint is written once")
+    p.add_argument("--peer", choices=["llama.cpp"], default=None,
+                   help="P1 also: each of our modes against llama.cpp on the same weights (bench/peer_llama_cpp.py; "
+                        "builds it once into CACHE_DIR/llama.cpp)")
     args = p.parse_args(argv)
     only = set(args.only.split(","))
     torch.set_num_threads(args.threads)
@@ -435,7 +440,8 @@ def main(argv=None):
         share = "" if roofline_share is None else f"{100 * roofline_share:.0f}%"
         rows.append((key, name, f"{ours:.3g} {unit}", f"{theirs:.3g} {unit}", f"{ratio:.2f}x", share))
         print(f"{key} {name}: ours {ours:.4g} {unit}, theirs {theirs:.4g} {unit}, ratio {ratio:.2f}x"
-              + (f", {share} of roofline" if share else "") + "".join(f", {k} {v}" for k, v in extra.items()), flush=True)
+              + (f", {share} of roofline" if share else "") + "".join(f", {k} {v}" for k, v in extra.items()),
+              flush=True)
 
     if only & {"P1", "P2", "P3"}:
         ours, theirs, processor = load_ours(folder), load_theirs(folder), load_their_processor(folder)
@@ -447,8 +453,8 @@ def main(argv=None):
             rates, same, context = bench_decode(ours, theirs, args.new_tokens, args.repeats, args.compile, variant)
             roof = bandwidth * 1e9 / decode_bytes_per_token(ours, context + args.new_tokens)
             extra = {"ours_compiled": round(rates["ours_compiled"], 3)} if args.compile else {}
-            figure("P1", "decode (batch 1, greedy)", rates["ours"], rates["theirs"], "tok/s", True, rates["ours"] / roof,
-                   roofline_tok_per_s=round(roof, 2), same_tokens=same, **extra)
+            figure("P1", "decode (batch 1, greedy)", rates["ours"], rates["theirs"], "tok/s", True,
+                   rates["ours"] / roof, roofline_tok_per_s=round(roof, 2), same_tokens=same, **extra)
             if variant is not None:
                 name = " + ".join(([args.quantize] if args.quantize else []) + [args.dtype])
                 roof = bandwidth * 1e9 / decode_bytes_per_token(variant, context + args.new_tokens)
@@ -469,6 +475,15 @@ def main(argv=None):
             figure("P3", f"AnyRes preprocessing {size[0]}x{size[1]}", 1 / seconds["ours"], 1 / seconds["theirs"],
                    "img/s", True, identical_pixels=identical)
         del ours, theirs
+
+    if "P1" in only and args.peer == "llama.cpp":
+        import peer_llama_cpp
+
+        for model_name in ["small"] if args.small else ["llama-0.45b", "smollm2"]:
+            peer = peer_llama_cpp.compare(Path(args.cache_dir) / "llama.cpp", model_name, args.threads, args.repeats,
+                                          bandwidth)
+            report[f"P1 llama.cpp {model_name}"] = peer
+            print(peer_llama_cpp.table(peer, f"P1 against llama.cpp: {model_name}, {args.threads} threads"), flush=True)
 
     if "P4" in only:
         runs = {side: in_child(train_child, side, str(folder), args.threads, args.train_len, args.repeats)

@@ -143,7 +143,8 @@ def load(url: str, bodies: list[dict], clients: int) -> dict:
     after = httpx.get(f"{url}/health").json()
     steps = after["decode_steps"] - before["decode_steps"]
     step_s = (after["decode_seconds"] - before["decode_seconds"]) / max(steps, 1)
-    return dict(clients=clients, requests=len(results), tokens=sum(r[2] for r in results), wall_s=wall, req_per_s=len(results) / wall,
+    return dict(clients=clients, requests=len(results), tokens=sum(r[2] for r in results), wall_s=wall,
+                req_per_s=len(results) / wall,
                 tok_per_s=sum(r[2] for r in results) / wall, ttft_median_s=statistics.median(ttft),
                 ttft_p95_s=ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))],
                 peak_running=after["peak_running"], decode_steps=steps, decode_step_s=step_s,

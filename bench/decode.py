@@ -101,7 +101,8 @@ def main(argv=None):
     p.add_argument("--peak-gbps", type=float, default=None, help="datasheet bandwidth, GB/s (H100 SXM 3350, H200 4800)")
     args = p.parse_args(argv)
     bandwidth = copy_bandwidth(args.device)
-    print(f"device {args.device}: copy {bandwidth:.0f} GB/s" + (f", datasheet {args.peak_gbps:.0f} GB/s" if args.peak_gbps else ""))
+    print(f"device {args.device}: copy {bandwidth:.0f} GB/s"
+          + (f", datasheet {args.peak_gbps:.0f} GB/s" if args.peak_gbps else ""))
     print("| weights | batch | compiled | tok/s | bound tok/s (copy) | share of copy bound | share of datasheet |")
     print("|---|---|---|---|---|---|---|")
     for weights in args.weights.split(","):

@@ -57,7 +57,8 @@ class DevTools:
         mask = os.urandom(4)
         n = len(payload)
         # the mask bit with the length: in 7 bits, or 126 and 16 bits, or 127 and 64 bits
-        size = bytes([0x80 | n]) if n < 126 else struct.pack(">BH", 0xFE, n) if n < 65536 else struct.pack(">BQ", 0xFF, n)
+        size = (bytes([0x80 | n]) if n < 126 else struct.pack(">BH", 0xFE, n) if n < 65536
+                else struct.pack(">BQ", 0xFF, n))
         self.sock.sendall(bytes([0x81]) + size + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
         while True:  # skip events until the answer to this call
             opcode, data = self.frame()

