@@ -56,6 +56,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import quantize  # noqa: E402
 from model import IMAGE_TOKEN  # noqa: E402
+from roofline import copy_bandwidth, decode_bytes_per_token, order_one_weights  # noqa: E402
 
 IMAGE_TOKEN_ID = 151646  # the id llava-hf's Qwen checkpoints give <image>; any id inside the vocabulary works
 
@@ -96,12 +97,7 @@ def build_checkpoint(folder: Path, small: bool):
                           image_grid_pinpoints=pinpoints(crop), tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlavaNextForConditionalGeneration(cfg)
-    with torch.no_grad():  # weights that keep activations O(1), so greedy tokens are not decided by near-ties
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn(p.shape) * 0.05 + (1.0 if "norm" in name else 0.0))
-            else:
-                p.copy_(torch.randn(p.shape) / math.sqrt(p[0].numel()))
+    order_one_weights(model)  # so that greedy tokens are not decided by near-ties
     model.save_pretrained(folder)
     LlavaNextImageProcessorPil(size={"shortest_edge": crop}, crop_size={"height": crop, "width": crop},
                                image_grid_pinpoints=pinpoints(crop)).save_pretrained(folder)
@@ -149,18 +145,6 @@ def photo(width: int, height: int, seed: int = 0) -> Image.Image:
 # Machine limits
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 512 MiB fp32 copy, counting the bytes read and the bytes written."""
-    a = torch.rand(128 << 20)
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(6):
-        t0 = time.perf_counter()
-        b.copy_(a)
-        times.append(time.perf_counter() - t0)
-    return 2 * a.nbytes / min(times[1:]) / 1e9
-
-
 def matmul_rate(n: int = 4096) -> float:
     """GFLOP/s of an n x n fp32 matrix product."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -174,24 +158,6 @@ def matmul_rate(n: int = 4096) -> float:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Work per figure, for the rooflines
-
-
-def decode_bytes_per_token(model, context: int) -> int:
-    """Bytes one decode step must read: every decoder matrix and norm, the output head, and the KV cache, each in
-    its stored dtype (int8 layers: 1 byte a weight, plus their scales; int4: half a byte, plus a scale and zero
-    point per group; int8-dynamic ones keep it packed, outside their parameters)."""
-    t = model.cfg.text
-    packed = sum(m.in_features * m.out_features for m in [*model.language_model.modules(), model.lm_head]
-                 if getattr(m, "packed", None) is not None)
-    tensors = [p for n, p in model.language_model.named_parameters() if "embed_tokens" not in n]
-    tensors += [b for n, b in model.language_model.named_buffers() if n.endswith(("scales", "scales_and_zeros"))]
-    if model.lm_head is not None:
-        tensors += list(model.lm_head.parameters()) + list(model.lm_head.buffers())
-    else:  # tied: the embedding matrix, read whole to score every token
-        tensors.append(model.language_model.embed_tokens.weight)
-    dtype = model.language_model.embed_tokens.weight.dtype  # the compute dtype, which the KV cache is in
-    kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * context * dtype.itemsize
-    return sum(x.numel() * x.element_size() for x in tensors) + packed + kv
 
 
 def prefill_flops(model, crops: int, image_tokens: int, text_tokens: int) -> float:

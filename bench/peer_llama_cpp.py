@@ -12,13 +12,12 @@ empty context) and `-p 512 -n 0` (a 512-token prompt) at --threads; ours decodes
 (generate.generate, as infer.py) and times a 512-token prefill, each of our modes loaded as infer.py loads it.
 Ours and llama.cpp take turns (one run each a round); every figure is the median of --repeats rounds.
 Roofline: bytes one decode step reads (every matrix but the token embedding, in its stored form: the GGUF's
-tensor sizes for llama.cpp, bench.decode_bytes_per_token for ours) over the machine's copy bandwidth. Without
+tensor sizes for llama.cpp, roofline.decode_bytes_per_token for ours) over the machine's copy bandwidth. Without
 cmake or a C++ compiler the peer is skipped with a message.
 """
 
 import argparse
 import json
-import math
 import os
 import shutil
 import statistics
@@ -33,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import quantize  # noqa: E402
+from roofline import copy_bandwidth, decode_bytes_per_token, order_one_weights  # noqa: E402
 
 VERSION = "0.3.36"  # llama-cpp-python's sdist, which vendors the llama.cpp source it binds
 PEERS = {"fp32": "F32", "int8": "Q8_0", "int8-dynamic": "Q8_0", "int4": "Q4_0"}  # our mode -> llama.cpp's format
@@ -128,12 +128,7 @@ def llama_folder(cache: Path, small: bool) -> Path:
                       max_position_embeddings=8192, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # weights that keep activations O(1), as bench.py's
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn(p.shape) * 0.05 + (1.0 if "norm" in name else 0.0))
-            else:
-                p.copy_(torch.randn(p.shape) / math.sqrt(p[0].numel()))
+    order_one_weights(model)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(tokenizer / name, folder / name)
@@ -207,7 +202,6 @@ def compare(cache: Path, model_name: str, threads: int, repeats: int, bandwidth:
     each mode's decode, then its 512-token prefill against llama.cpp's format of as many bits. Ours and theirs
     take turns, one run each per round after a warm-up of ours, so that both see the same machine load; each
     figure is the median of `repeats` rounds. [] where llama.cpp cannot be built."""
-    from bench import decode_bytes_per_token  # bench.py's roofline
 
     why = missing_tools()
     if why:
@@ -256,7 +250,6 @@ def table(rows: list, title: str) -> str:
 
 
 def main(argv=None):
-    from bench import copy_bandwidth
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["llama-0.45b", "smollm2", "small"], default="llama-0.45b")

@@ -27,7 +27,7 @@ def module_name(path: str) -> str:
 
 
 def imports(path: str, modules: set[str]) -> set[str]:
-    """The repository modules `path` imports anywhere in its body (tests' own modules also by their bare name)."""
+    """The repository modules `path` imports anywhere in its body (a folder's own modules also by their bare name)."""
     found = set()
     for node in ast.walk(ast.parse((ROOT / path).read_text())):
         names = []
@@ -35,8 +35,9 @@ def imports(path: str, modules: set[str]) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        for name in names:
-            for candidate in (name, f"tests.{name}" if path.startswith("tests/") else None):
+        folder = path.rsplit("/", 1)[0] if "/" in path else None
+        for name in names:  # a script in a folder imports its neighbours by their bare name (bench/, tests/)
+            for candidate in (name, f"{folder}.{name}" if folder else None):
                 if candidate in modules:
                     found.add(candidate)
     found.discard(module_name(path))
