@@ -502,7 +502,7 @@ def load_weights(model: Llava, sources, dtype, device, where: str):
 def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="cpu", compat="original", prepare=None):
     """Build a Llava from a folder, preset short name or hub repo id; returns (model, folder).
 
-    prepare(model), if given, runs on the meta-device model before any weight is read: quantize.int8_layers and
+    prepare(model), if given, runs on the meta-device model before any weight is read: quantize.quantized_layers and
     tensor_parallel.shard_decoder swap or shard its layers there, so each weight is read into its final form."""
     folder = resolve(source, revision)
     config_path = folder / "config.json"

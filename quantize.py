@@ -233,10 +233,6 @@ def quantized_layers(model: nn.Module, mode: str = "int8") -> nn.Module:
     return model
 
 
-def int8_layers(model: nn.Module, dynamic: bool = False) -> nn.Module:
-    return quantized_layers(model, "int8-dynamic" if dynamic else "int8")
-
-
 def quantize_tied_head(model: nn.Module) -> nn.Module:
     """A model whose head is its embedding matrix (the 0.5B Qwen models): give it an int8 copy as its head, as the
     head is read whole for every token (a quarter of Qwen2-0.5B's weights) while the embedding is only looked up."""

@@ -41,7 +41,7 @@ def build(cfg: LlavaConfig, device, weights: str):
     with torch.device("meta"):
         model = Llava(cfg)
     if weights == "int8":
-        quantize.int8_layers(model)
+        quantize.quantized_layers(model, "int8")
         for module in model.modules():
             if isinstance(module, quantize.Int8Linear):
                 w = torch.randn(module.out_features, module.in_features, device=device) * 0.02
