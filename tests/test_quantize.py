@@ -285,7 +285,7 @@ def smollm2(tmp_path_factory):
     torch.set_num_threads(1)
     folder = convert(gguf_path(), tmp_path_factory.mktemp("smollm2"))
     full, _ = load_pretrained(str(folder))
-    int8, _ = load_pretrained(str(folder), prepare=quantize.int8_layers)
+    int8, _ = load_pretrained(str(folder), prepare=quantize.quantized_layers)
     yield folder, full, quantize.quantize_tied_head(int8), load_tokenizer(folder, str(folder))
     torch.set_num_threads(threads)
 
@@ -293,12 +293,33 @@ def smollm2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def smollm2_dynamic(smollm2):
     folder = smollm2[0]
-    model, _ = load_pretrained(str(folder), prepare=lambda m: quantize.int8_layers(m, dynamic=True))
+    model, _ = load_pretrained(str(folder), prepare=lambda m: quantize.quantized_layers(m, "int8-dynamic"))
     return quantize.quantize_tied_head(model)
 
 
 def prompt(tokenizer, question):
     return tokenize(tokenizer, render_prompt("qwen_1_5", [("user", question)]))
+
+
+def worst_per_layer(model, layer_type, ratio, run) -> tuple[list[float], list[str]]:
+    """Run `run()` with a hook on every `layer_type` layer of `model`: ratio(name, layer, x, out) is the call's worst
+    |error| / bound. Returns (that ratio per call, the layer's name per call); the hooks are removed after."""
+    worst, checked = [], []
+
+    def hook_for(name):
+        def hook(layer, inputs, out):
+            worst.append(ratio(name, layer, inputs[0], out))
+            checked.append(name)
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in model.named_modules() if isinstance(m, layer_type)]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return worst, checked
 
 
 @pytestmark_smollm2
@@ -308,24 +329,15 @@ def test_every_layer_within_the_bound(smollm2):
     result to bf16 (2^-8 |y_i| each):  |y_i - y8_i| <= s_i * ||x||_1 * (1/2 + 127/256) + 2 |y8_i| / 256."""
     _, full, int8, tokenizer = smollm2
     reference = dict(full.named_modules())
-    worst, checked = [], []
 
-    def check(name):
-        def hook(layer, inputs, out):
-            x = inputs[0].float()
-            w = reference[name].weight if name != "lm_head" else full.language_model.embed_tokens.weight
-            y = F.linear(x, w)
-            bound = (layer.scales.float() * x.abs().sum(-1, keepdim=True) * (0.5 + 127 / 256)
-                     + 2 * out.abs() / 256 + 1e-5)
-            worst.append(float(((y - out).abs() / bound).max()))
-            checked.append(name)
-        return hook
+    def ratio(name, layer, x, out):
+        x = x.float()
+        w = reference[name].weight if name != "lm_head" else full.language_model.embed_tokens.weight
+        bound = layer.scales.float() * x.abs().sum(-1, keepdim=True) * (0.5 + 127 / 256) + 2 * out.abs() / 256 + 1e-5
+        return float(((F.linear(x, w) - out).abs() / bound).max())
 
-    for name, module in int8.named_modules():
-        if isinstance(module, quantize.Int8Linear):
-            module.register_forward_hook(check(name))
-    with torch.no_grad():
-        int8(torch.tensor([prompt(tokenizer, "What is the capital of France?")]))
+    ids = prompt(tokenizer, "What is the capital of France?")
+    worst, checked = worst_per_layer(int8, quantize.Int8Linear, ratio, lambda: int8(torch.tensor([ids])))
     assert len(checked) == 30 * 7 + 1  # every projection of the 30 blocks, and the head
     assert max(worst) <= 1.0, max(worst)
     assert min(worst) > 0  # the layers did change: int8 is not a copy of fp32
@@ -363,24 +375,19 @@ def test_cli_answers_paris_in_int8(smollm2, capsys):
 def test_dynamic_every_layer_within_the_bound(smollm2, smollm2_dynamic):
     _, full, _, tokenizer = smollm2
     reference = dict(full.named_modules())
-    worst, checked = [], []
 
-    def check(name):
-        def hook(layer, inputs, out):
-            x = inputs[0].float().reshape(-1, layer.in_features)
-            w = reference[name].weight if name != "lm_head" else full.language_model.embed_tokens.weight
-            q, scales = quantize.quantize_per_channel(w, torch.float32, quantize.DYNAMIC_QMAX)
-            worst.append(float(((F.linear(x, w) - out.reshape(len(x), -1)).abs() / dynamic_bound(x, q, scales)).max()))
-            checked.append(name)
-        return hook
+    def ratio(name, layer, x, out):
+        x = x.float().reshape(-1, layer.in_features)
+        w = reference[name].weight if name != "lm_head" else full.language_model.embed_tokens.weight
+        q, scales = quantize.quantize_per_channel(w, torch.float32, quantize.DYNAMIC_QMAX)
+        return float(((F.linear(x, w) - out.reshape(len(x), -1)).abs() / dynamic_bound(x, q, scales)).max())
 
-    for name, module in smollm2_dynamic.named_modules():
-        if isinstance(module, quantize.Int8Linear):
-            module.register_forward_hook(check(name))
-    ids = prompt(tokenizer, "What is the capital of France?")
-    with torch.no_grad():
+    def run():
         smollm2_dynamic(torch.tensor([ids]))  # prefill: every row in its own range
         list(generation.generate(smollm2_dynamic, ids, max_new_tokens=2))  # and decoding, one token a call
+
+    ids = prompt(tokenizer, "What is the capital of France?")
+    worst, checked = worst_per_layer(smollm2_dynamic, quantize.Int8Linear, ratio, run)
     assert len(set(checked)) == 30 * 7 + 1
     assert max(worst) <= 1.0, max(worst)
     assert min(worst) > 0
@@ -432,25 +439,18 @@ def test_int4_every_layer_within_the_bound(smollm2, smollm2_int4):
     tokenizer = smollm2[3]
     _, int4, full = smollm2_int4
     reference = dict(full.named_modules())
-    worst, checked = [], []
 
-    def check(name):
-        def hook(layer, inputs, out):
-            x, w = inputs[0].double().reshape(-1, layer.in_features), reference[name].weight
-            q, scales_and_zeros = quantize.quantize_groupwise(w)
-            step = scales_and_zeros[..., 0].double()  # (in / 32, out)
-            weights = x.abs().reshape(len(x), -1, quantize.GROUP_SIZE).sum(-1) @ step / 2  # (M, out)
-            y = out.double().reshape(len(x), -1)
-            bound = weights + int4_kernel_bound(x, quantize.dequantize_groupwise(q, scales_and_zeros), y) + 1e-5
-            worst.append(float(((F.linear(x, w.double()) - y).abs() / bound).max()))
-            checked.append(name)
-        return hook
+    def ratio(name, layer, x, out):
+        x, w = x.double().reshape(-1, layer.in_features), reference[name].weight
+        q, scales_and_zeros = quantize.quantize_groupwise(w)
+        step = scales_and_zeros[..., 0].double()  # (in / 32, out)
+        weights = x.abs().reshape(len(x), -1, quantize.GROUP_SIZE).sum(-1) @ step / 2  # (M, out)
+        y = out.double().reshape(len(x), -1)
+        bound = weights + int4_kernel_bound(x, quantize.dequantize_groupwise(q, scales_and_zeros), y) + 1e-5
+        return float(((F.linear(x, w.double()) - y).abs() / bound).max())
 
-    for name, module in int4.named_modules():
-        if isinstance(module, quantize.Int4Linear):
-            module.register_forward_hook(check(name))
-    with torch.no_grad():
-        int4(torch.tensor([prompt(tokenizer, "What is the capital of France?")]))
+    ids = prompt(tokenizer, "What is the capital of France?")
+    worst, checked = worst_per_layer(int4, quantize.Int4Linear, ratio, lambda: int4(torch.tensor([ids])))
     assert len(checked) == 30 * 7  # every projection of the 30 blocks (the head is int8's, tested above)
     assert max(worst) <= 1.0, max(worst)
     assert min(worst) > 0
