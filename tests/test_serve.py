@@ -30,6 +30,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen):
+    """Ask a child process to end; kill it if it has not within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 @contextlib.contextmanager
 def running_server(folder, *extra, timeout=60, env=None):
     """serve.py in a subprocess on a free loopback port; yields its base URL, and stops it after."""
@@ -49,12 +59,7 @@ def running_server(folder, *extra, timeout=60, env=None):
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         log.seek(0)
         print(log.read()[-3000:])  # shown by pytest when the test fails
         log.close()

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 from conftest import photo
-from test_serve import reference, running_server
+from test_serve import reference, running_server, stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -93,11 +93,7 @@ def chromium(tmp_path):
         targets = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10))
         yield DevTools(next(t for t in targets if t["type"] == "page")["webSocketDebuggerUrl"])
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` on PATH (Debian: apt-get install chromium; .ci/run does)")
