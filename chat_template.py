@@ -10,7 +10,6 @@ Only the choice is made here: inference and training always render our own strin
 template's quirks (a missing system sentence, `<\\s>` for `</s>`) never reach a prompt.
 """
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -19,6 +18,8 @@ from convert import CheckpointError, Preset, find_preset, hub_command, read_json
 from data import TEMPLATES, render_prompt, system_slot
 
 
+# what a shipped template can match: plain is stage 1's caption format, never a chat format; qwen_2 is qwen_1_5
+CHAT_FORMATS = [name for name in TEMPLATES if name not in ("plain", "qwen_2")]
 PROBE_Q, PROBE_A, PROBE_Q2 = "What is in the picture?", "A red cube.", "And behind it?"
 PROBES = ((0, [("user", PROBE_Q)]), (1, [("user", PROBE_Q)]),  # (images, turns): one turn without and with an image,
           (1, [("user", PROBE_Q), ("assistant", PROBE_A), ("user", PROBE_Q2)]))  # and after a short history
@@ -103,9 +104,7 @@ def matching_templates(source: str, bos: str = "", eos: str = "") -> list[str]:
                 return False
         return True
 
-    # plain is stage 1's caption format, never a chat format; qwen_2 is qwen_1_5
-    names = [name for name in TEMPLATES if name not in ("plain", "qwen_2")]
-    return [name for name in names if renders(name, parts=True) or renders(name, parts=False)]
+    return [name for name in CHAT_FORMATS if renders(name, parts=True) or renders(name, parts=False)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,9 +165,8 @@ def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
             print(f"note: {path}: its chat template renders none of ours; using the preset's {preset.template}",
                   file=sys.stderr)
             return preset.template
-        names = ", ".join(n for n in TEMPLATES if n not in ("plain", "qwen_2"))
         raise CheckpointError(f"{path}: its chat template renders none of our templates' prompts; pass --template "
-                              f"NAME (one of {names}) for the format the model was trained with")
+                              f"NAME (one of {', '.join(CHAT_FORMATS)}) for the format the model was trained with")
     if preset:
         return preset.template
     guess, why = guess_template(tokenizer)
@@ -209,7 +207,7 @@ TEMPLATE_KEY = "llava_template"  # ours, in config.json: the chat format (data.T
 def saved_template(folder: Path) -> str | None:
     """The chat format a checkpoint written by train.py was trained with (None for released checkpoints)."""
     path = Path(folder) / "config.json"
-    return json.loads(path.read_text()).get(TEMPLATE_KEY) if path.exists() else None
+    return read_json(path).get(TEMPLATE_KEY) if path.exists() else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
