@@ -7,26 +7,45 @@ import re
 import torch
 
 from toy import world
-from toy.lifecycle import BINDING, ToyRun, class_embeddings, life_cycle, patch_targets, share_right, stage0_vision
+from toy.lifecycle import BINDING, ToyRun, life_cycle, share_right
+from toy.stage0 import cell_overlaps, class_embeddings, scene_targets, stage0_vision, view_targets
 
 import infer
 import train
 
 
-def test_stage0_targets_mark_each_objects_third_in_the_crops_and_in_the_base_view():
+def test_stage0_targets_are_what_each_patch_of_each_view_shows():
     # a 48x96 strip, 3 x 6 cells = 2 crops: a red circle at (col 0, row 1), a blue square at (2, 4), a letter at (1, 5)
     # (class k is label k + 1: red 1, blue 3; circle 1, square 2; the letter's label 4 of 6)
     color, shape, letter = (torch.zeros(6, 3, dtype=torch.int64) for _ in range(3))
     color[1, 0], shape[1, 0] = 1, 1
     color[4, 2], shape[4, 2] = 3, 2
     letter[5, 1] = 4
-    content, where, base_where = patch_targets(color, shape, letter, n_colors=5, n_shapes=4)
-    empty = [0] * 9
-    assert content.tolist() == [empty[:3] + [1 * 4 + 1] + empty[4:], empty[:5] + [3 * 4 + 2, 0, 5 * 4 + 4, 0]]
-    x = -100  # only objects have a column: not the letter, not the empty cells
-    assert where.tolist() == [[x, x, x, 0, x, x, x, x, x], [x, x, x, x, x, 2, x, x, x]]
-    # the base view squeezes 6 rows into 3: rows 0-1, 2-3, 4-5; its columns are the thirds, as the crops' are
-    assert base_where.tolist() == [0, x, x, x, x, x, x, x, 2]
+    content, column = scene_targets(color, shape, letter, n_colors=5, n_shapes=4)
+    circle, square, K, x = 1 * 4 + 1, 3 * 4 + 2, 5 * 4 + 7, -100  # x: no column (no object, or objects in two)
+    letter_k = 5 * 4 + 4
+
+    def targets(view):
+        target, col = view_targets(cell_overlaps((48, 96), view, (1, 2)), content, column, K)
+        assert torch.allclose(target.sum(-1), torch.ones(target.shape[:2]))
+        return {(v, p): {k: round(w, 2) for k, w in enumerate(t.tolist()) if w} for v, ts in enumerate(target)
+                for p, t in enumerate(ts)}, col.tolist()
+
+    # the crops: one cell per patch, as before; only objects have a column
+    shows, col = targets("crops")
+    assert shows[0, 3] == {circle: 1.0} and shows[1, 5] == {square: 1.0} and shows[1, 7] == {letter_k: 1.0}
+    assert sum(t == {0: 1.0} for t in shows.values()) == 18 - 3
+    assert col == [[x, x, x, 0, x, x, x, x, x], [x, x, x, x, x, 2, x, x, x]]
+    # the base view squeezes 6 rows into 3 (rows 0-1, 2-3, 4-5); its columns are the thirds, as the crops' are
+    shows, col = targets("base")
+    assert shows[0, 0] == {circle: 1.0} and shows[0, 8] == {square: 1.0} and shows[0, 7] == {letter_k: 1.0}
+    assert col == [[0, x, x, x, x, x, x, x, 2]]
+    # padded to 96 x 96 and shrunk to 48: the strip is 24 px wide in the middle, each cell 8 px, and the two outer
+    # columns straddle two patches each; a patch may show several things, each with an even share
+    shows, col = targets("pad")
+    assert shows[0, 1] == {circle: 1.0} and shows[0, 0] == {circle: 1.0} and shows[0, 2] == {0: 1.0}
+    assert shows[0, 7] == {square: 0.5, letter_k: 0.5} and shows[0, 8] == {square: 1.0} and shows[0, 6] == {0: 1.0}
+    assert col == [[0, 0, x, x, x, x, x, 2, 2]]
 
 
 def test_class_embeddings_are_built_from_words_so_shape_weighs_as_much_as_colour():

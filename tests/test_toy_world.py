@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from toy import world as toy
 from anyres import candidate_resolutions, select_best_resolution
 from data import IGNORE_INDEX, conversation_of, render_prompt, tokenize, tokenize_conversation
-from toy.lifecycle import GRID_PINPOINTS
+from toy.stage0 import GRID_PINPOINTS
 from model import IMAGE_TOKEN
 
 CFG = toy.ToyConfig()

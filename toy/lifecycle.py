@@ -1,10 +1,10 @@
 """The LLaVA life cycle in miniature: `python train.py` with no arguments, on a laptop CPU in minutes.
 
     world.write_dataset        shapes-world images, captions and VQA in the LLaVA JSON format (runs/toy/data)
-    stage 0 (stand-ins)        a tiny CLIP-style tower learns what each patch holds (and, on objects, which third
-                               of the image it lies in) and a tiny Llama-style decoder (by default left at its
-                               random initialisation, see ToyRun): the "pretrained encoders" real LLaVA starts from,
-                               saved as an ordinary CLIP tower folder and an ordinary causal-LM folder
+    stage 0 (toy/stage0.py)    the stand-ins for the pretrained CLIP and LLM: a tiny CLIP-style tower learns what each
+                               patch of each view holds (the AnyRes crops, the squashed base view, the padded whole)
+                               and a tiny Llama-style decoder (by default left at its random initialisation, see
+                               ToyRun), saved as an ordinary CLIP tower folder and an ordinary causal-LM folder
     stage 1 / 1.5 / 2          train.train, as the real recipes run it: projector only on captions (plain
                                template), then projector and LLM on detailed captions, then on multi-turn VQA
                                (qwen_1_5 template), AnyRes on throughout; the tower stays frozen after stage 0, and
@@ -26,17 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from einops import rearrange
 from PIL import Image
 
 from toy import world
 from anyres import process_image, process_images, process_video
-from export import padded_vocab_size, save_pretrained
-from data import (IGNORE_INDEX, image_files_of, load_image, load_video, render_conversation, render_prompt,
-                  stop_token_ids, tokenize)
-from model import Llava, LlavaConfig, TextConfig, VisionConfig, VisionTower, init_fresh
+from toy.stage0 import GRID_PINPOINTS, stage0_text, stage0_vision
+from data import image_files_of, load_image, load_video, render_prompt, stop_token_ids, tokenize
 
 
 @dataclass
@@ -82,157 +77,6 @@ class ToyRun:
     stage0: str = ""  # stage 0's folder ("": OUT/stage0), made if missing or made with other settings
     blank_eval: bool = True  # also score the held-out questions on blanked images
     quiet: bool = False  # no progress bars
-
-
-GRID_PINPOINTS = "[[48, 96], [48, 144]]"  # the toy's AnyRes canvases, as (w, h): one crop wide
-
-
-def tower_config(run: ToyRun) -> VisionConfig:
-    return VisionConfig(kind="clip", image_size=48, patch_size=16, hidden_size=run.vision_width,
-                        intermediate_size=4 * run.vision_width, num_heads=4, num_layers=run.vision_layers)
-
-
-def decoder_config(run: ToyRun, vocab_size: int) -> TextConfig:
-    return TextConfig(vocab_size=vocab_size, hidden_size=run.text_width, intermediate_size=4 * run.text_width // 3 * 2,
-                      num_layers=run.text_layers, num_heads=run.text_heads, num_kv_heads=2,
-                      head_dim=run.text_width // run.text_heads,
-                      rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, max_position_embeddings=1024)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Stage 0: stand-ins for the pretrained CLIP and LLM
-
-
-def stage0_vision(run: ToyRun, data: Path, folder: Path, lr_factor):
-    """Train the tower as the stand-in for a pretrained CLIP, then save it as a CLIP vision-model folder.
-
-    Everything the toy does that LLaVA does not is here (real LLaVA starts from a CLIP or SigLIP that already sees):
-    - a content head, CLIP-style: a crop patch's feature must point, by cosine, at the embedding of what its cell
-      holds (nothing, one of the 12 colour-shape objects, or one of the 6 letters) more than at any other class,
-      each embedding built from fixed word vectors (class_embeddings), so that the shape weighs as much as the colour;
-    - a column head: which of its view's 3 patch columns an object lies in, on the crops and the base view (the
-      scenes are one crop wide, so that is the object's third of the image): a real CLIP's patch features carry
-      where they are, a tower trained on contents alone keeps too little of it to answer "left, middle or right";
-    - the position embedding starts at std 0.1 instead of CLIP's 0.02, so that the column head can learn within the
-      steps, and the learning rate warms up over the first tenth of them (CLIP's own schedule warms up too);
-      without it the column head's loss stayed at 0.3-0.7 at four seeds of five;
-    - after stage 0 the tower stays frozen (trained further, it washed the column code out).
-    Measurements behind each: docs/toy-results.md."""
-    labels = np.load(data / "stage0.npz")
-    cfg = LlavaConfig(vision=tower_config(run), image_aspect_ratio="anyres", grid_pinpoints=json.loads(GRID_PINPOINTS))
-    tower = init_fresh(_meta(VisionTower, cfg.vision))
-    with torch.no_grad():
-        tower.position_embedding.weight.normal_(0, run.stage0_position_std)
-    C, S, L = (len(labels[f"{k}_names"]) for k in ("color", "shape", "letter"))  # class tables, "none" first
-    classes = class_embeddings(C, S, L, run.vision_width)  # (K, D): empty, colour x shape, then letters
-    column = nn.Linear(run.vision_width, 3)
-    optimizer = torch.optim.AdamW([*tower.parameters(), *column.parameters()], lr=2e-3)
-    rng = np.random.default_rng(run.seed)
-    for step in range(run.stage0_vision_steps):
-        for g in optimizer.param_groups:
-            g["lr"] = 2e-3 * lr_factor(step, run.stage0_vision_steps, warmup_ratio=run.stage0_warmup_ratio)
-        pixels, contents, columns, base, base_columns = [], [], [], [], []
-        for i in rng.choice(len(labels["image"]), run.stage0_images, replace=False):
-            image = process_image(load_image(data / str(labels["image"][i])), cfg)
-            cols, rows = image.grid
-            pixels.append(image.pixels[1:])  # the crops
-            base.append(image.pixels[:1])
-            content, where, base_where = patch_targets(
-                *(torch.from_numpy(labels[k][i][: rows * 3, : cols * 3].astype(np.int64))
-                  for k in ("color", "shape", "letter")), n_colors=C, n_shapes=S)
-            contents.append(content), columns.append(where), base_columns.append(base_where)
-        features = tower(torch.cat(pixels))  # (crops, 9, D)
-        base_features = tower(torch.cat(base))  # (images, 9, D)
-        # (crops, 9, K) cosines at a fixed scale of 16, about CLIP's initial 1/0.07
-        logits = 16.0 * F.normalize(features, dim=-1) @ F.normalize(classes, dim=-1).T
-        loss = F.cross_entropy(logits.flatten(0, 1), torch.cat(contents).flatten())
-        column_logits = torch.cat([column(features).flatten(0, 1), column(base_features).flatten(0, 1)])
-        loss = loss + F.cross_entropy(column_logits, torch.cat([torch.cat(columns).flatten(), *base_columns]))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    save_clip_tower(tower, folder)
-    return loss.item()
-
-
-def class_embeddings(n_colors: int, n_shapes: int, n_letters: int, width: int) -> torch.Tensor:
-    """(K, D) fixed targets of the content head, indexed as patch_targets numbers the classes: like CLIP's text
-    embedding of "a red circle", each is built from words, here one fixed random direction per word (orthonormal),
-    an object the sum of its colour's and its shape's. The rows of label 0 ("none") with another label are unused,
-    zero. Learned freely instead, the table let colour drown the shape in the features (docs/toy-results.md)."""
-    words = torch.linalg.qr(torch.randn(width, n_colors + n_shapes + n_letters))[0].T  # orthonormal rows
-    colors, shapes, letters = words.split([n_colors, n_shapes, n_letters])
-    table = torch.zeros(n_colors * n_shapes + n_letters, width)
-    table[0] = colors[0] + shapes[0]  # empty
-    for c in range(1, n_colors):
-        table[c * n_shapes + 1: (c + 1) * n_shapes] = colors[c] + shapes[1:]
-    table[n_colors * n_shapes + 1:] = letters[1:]
-    return table
-
-
-def patch_targets(color, shape, letter, n_colors: int, n_shapes: int):
-    """Stage 0's targets for one scene from its (rows, cols) cell label maps (0 = none, k = class k-1): the content
-    class of each crop patch (0 empty, then colour x shape, then letters), the column of each object patch in the
-    crops, and the same in the base view (3 x 3 patches over the whole scene), IGNORE_INDEX elsewhere. Crops are
-    row-major, 3 x 3 patches each: (crops, 9), (crops, 9), (9,)."""
-    content = torch.where(letter > 0, n_colors * n_shapes + letter, color * n_shapes + shape)
-    where = torch.where(color > 0, torch.arange(color.shape[1]) % 3, IGNORE_INDEX)
-    in_crops = lambda m: rearrange(m, "(r i) (c j) -> (r c) (i j)", i=3, j=3)  # noqa: E731
-    # the base view squeezes the scene into 3 x 3 patches: a patch showing an object gets its patch column
-    in_base = rearrange(color > 0, "(i h) (j w) -> (i j) (h w)", i=3, j=3).any(-1)
-    return in_crops(content), in_crops(where), torch.where(in_base, torch.arange(9) % 3, IGNORE_INDEX)
-
-
-def save_clip_tower(tower: VisionTower, folder: Path):
-    """A CLIPVisionModel folder (config.json + model.safetensors with vision_model.* keys), with one extra, untrained
-    last layer: LLaVA reads CLIP's hidden state -2, so the layer after the one it reads exists but is never used."""
-    from safetensors.torch import save_file
-
-    from export import hf_key
-
-    v = tower.cfg
-    extra = init_fresh(_meta(type(tower.layers[0]), v))
-    state = {hf_key(f"vision_tower.{k}")[len("vision_tower."):]: t for k, t in tower.state_dict().items()}
-    state |= {f"vision_model.encoder.layers.{v.num_layers}.{k}": t for k, t in extra.state_dict().items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: t.contiguous() for k, t in state.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(dict(
-        model_type="clip_vision_model", hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_layers + 1, num_attention_heads=v.num_heads, image_size=v.image_size,
-        patch_size=v.patch_size, layer_norm_eps=v.layer_norm_eps, hidden_act="quick_gelu"), indent=2))
-
-
-def stage0_text(run: ToyRun, data: Path, tokenizer, folder: Path):
-    """Train the decoder as a plain language model on the toy's conversations with the images left out, then save
-    it as an ordinary causal-LM folder (config.json, model.safetensors, tokenizer.json)."""
-    texts = []
-    for name in ("pretrain", "recap"):
-        for r in json.loads((data / f"{name}.json").read_text()):
-            text, _ = render_conversation("qwen_1_5", world.to_messages(r["conversations"]))
-            texts.append(tokenize(tokenizer, text.replace("<image>\n", "")))
-    # a row for <image> too, which the saved stages add to the tokenizer (add_media_rows would otherwise be needed)
-    cfg = LlavaConfig(vision=None, text=decoder_config(run, padded_vocab_size(tokenizer.get_vocab_size() + 1)))
-    model = init_fresh(_meta(Llava, cfg)).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    rng = np.random.default_rng(run.seed)
-    loss = torch.tensor(float("nan"))
-    for _ in range(run.stage0_text_steps):
-        batch = [texts[i] for i in rng.choice(len(texts), run.batch, replace=False)]
-        T = max(map(len, batch))
-        ids = torch.tensor([t + [0] * (T - len(t)) for t in batch])
-        labels = torch.tensor([t + [IGNORE_INDEX] * (T - len(t)) for t in batch])
-        logits = model(ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    save_pretrained(model, folder, tokenizer=tokenizer)
-    return loss.item()
-
-
-def _meta(cls, cfg):
-    with torch.device("meta"):
-        return cls(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -334,7 +178,8 @@ def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
         from tokenizers import Tokenizer
 
         torch.manual_seed(run.seed)
-        log(f"stage 0: vision tower, final loss {stage0_vision(run, data, stage0 / 'tower', trainer.lr_factor):.3f}")
+        excess = stage0_vision(run, data, stage0 / "tower", trainer.lr_factor)
+        log(f"stage 0: vision tower, final loss {excess:.3f} above the floor of its mixed targets")
         text_loss = stage0_text(run, data, Tokenizer.from_file(str(data / "tokenizer.json")), stage0 / "llm")
         log(f"stage 0: language model, "
             f"{f'final loss {text_loss:.3f}' if run.stage0_text_steps else 'random initialisation'}")
