@@ -30,7 +30,7 @@ from PIL import Image
 
 from toy import world
 from anyres import process_image, process_images, process_video
-from toy.stage0 import GRID_PINPOINTS, stage0_text, stage0_vision
+from toy.stage0 import GRID_PINPOINTS, VIEWS, stage0_text, stage0_vision
 from data import image_files_of, load_image, load_video, render_prompt, stop_token_ids, tokenize
 
 
@@ -172,7 +172,7 @@ def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
     if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
         world.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed, progress=not run.quiet)
     stage0 = Path(run.stage0 or Path(run.out) / "stage0")
-    made_with = {k: getattr(run, k) for k in STAGE0_FIELDS} | {"data": wanted}
+    made_with = {k: getattr(run, k) for k in STAGE0_FIELDS} | {"data": wanted, "views": list(VIEWS)}
     stamp = stage0 / "made_with.json"
     if not stamp.exists() or json.loads(stamp.read_text()) != made_with:
         from tokenizers import Tokenizer

@@ -224,7 +224,7 @@ def stage0_text(run, data: Path, tokenizer, folder: Path):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    save_pretrained(model, folder, tokenizer=tokenizer)
+    save_pretrained(model, folder, tokenizer=tokenizer, template="qwen_1_5")  # the format stage 2 trains
     return loss.item()
 
 
