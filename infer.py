@@ -218,7 +218,7 @@ def main(argv=None):
                          model.cfg.compat)
     timings["preprocess_s"] = time.perf_counter() - t0
     print(f"{args.model}: template {template}, {len(input_ids)} prompt tokens "
-          f"({sum(im.num_tokens for im in processed)} for {len(images)} images"
+          f"({sum(im.num_tokens for im in processed)} for {len(images)} image{'s' * (len(images) != 1)}"
           + (f" and a video of {len(frames)} frames" if frames else "") + ")", file=sys.stderr)
 
     max_new_tokens = fit_context(args, model, input_ids, processed)

@@ -122,3 +122,20 @@ def test_entry_point_help_knows_its_flags(entry):
     assert run.returncode == 0, f"python {entry} --help: exit {run.returncode}\n{run.stderr[-2000:]}"
     unknown = sorted(f for f in DOCUMENTED[entry] if not re.search(re.escape(f) + r"(?![\w-])", run.stdout))
     assert not unknown, f"python {entry} --help does not know {unknown}, which the README / docs/usage.md pass it"
+
+
+def test_the_toy_example_shows_its_picture_and_that_scenes_own_answer():
+    # the README's example asks about eval_000000 of the default (seed 0) world: its picture is that scene drawn 4x,
+    # and the answer it prints is the scene's right one (the model's, measured: docs/toy-results.md)
+    import numpy as np
+    from PIL import Image
+
+    from toy import world
+
+    _, image, _, record = world.eval_sample(0, 0, world.ToyConfig())
+    shown = Image.open(ROOT / "docs" / "toy-example.png").convert("RGB")
+    assert shown.size == (4 * image.width, 4 * image.height)
+    assert np.array_equal(np.asarray(shown), np.asarray(image.convert("RGB").resize(shown.size, Image.NEAREST)))
+    text = (ROOT / "README.md").read_text()
+    question, answer = re.search(r'eval_000000\.png "([^"]+)".*?the default model answers `(\w+)`', text, re.S).groups()
+    assert record["conversations"][0]["value"].endswith(question) and answer == record["answer"] == "red"
