@@ -1,4 +1,4 @@
-"""A scene of the toy shapes world (toy/world.py makes its data set): its settings, how it is drawn, its per-cell labels.
+"""A scene of the toy shapes world (toy/world.py makes its data set): its settings, drawing and per-cell labels.
 
 A scene is a small black (or very dark grey) strip, 48 px wide, cut into 16x16 cells, one cell per ViT patch. 1-3
 objects sit in distinct cells, each a saturated red/green/blue/yellow circle, square or triangle filling most of its
@@ -29,8 +29,9 @@ TALL_SIZES = ((48, 96), (48, 144), (48, 192), (48, 288))
 @dataclass
 class ToyConfig:
     cell: int = 16  # px per cell = the ViT patch
-    # (w, h), by default exactly the AnyRes canvases [[48,96],[48,144]] (TALL_SIZES: more). One crop wide, so that a cell's third of the width
-    # (left / middle / right) is its column in its crop, which the tower can see (wider scenes: docs/toy-results.md)
+    # (w, h), by default exactly the AnyRes canvases [[48,96],[48,144]] (TALL_SIZES: more). One crop wide, so that a
+    # cell's third of the width (left / middle / right) is its column in its crop, which the tower can see (wider
+    # scenes: docs/toy-results.md)
     sizes: tuple = ((48, 96), (48, 144))
     colors: dict = field(default_factory=lambda: {
         "red": (255, 0, 0), "green": (0, 220, 0), "blue": (30, 90, 255), "yellow": (255, 230, 0)})
