@@ -16,8 +16,8 @@ Every arm of a seed shares that seed's data and stage 0 (made once, in OUT/seedS
 default has its own, in OUT/seedS-scaleX-WORLD). An arm is a ToyRun: ABLATION_RUN (the default life cycle with a
 shorter stage 2) plus the arm's changes (costs and results: docs/toy-ablations.md). Each arm-seed keeps its scores in
 its run folder, so a finished one is never rerun (and the arms several claims share, such as the default settings,
-run once). An arm may continue from the default arm's stage-2 model ("init": "default"): it starts once that run is
-finished, which is run first where missing. Writes OUT/NAME/results.json ({arm: [scores per seed]}) and
+run once). An arm may continue from a stage of its world's default run ("init": "stage2" or "stage1.5"): it starts
+once that run is finished, which is run first where missing. Writes OUT/NAME/results.json ({arm: [scores per seed]}) and
 OUT/NAME/NAME.png (matplotlib, an optional dependency of this command), and prints a table and the verdict line.
 """
 
@@ -40,9 +40,9 @@ from toy.lifecycle import ToyRun
 ABLATION_RUN = dict(stage2_steps=300, n_eval=500, blank_eval=False, quiet=True)
 
 # What the arm-seeds of each world change from ABLATION_RUN. The tall world (half of the scenes twice as tall, with
-# details the default canvases shrink: toy/scene.py) has its own data and stage 0 per seed, and a shorter stage 2 and
-# fewer scenes (6,400 of them are drawn in 200 steps), so that its three-arm claim fits ~15 minutes on 2 cores
-WORLD_RUN = {"default": {}, "tall": {"stage2_steps": 200, "n_train": 10000}}
+# details the default canvases shrink: toy/scene.py) has its own data and stage 0 per seed, a shorter stage 2, fewer
+# scenes (200 steps draw 6,400) and 300 held-out questions, so that its three-arm claim fits ~15 minutes on 2 cores
+WORLD_RUN = {"default": {}, "tall": {"stage2_steps": 200, "n_train": 10000, "n_eval": 300}}
 # the formats claim's arms: the formats stage alone, continued from the default arm's stage-2 model of the seed
 FROM_STAGE2 = {"stages": "formats", "init": "stage2"}
 # the higher_anyres claim's arms in the tall world; those with a larger grid continue from the default grid's
@@ -56,7 +56,7 @@ class Claim:
     paper: str  # where the claim comes from
     claim: str  # what the paper found, in one line
     arms: dict  # label -> ToyRun changes; the first arm is the one the paper favours
-    metric: str  # the score the verdict compares: "heldout", a question type, "compare" or "motion"
+    metric: str  # the score the verdict compares: "heldout", a question type, "compare", "motion" or "formats"
     also: tuple = ()  # more scores shown in the table and plot
     keeps: float = 0.0  # > 0: the claim is that the first arm keeps this share of the third's gain over the second
 
