@@ -7,7 +7,7 @@ import re
 import torch
 
 from toy import world
-from toy.lifecycle import BINDING, ToyRun, life_cycle, share_right
+from toy.lifecycle import BINDING, ToyRun, life_cycle, prepare, share_right
 from toy.stage0 import cell_overlaps, class_embeddings, scene_targets, stage0_vision, view_targets
 
 import infer
@@ -46,6 +46,27 @@ def test_stage0_targets_are_what_each_patch_of_each_view_shows():
     assert shows[0, 1] == {circle: 1.0} and shows[0, 0] == {circle: 1.0} and shows[0, 2] == {0: 1.0}
     assert shows[0, 7] == {square: 0.5, letter_k: 0.5} and shows[0, 8] == {square: 1.0} and shows[0, 6] == {0: 1.0}
     assert col == [[0, 0, x, x, x, x, x, 2, 2]]
+
+
+def test_stage0_targets_of_a_tall_scene_shrunk_into_the_default_canvas():
+    # a 48x288 scene (3 x 18 cells; the tall world) in the default grid's 48x144 canvas: 24 px wide in its middle,
+    # each cell 8 x 8 px, two rows of cells per patch row; the outer columns straddle two patches each
+    overlap = cell_overlaps((48, 288), "crops", (1, 3))
+    assert overlap.shape == (3, 9, 18, 3)
+    assert torch.allclose(overlap.sum((0, 1)), torch.ones(18, 3))  # every cell lands whole in the canvas
+    crop, patch = 1, 3  # the second crop's patch at row 1, column 0 shows cell rows 8-9 (canvas y 64-80)
+    assert overlap[crop, patch, 8:10].tolist() == [[0.5, 0, 0], [0.5, 0, 0]] and overlap[crop, patch].sum() == 1
+    assert overlap[crop, patch + 1, 8:10].tolist() == [[0.5, 1, 0.5], [0.5, 1, 0.5]]
+    # the same scene at full size in the larger grid's 1x6 crops: one cell per patch, as in a default scene's crops
+    assert (cell_overlaps((48, 288), "crops", (1, 6)).amax((0, 1)) == 1).all()
+
+
+def test_a_world_the_toy_does_not_know_is_one_clear_error(tmp_path):
+    import pytest
+
+    with pytest.raises(SystemExit, match=r"^error: ToyRun.world 'wide': expected 'default' or 'tall'"):
+        prepare(ToyRun(out=str(tmp_path), world="wide"), train, log=print)
+    assert not any(tmp_path.iterdir())
 
 
 def test_class_embeddings_are_built_from_words_so_shape_weighs_as_much_as_colour():

@@ -13,7 +13,8 @@ from tokenizers import Tokenizer
 
 from toy import world as toy
 from anyres import candidate_resolutions, select_best_resolution
-from data import IGNORE_INDEX, conversation_of, render_prompt, tokenize, tokenize_conversation
+from data import IGNORE_INDEX, conversation_of, place_images, render_prompt, tokenize, tokenize_conversation
+from toy.scene import TALL_SIZES
 from toy.stage0 import GRID_PINPOINTS
 from model import IMAGE_TOKEN
 
@@ -270,3 +271,96 @@ def test_two_image_and_motion_answers_follow_from_the_pixels(out):
     for name, words in (("eval_compare", {"first", "second"}), ("eval_motion", set(toy.DIRECTIONS))):
         answers = Counter(r["answer"] for r in load(out, name))
         assert set(answers) == words and max(answers.values()) - min(answers.values()) <= 1
+
+
+def objects_in(image: Image.Image) -> set[tuple[str, str]]:
+    """(colour, shape) of every object drawn in the image, read off its pixels: a cell's centre has the object's
+    colour; the corners it covers tell the shape (as in test_stage0_labels_match_the_pixels)."""
+    a, c, m = np.asarray(image.convert("RGB")).astype(int), CFG.cell, CFG.margin
+    shapes = {(1, 1, 1): "square", (0, 1, 0): "triangle", (0, 0, 1): "circle"}
+    found = set()
+    for row in range(a.shape[0] // c):
+        for col in range(a.shape[1] // c):
+            block = a[row * c:(row + 1) * c, col * c:(col + 1) * c]
+            for name, rgb in CFG.colors.items():
+                if (block[c // 2, c // 2] == rgb).all():
+                    covers = tuple(int((block[y, x] == rgb).all()) for y, x in [(m, m), (c - 3, m + 1), (c // 2, m)])
+                    found.add((name, shapes[covers]))
+    return found
+
+
+@pytest.fixture(scope="module")
+def formats(out):
+    return toy.write_formats(out, CFG, N_TRAIN, N_EVAL, seed=3)
+
+
+def test_which_image_answers_follow_from_the_pixels_and_sit_beside_the_set(out, formats, tmp_path):
+    """"Which image has the red circle?": exactly one of the two images holds the named object, read off the files;
+    the records are interleaved, half of the stage replays the set's own instruct records, and the set's files are
+    left as they were."""
+    stamp = json.loads((out / "formats_manifest.json").read_text())
+    assert stamp == json.loads(json.dumps(toy.formats_manifest(CFG, N_TRAIN, N_EVAL, 3)))
+    records = load(out, "formats")
+    pairs = [r for r in records if isinstance(r.get("image"), list)]
+    assert len(pairs) == N_TRAIN // 8 == len(records) - len(pairs)
+    assert all(r in load(out, "instruct") for r in records if r not in pairs)
+    evals = load(out, "eval_formats_interleaved")
+    assert len(evals) == N_EVAL // 2 and Counter(r["answer"] for r in evals) == {"first": 8, "second": 7}
+    for r in pairs + evals:
+        text = r["conversations"][0]["value"]
+        m = re.fullmatch(r"First image: <image>\nSecond image: <image>\n(?:Which image has the (\w+) (\w+), the first "
+                         r"or the second\?|Which image shows the (\w+) (\w+): first or second\?)", text)
+        named = (m[1] or m[3], m[2] or m[4])
+        holds = [named in objects_in(Image.open(out / p)) for p in r["image"]]
+        assert holds.count(True) == 1 and r["conversations"][1]["value"] == ("first" if holds[0] else "second")
+    files = tree(out)
+    toy.write_formats(out, CFG, N_TRAIN, N_EVAL, seed=3)  # the same bytes again
+    assert tree(out) == files
+    toy.write_dataset(tmp_path, CFG, N_TRAIN, N_EVAL, seed=3, progress=False)  # the set as it is without them
+    added = {f for f in files if "which" in f or "formats" in f}
+    assert len(added) == 2 * (N_TRAIN // 8 + N_EVAL // 2) + 4 and tree(tmp_path) == {
+        f: b for f, b in files.items() if f not in added}
+
+
+def test_the_two_eval_formats_place_the_same_images_in_front_and_interleaved(out, formats):
+    front, interleaved = load(out, "eval_formats_front"), load(out, "eval_formats_interleaved")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    assert [(r["image"], r["answer"]) for r in front] == [(r["image"], r["answer"]) for r in interleaved]
+    for f, i in zip(front, interleaved):
+        assert (f["type"], i["type"]) == ("front", "interleaved")
+        # as the training stage places them (data.place_images with image_placement "front")
+        assert toy.to_messages(f["conversations"]) == place_images(toy.to_messages(i["conversations"]), "front")
+        question = i["conversations"][0]["value"].split("\n")[-1]
+        assert f["conversations"][0]["value"] == "<image>\n<image>\nFirst image: \nSecond image: \n" + question
+        # where the image tokens sit in the prompt the model is shown: before any text, or after each label
+        for record, before in ((f, ["user\n", "\n"]), (i, ["user\nFirst image: ", "\nSecond image: "])):
+            prompt = render_prompt("qwen_1_5", toy.to_messages(record["conversations"][:1]))
+            parts = prompt.split("<image>")
+            assert len(parts) == 3 and [p[-len(b):] for p, b in zip(parts, before)] == before, parts
+            ids = tokenize(tok, prompt, [10, 10])
+            images = [k for k, t in enumerate(ids) if t == IMAGE_TOKEN]
+            text_before = tok.decode([t for t in ids[:images[0]] if t != IMAGE_TOKEN], skip_special_tokens=False)
+            assert len(images) == 20 and text_before.endswith(before[0])
+
+
+def test_the_tall_world_draws_scenes_twice_as_tall_with_labels_for_every_row(tmp_path):
+    cfg = toy.ToyConfig(sizes=TALL_SIZES)
+    toy.write_dataset(tmp_path, cfg, 40, 10, seed=3, progress=False)
+    scenes, z = json.loads((tmp_path / "scenes.json").read_text()), np.load(tmp_path / "stage0.npz")
+    assert {tuple(s["size"]) for s in scenes.values()} == {(48, 96), (48, 144), (48, 192), (48, 288)}
+    assert z["color"].shape == (40, 18, 18)  # rows of the tallest scene (288 / 16)
+    low = 0
+    for n, path in enumerate(z["image"]):
+        scene, image = scenes[path], np.asarray(Image.open(tmp_path / path)).astype(int)
+        w, h = scene["size"]
+        assert image.shape[:2] == (h, w) and (z["color"][n, h // 16:] == IGNORE_INDEX).all()
+        for o in scene["objects"]:  # at today's cell size, whatever the scene's height
+            assert z["color"][n, o["row"], o["col"]] == list(CFG.colors).index(o["color"]) + 1
+            assert (image[o["row"] * 16 + 8, o["col"] * 16 + 8] == CFG.colors[o["color"]]).all()
+            low += o["row"] >= 9
+    assert low > 5  # objects in the rows a default scene does not have
+    # the default canvases hold the tall scenes only shrunk: fitted into 48x144 (the 1x3 grid)
+    canvases = candidate_resolutions(json.loads(GRID_PINPOINTS), "original")
+    assert select_best_resolution((48, 192), canvases) == select_best_resolution((48, 288), canvases) == (48, 144)
+    # the default world is as it was: its scenes and labels are 9 cells at most
+    assert toy.ToyConfig().sizes == ((48, 96), (48, 144))

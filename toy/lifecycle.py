@@ -12,8 +12,12 @@
     (Interleave)               with ToyRun.stages "1,1.5,2,interleave" (toy/ablations.py): continue from stage 2 on
                                two-image and 3-frame video questions (formats mixed) with single-image replay, as
                                NeXT-Interleave continues a stage-2 model; not in the default (near chance at this size)
+    (formats)                  with ToyRun.stages "formats" and ToyRun.init a finished stage-2 model: "which image has
+                               the red circle?" with single-image replay, the images placed per ToyRun.image_placement
+                               (NeXT-Interleave's placement ablation, toy/ablations.py)
     evaluation                 greedy answers to held-out questions on new scenes, and on the same scenes blanked;
-                               after an Interleave stage, the two-image ("which has more shapes?") and motion sets
+                               after an Interleave stage, the two-image ("which has more shapes?") and motion sets;
+                               after a formats stage, its held-out pairs with the images in front and interleaved
 
 The last line printed is `toy: held-out accuracy A, blank-image accuracy B, wall S s` (scripts read it). Then
 `python infer.py runs/toy/data/images/eval_000000.png "What color is the circle?" --model runs/toy/stage2/final`.
@@ -29,6 +33,7 @@ import torch
 from PIL import Image
 
 from toy import world
+from toy.scene import TALL_SIZES
 from anyres import process_image, process_images, process_video
 from toy.stage0 import GRID_PINPOINTS, VIEWS, stage0_text, stage0_vision
 from data import image_files_of, load_image, load_video, render_prompt, stop_token_ids, tokenize
@@ -61,20 +66,25 @@ class ToyRun:
     stage15_steps: int = 60
     stage2_steps: int = 750
     interleave_steps: int = 30
+    formats_steps: int = 200  # the formats claim (toy/ablations.py): a new question, from a stage-2 model
     stage1_lr: float = 2e-3
     stage15_lr: float = 1e-3
     stage2_lr: float = 5e-4  # at 1e-3 the decoder learned position or shape, not both (docs/toy-results.md)
     interleave_lr: float = 2e-4
+    formats_lr: float = 5e-4  # stage 2's: a new question to learn in few steps, with replay against forgetting
     # of each stage's steps; longer than the recipes' 0.03, against stage 2 stalling at some seeds (docs/toy-results.md)
     warmup_ratio: float = 0.1
     # what runs after stage 0 (STAGES), each stage continuing from the one before. The Interleave stage is not in the
     # default: its two-image and video questions stay near chance in the toy (docs/toy-results.md)
     stages: str = "1,1.5,2"
     image_aspect_ratio: str = "anyres"  # of every stage after stage 0 (the ablations try "pad")
+    max_grid: int = 0  # Higher-AnyRes: canvases of every grid up to N x N crops (0: GRID_PINPOINTS, 1x2 and 1x3)
     token_threshold: int = 0  # Higher-AnyRes tau (0: none)
-    image_placement: str = "mixed"  # the Interleave stage's two-image records: "front" | "interleaved" | "mixed"
+    image_placement: str = "mixed"  # the two-image records of the Interleave and formats stages: front | interleaved
+    world: str = "default"  # "tall": half of the scenes twice as tall (scene.TALL_SIZES), a data set of its own
     data: str = ""  # the data folder ("": OUT/data), made if missing
     stage0: str = ""  # stage 0's folder ("": OUT/stage0), made if missing or made with other settings
+    init: str = ""  # a finished model folder the first stage continues from ("": stage 0's tower and decoder)
     blank_eval: bool = True  # also score the held-out questions on blanked images
     quiet: bool = False  # no progress bars
 
@@ -133,27 +143,29 @@ STAGES = {
     "2": ("stage2", "instruct.json", "qwen_1_5", "stage2_steps", "stage2_lr"),
     # NeXT-Interleave: two-image and video questions (in front and interleaved, mixed) with single-image replay
     "interleave": ("interleave", "interleave.json", "qwen_1_5", "interleave_steps", "interleave_lr"),
+    # its placement ablation: "which image has the red circle?" with single-image replay (world.write_formats)
+    "formats": ("formats", "formats.json", "qwen_1_5", "formats_steps", "formats_lr"),
 }
 
 
 def stage_configs(trainer, run: ToyRun, data: Path, stage0: Path) -> list:
     """One TrainConfig per stage of run.stages, exactly as the recipes run them (the tower frozen: see
     stage0_vision)."""
-    out, previous, configs = Path(run.out), None, []
-    knobs = {"token_threshold": run.token_threshold} if run.token_threshold else {}
+    out, previous, configs = Path(run.out), Path(run.init) if run.init else None, []
+    knobs = {k: getattr(run, k) for k in ("max_grid", "token_threshold") if getattr(run, k)}
     for name in run.stages.split(","):
         folder, records, template, steps, lr = STAGES[name]
-        start = dict(model=str(previous / "final")) if previous else dict(llm=str(stage0 / "llm"),
-                                                                           vision_tower=str(stage0 / "tower"))
+        start = dict(model=str(previous)) if previous else dict(llm=str(stage0 / "llm"),
+                                                                vision_tower=str(stage0 / "tower"))
         configs.append(trainer.TrainConfig(
-            stage="1" if name == "1" else "2" if name == "interleave" else name, **start, data=str(data / records),
+            stage=name if name in ("1", "1.5") else "2", **start, data=str(data / records),
             image_folder=str(data), template=template, lr=getattr(run, lr), max_steps=getattr(run, steps),
             warmup_ratio=run.warmup_ratio,
             freeze_vision_tower=True, output_dir=str(out / folder), overwrite=True, global_batch_size=run.batch,
             micro_batch_size=run.batch, max_len=512, seed=run.seed, save_every=10_000, keep_last=1,
             image_aspect_ratio=run.image_aspect_ratio, grid_pinpoints=GRID_PINPOINTS, knobs=knobs,
             image_placement=run.image_placement, frames=world.VIDEO_FRAMES, quiet=run.quiet))
-        previous = out / folder
+        previous = out / folder / "final"
     return configs
 
 
@@ -163,18 +175,32 @@ STAGE0_FIELDS = ("seed", "vision_width", "vision_layers", "text_width", "text_he
                  "stage0_text_steps")
 
 
+def world_config(run: ToyRun) -> world.ToyConfig:
+    """The shapes world of run.world."""
+    if run.world not in ("default", "tall"):
+        raise SystemExit(f"error: ToyRun.world {run.world!r}: expected 'default' or 'tall' (scene.TALL_SIZES)")
+    return world.ToyConfig(sizes=TALL_SIZES) if run.world == "tall" else world.ToyConfig()
+
+
+def stale(stamp: Path, wanted: dict) -> bool:
+    """Whether the files `stamp` vouches for are missing or were made with other settings than `wanted`."""
+    return not stamp.exists() or json.loads(stamp.read_text()) != json.loads(json.dumps(wanted))  # as read back
+
+
 def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
-    """The data set and stage 0's stand-ins, each made only if missing or made with other settings:
-    (data folder, stage-0 folder)."""
-    data = Path(run.data or Path(run.out) / "data")
-    # as read back
-    wanted = json.loads(json.dumps(world.manifest(world.ToyConfig(), run.n_train, run.n_eval, run.seed)))
-    if not (data / "manifest.json").exists() or json.loads((data / "manifest.json").read_text()) != wanted:
-        world.write_dataset(data, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed, progress=not run.quiet)
+    """The data set (with the formats stage's files when the run has that stage) and stage 0's stand-ins, each made
+    only if missing or made with other settings: (data folder, stage-0 folder)."""
+    data, cfg = Path(run.data or Path(run.out) / "data"), world_config(run)
+    wanted = world.manifest(cfg, run.n_train, run.n_eval, run.seed)
+    if stale(data / "manifest.json", wanted):
+        world.write_dataset(data, cfg, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed, progress=not run.quiet)
+    if "formats" in run.stages.split(",") and stale(data / "formats_manifest.json", world.formats_manifest(
+            cfg, run.n_train, run.n_eval, run.seed)):
+        world.write_formats(data, cfg, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed)
     stage0 = Path(run.stage0 or Path(run.out) / "stage0")
     made_with = {k: getattr(run, k) for k in STAGE0_FIELDS} | {"data": wanted, "views": list(VIEWS)}
     stamp = stage0 / "made_with.json"
-    if not stamp.exists() or json.loads(stamp.read_text()) != made_with:
+    if stale(stamp, made_with):
         from tokenizers import Tokenizer
 
         torch.manual_seed(run.seed)
@@ -192,7 +218,9 @@ BINDING = ("color", "shape", "position")  # the question types that name one obj
 
 def evaluate(model, tokenizer, data: Path, run: ToyRun) -> dict:
     """Held-out accuracy (overall, per type, and per type on the questions about one object among several), on the
-    same scenes blanked, and on the two-image and video sets when the model was trained on them."""
+    same scenes blanked, and on the two-image and video sets when the model was trained on them: "compare" and
+    "motion" after an Interleave stage; after a formats stage, "front" and "interleaved" (the same pairs, images
+    placed each way) and "formats", their mean."""
     records = json.loads((data / "eval.json").read_text())
     scores = {"visual_tokens": float(np.mean([process_image(load_image(data / r["image"]), model.cfg).num_tokens
                                                for r in records[:100]]))}
@@ -205,10 +233,15 @@ def evaluate(model, tokenizer, data: Path, run: ToyRun) -> dict:
                                           objects[r["image"]] > 1 else None)
     if run.blank_eval:
         scores["blank"] = float(np.mean(answers_right(model, tokenizer, records, data, blank=True)))
-    if "interleave" in run.stages.split(","):  # NeXT-Interleave's inputs: two images, and a 3-frame video
-        for kind in ("compare", "motion"):
-            scores[kind] = float(np.mean(answers_right(model, tokenizer, json.loads(
-                (data / f"eval_{kind}.json").read_text()), data)))
+    stages, sets = run.stages.split(","), {}
+    if "interleave" in stages:  # NeXT-Interleave's inputs: two images, and a 3-frame video
+        sets |= {"compare": "eval_compare.json", "motion": "eval_motion.json"}
+    if "formats" in stages:  # its two image placements
+        sets |= {"front": "eval_formats_front.json", "interleaved": "eval_formats_interleaved.json"}
+    for key, name in sets.items():
+        scores[key] = float(np.mean(answers_right(model, tokenizer, json.loads((data / name).read_text()), data)))
+    if "formats" in stages:
+        scores["formats"] = (scores["front"] + scores["interleaved"]) / 2
     return scores
 
 
@@ -238,6 +271,9 @@ def life_cycle(trainer, run: ToyRun = ToyRun()) -> dict:
                                                             if t in scores["among_several"]))
     if "compare" in scores:
         print(f"toy: multi-image accuracy {scores['compare']:.2f}, motion accuracy {scores['motion']:.2f}")
+    if "formats" in scores:
+        print(f"toy: which-image accuracy, images in front {scores['front']:.2f}, interleaved "
+              f"{scores['interleaved']:.2f}")
     print(f"toy: held-out accuracy {scores['heldout']:.2f}, "
           f"blank-image accuracy {scores.get('blank', float('nan')):.2f}, wall {scores['wall']:.0f} s")
     return scores

@@ -1,10 +1,8 @@
 """The toy "shapes world": synthetic images, captions and VQA for the LLaVA life cycle in miniature.
 
-A scene is a small black (or very dark grey) strip whose size is one of the AnyRes canvases of the toy model, 48x96 or
-48x144 (w x h), so it is cut into a column of 2 or 3 48x48 crops with no padding. The image is a grid of 16x16 cells,
-one cell per ViT patch. 1-3 objects sit in distinct cells, each a saturated red/green/blue/yellow circle, square or
-triangle filling most of its cell, no two with the same (colour, shape); half of the scenes also carry one white
-capital letter (A C E H K T, a hand-made 5x7 bitmap font drawn at 2x) in an empty cell.
+A scene (toy/scene.py) is a 48-px-wide strip of 16x16 cells, one cell per ViT patch, holding 1-3 coloured shapes and
+sometimes a white letter; by default 48x96 or 48x144 (w x h), exactly the AnyRes canvases of the toy model, so it is
+cut into a column of 2 or 3 48x48 crops with no padding.
 
     render_scene(rng, cfg) -> (PIL image, scene {size, background, objects [{color, shape, col, row}], letter})
     ask_color / ask_shape / ask_count / ask_position / ask_letter (rng, scene, cfg)
@@ -31,13 +29,19 @@ Files under out_dir (byte-identical for the same arguments):
                     one-word answer) and "type" (a key of QUESTION_TYPES)
     stage0.npz      per-cell labels of the training images for supervised pre-training of the vision tower (the
     stage0_eval.npz stand-in for a pretrained CLIP), and the same for the eval images:
-                        image (N,) str, size (N, 2) int16 as (w, h), and color / shape / letter (N, 9, 9) int8 indexed
+                        image (N,) str, size (N, 2) int16 as (w, h), and color / shape / letter (N, G, G) int8 indexed
                         [row, col] over 16x16 cells: 0 = none, k = class k-1 of cfg.colors / cfg.shapes / cfg.letters,
-                        IGNORE_INDEX (-100, torch's default ignore_index) for cells outside the image
+                        IGNORE_INDEX (-100, torch's default ignore_index) for cells outside the image; G = 9, the
+                        tallest scene's rows (18 with scene.TALL_SIZES)
     scenes.json     {image path: scene dict} for every image, for tests and debugging
     manifest.json   what the set was made with (config, sizes, seed); written last, so its presence means complete
     tokenizer.json  byte-level BPE (~500 tokens) trained on every string the qwen_1_5 template and the data produce;
                     <|endoftext|>, <|im_start|>, <|im_end|> are ids 0, 1, 2; no BOS is added
+
+write_formats(out_dir, cfg, n_train, n_eval, seed) adds NeXT-Interleave's image-placement data beside them (the
+toy.ablations `formats` claim): formats.json, "Which image has the red circle, the first or the second?" over two
+48x48 scenes with single-image replay, and its held-out pairs in each format, eval_formats_front.json and
+eval_formats_interleaved.json; formats_manifest.json last.
 
 The JSON files are LLaVA's own format: a list of {"id", "image" (relative to out_dir), "conversations":
 [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}, written one record a line.
@@ -45,8 +49,8 @@ Every answer is fixed by the image; by symmetry the answers of each question typ
 training, and exactly so in eval.json, so a model that cannot see the image scores chance(cfg) there: 1/4 colour,
 1/3 shape, count and position, 1/6 letter. Answers are single tokens of tokenizer.json.
 
-    python -m toy.world OUT_DIR [--n-train 200] [--n-eval 50] [--seed 0]   writes a small set, prints samples, draws a
-                                                                    contact sheet OUT_DIR/contact_sheet.png
+    python -m toy.world OUT_DIR [--n-train 200] [--n-eval 50] [--seed 0] [--tall]   writes a small set, prints
+                                                            samples, draws a contact sheet OUT_DIR/contact_sheet.png
 """
 
 import argparse
@@ -56,139 +60,18 @@ import json
 import random
 import time
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import IGNORE_INDEX
+from data import place_images
+from toy.scene import POSITIONS, TALL_SIZES, ToyConfig, cell_labels, draw_scene, position, render_scene, sample_scene
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2 of tokenizer.json
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six"]
-POSITIONS = ["left", "middle", "right"]  # thirds of the image width
 WHERE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
-
-
-@dataclass
-class ToyConfig:
-    cell: int = 16  # px per cell = the ViT patch
-    # (w, h), exactly the AnyRes canvases [[48,96],[48,144]]. One crop wide, so that a cell's third of the width
-    # (left / middle / right) is its column in its crop, which the tower can see (wider scenes: docs/toy-results.md)
-    sizes: tuple = ((48, 96), (48, 144))
-    colors: dict = field(default_factory=lambda: {
-        "red": (255, 0, 0), "green": (0, 220, 0), "blue": (30, 90, 255), "yellow": (255, 230, 0)})
-    shapes: tuple = ("circle", "square", "triangle")
-    letters: tuple = ("A", "C", "E", "H", "K", "T")
-    min_objects: int = 1
-    max_objects: int = 3
-    p_letter: float = 0.5  # share of scenes with a letter
-    margin: int = 1  # px between an object and its cell's border
-    max_background: int = 24  # the background is grey level 0..max_background
-    max_turns: int = 3  # VQA turns per instruct conversation: 1..max_turns
-    # Ask the letter question in every scene that has a letter, so that it gets about the share of turns each other
-    # type gets (25% against 19%) instead of half of it (docs/toy-results.md, "Letters")
-    always_ask_letter: bool = True
-    p_text_only: float = 0.05  # share of instruct records that are text-only trivia
-    # the Interleave stage's data (interleave.json), per training image: two-image records ("which has more
-    # shapes?"), 3-frame video records ("which way does it move?"), and as many single-image VQA records replayed
-    p_compare: float = 0.05
-    p_motion: float = 0.05
-    tokenizer_vocab: int = 512
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Drawing
-
-# 5x7 glyphs, drawn at 2x (10x14 px) in the middle of a 16x16 cell
-FONT = {
-    "A": [".###.", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"],
-    "C": [".####", "#....", "#....", "#....", "#....", "#....", ".####"],
-    "E": ["#####", "#....", "#....", "####.", "#....", "#....", "#####"],
-    "H": ["#...#", "#...#", "#...#", "#####", "#...#", "#...#", "#...#"],
-    "K": ["#...#", "#..#.", "#.#..", "##...", "#.#..", "#..#.", "#...#"],
-    "T": ["#####", "..#..", "..#..", "..#..", "..#..", "..#..", "..#.."],
-}
-
-
-def draw_letter(draw: ImageDraw.ImageDraw, char: str, x: int, y: int, cell: int):
-    """White `char` at 2 px per font pixel, centred in the cell whose top-left corner is (x, y)."""
-    rows = FONT[char]
-    x0, y0 = x + (cell - 2 * len(rows[0])) // 2, y + (cell - 2 * len(rows)) // 2
-    for r, line in enumerate(rows):
-        for c, on in enumerate(line):
-            if on == "#":
-                draw.rectangle([x0 + 2 * c, y0 + 2 * r, x0 + 2 * c + 1, y0 + 2 * r + 1], fill=(255, 255, 255))
-
-
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, rgb, x: int, y: int, cfg: ToyConfig):
-    x0, y0 = x + cfg.margin, y + cfg.margin
-    x1, y1 = x + cfg.cell - 1 - cfg.margin, y + cfg.cell - 1 - cfg.margin  # inclusive
-    if shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=rgb)
-    elif shape == "square":
-        draw.rectangle([x0, y0, x1, y1], fill=rgb)
-    else:  # triangle, apex up
-        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) / 2, y0)], fill=rgb)
-
-
-def render_scene(rng: random.Random, cfg: ToyConfig):
-    """A random scene and its image: (PIL image, scene)."""
-    scene = sample_scene(rng, cfg)
-    return draw_scene(scene, cfg), scene
-
-
-def sample_scene(rng: random.Random, cfg: ToyConfig) -> dict:
-    """{"size": [w, h], "background": grey level, "objects": [{"color", "shape", "col", "row"}, ...] in reading
-    order, "letter": None or {"char", "col", "row"}}; col and row count 16x16 cells from the top left."""
-    w, h = rng.choice(cfg.sizes)
-    cols, rows = w // cfg.cell, h // cfg.cell
-    n = rng.randint(cfg.min_objects, cfg.max_objects)
-    has_letter = rng.random() < cfg.p_letter
-    cells = rng.sample(range(cols * rows), n + has_letter)
-    pairs = rng.sample([(c, s) for c in cfg.colors for s in cfg.shapes], n)
-    objects = sorted(({"color": c, "shape": s, "col": k % cols, "row": k // cols} for (c, s), k in zip(pairs, cells)),
-                     key=lambda o: (o["row"], o["col"]))
-    letter = None
-    if has_letter:  # the last sampled cell
-        letter = {"char": rng.choice(cfg.letters), "col": cells[-1] % cols, "row": cells[-1] // cols}
-    return {"size": [w, h], "background": rng.randint(0, cfg.max_background), "objects": objects, "letter": letter}
-
-
-def draw_scene(scene: dict, cfg: ToyConfig) -> Image.Image:
-    image = Image.new("RGB", tuple(scene["size"]), (scene["background"],) * 3)
-    draw = ImageDraw.Draw(image)
-    for o in scene["objects"]:
-        draw_shape(draw, o["shape"], cfg.colors[o["color"]], o["col"] * cfg.cell, o["row"] * cfg.cell, cfg)
-    if scene["letter"]:
-        L = scene["letter"]
-        draw_letter(draw, L["char"], L["col"] * cfg.cell, L["row"] * cfg.cell, cfg.cell)
-    return image
-
-
-def position(col: int, scene: dict, cfg: ToyConfig) -> str:
-    """Which third of the image width a cell lies in (widths must be multiples of 3 cells, so every cell is in one)."""
-    return POSITIONS[col * cfg.cell * 3 // scene["size"][0]]
-
-
-def cell_labels(scene: dict, cfg: ToyConfig):
-    """(color, shape, letter) label maps (G, G) int8 for stage 0, G = the largest image side in cells (9); see the
-    module docstring."""
-    w, h = scene["size"]
-    grid = max(max(size) for size in cfg.sizes) // cfg.cell
-    maps = [np.full((grid, grid), IGNORE_INDEX, np.int8) for _ in range(3)]
-    for m in maps:
-        m[: h // cfg.cell, : w // cfg.cell] = 0
-    color, shape, letter = maps
-    names = list(cfg.colors)
-    for o in scene["objects"]:
-        color[o["row"], o["col"]] = names.index(o["color"]) + 1
-        shape[o["row"], o["col"]] = cfg.shapes.index(o["shape"]) + 1
-    if scene["letter"]:
-        L = scene["letter"]
-        letter[L["row"], L["col"]] = cfg.letters.index(L["char"]) + 1
-    return color, shape, letter
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,11 +298,37 @@ def motion_sample(seed: int, split: str, i: int, cfg: ToyConfig):
     return record, {path: frames}
 
 
+def which_sample(seed: int, split: str, i: int, cfg: ToyConfig):
+    """Two small scenes, exactly one of which holds the named object: "Which image has the red circle, the first or
+    the second?", each image labelled in the text (the interleaved format, "First image: <image>\\nSecond image:
+    <image>\\n..."; data.place_images moves both to the front). It asks for a single-image skill, finding an object
+    by colour and shape as the position question does, so that a short stage after stage 2 can learn it ("which has
+    more shapes?" took hundreds of steps from stage 1). Returns (record, {path: image})."""
+    rng = random.Random(f"toy:{seed}:{split}:which:{i}")
+    small = dataclasses.replace(cfg, sizes=(SMALL,))
+    answer = ORDINALS[i % 2] if split == "eval" else rng.choice(ORDINALS)
+    a = sample_scene(rng, small)
+    named = rng.choice(a["objects"])
+    b = sample_scene(rng, small)
+    while any((o["color"], o["shape"]) == (named["color"], named["shape"]) for o in b["objects"]):
+        b = sample_scene(rng, small)
+    if answer == "second":
+        a, b = b, a
+    question = rng.choice(["Which image has the {} {}, the first or the second?",
+                           "Which image shows the {} {}: first or second?"]).format(named["color"], named["shape"])
+    paths = [f"images/{split}_which_{i:06d}_{k}.png" for k in ("a", "b")]
+    turns = [{"from": "human", "value": "First image: <image>\nSecond image: <image>\n" + question},
+             {"from": "gpt", "value": answer}]
+    record = {"id": f"{split}_which_{i:06d}", "image": paths, "conversations": turns}
+    return record, {paths[0]: draw_scene(a, small), paths[1]: draw_scene(b, small)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Files
 
 
 JSON_FILES = ("pretrain", "recap", "instruct", "interleave", "eval", "eval_compare", "eval_motion")  # the record sets
+FORMATS_FILES = ("formats", "eval_formats_front", "eval_formats_interleaved")  # write_formats's
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -553,6 +462,45 @@ def manifest(cfg: ToyConfig, n_train: int, n_eval: int, seed: int) -> dict:
             "files": list(JSON_FILES)}
 
 
+def write_formats(out_dir, cfg: ToyConfig = None, n_train: int = 20000, n_eval: int = 1000, seed: int = 0) -> dict:
+    """NeXT-Interleave's image-placement ablation data, added beside the set write_dataset wrote with the same
+    arguments (in files of its own, so that set stays as it was): formats.json, n_train / 8 "which image has the red
+    circle?" records, interleaved (the training stage's image_placement decides where each one's images go), and as
+    many of the set's single-image instruct records replayed; the same n_eval / 2 held-out pairs in each format,
+    eval_formats_front.json (both images in front of the text) and eval_formats_interleaved.json; then
+    formats_manifest.json. Returns {name: Path}."""
+    cfg, out = cfg or ToyConfig(), Path(out_dir)
+    records, evals = [], []
+    for split, n, sink in (("train", n_train // 8, records), ("eval", n_eval // 2, evals)):
+        for i in range(n):
+            record, images = which_sample(seed, split, i, cfg)
+            for path, image in images.items():
+                (out / path).write_bytes(png_bytes(image))
+            sink.append(record)
+    instruct = json.loads((out / "instruct.json").read_text())
+    records += [r for r in instruct if isinstance(r.get("image"), str)][: len(records)]
+    random.Random(f"toy:{seed}:shuffle-formats").shuffle(records)
+    files = {k: out / f"{k}.json" for k in FORMATS_FILES}
+    write_json(files["formats"], records)
+    for placement in ("front", "interleaved"):
+        write_json(files[f"eval_formats_{placement}"], [placed(r, placement) for r in evals])
+    files["formats_manifest"] = out / "formats_manifest.json"  # last: the files are complete
+    files["formats_manifest"].write_text(json.dumps(formats_manifest(cfg, n_train, n_eval, seed)) + "\n")
+    return files
+
+
+def placed(record: dict, placement: str) -> dict:
+    """An eval record with its images where `placement` puts them, as the training stage's data.place_images does,
+    plus its "answer" and "type"."""
+    messages = place_images(to_messages(record["conversations"]), placement)
+    turns = [{"from": "human" if role == "user" else "gpt", "value": text} for role, text in messages]
+    return {**record, "conversations": turns, "answer": turns[1]["value"], "type": placement}
+
+
+def formats_manifest(cfg: ToyConfig, n_train: int, n_eval: int, seed: int) -> dict:
+    return {"data": manifest(cfg, n_train, n_eval, seed), "files": list(FORMATS_FILES)}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A look at it
 
@@ -582,9 +530,11 @@ if __name__ == "__main__":
     parser.add_argument("--n-train", type=int, default=200)
     parser.add_argument("--n-eval", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tall", action="store_true", help="half of the scenes twice as tall (scene.TALL_SIZES)")
     args = parser.parse_args()
     t0 = time.time()
-    files = write_dataset(args.out_dir, ToyConfig(), args.n_train, args.n_eval, args.seed)
+    files = write_dataset(args.out_dir, ToyConfig(sizes=TALL_SIZES) if args.tall else ToyConfig(), args.n_train,
+                          args.n_eval, args.seed)
     print(f"wrote {args.n_train} + {args.n_eval} samples in {time.time() - t0:.1f}s")
     for name in ("pretrain", "recap", "instruct", "eval"):
         records = json.loads(files[name].read_text())
