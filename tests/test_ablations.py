@@ -176,3 +176,15 @@ def test_higher_anyres_verdict_is_the_share_of_the_larger_grids_gain_kept():
                                                                       "disagreeing with the paper")
     line = ablations.verdict(claim, results(0.7, 0.6, 0.58))  # no gain: nothing for tau to keep, whatever it scores
     assert line.endswith("larger grid gains nothing over default grid: nothing to keep, disagreeing with the paper")
+
+
+def test_anyres_arms_share_a_tower_that_learned_whole_views_and_the_other_claims_keep_the_default_tower(tmp_path):
+    seed = tmp_path / "seed0-scale1"
+    anyres = [ablations.arm_run(tmp_path, "anyres", arm, 0, 1.0) for arm in ("anyres", "pad")]
+    assert all(r.stage0_whole_views and r.stage0 == str(seed / "stage0-whole") for r in anyres)
+    assert [r.image_aspect_ratio for r in anyres] == ["anyres", "pad"]
+    others = [ablations.arm_run(tmp_path, "stage1", "stage 1 first", 0, 1.0),
+              ablations.arm_run(tmp_path, "formats", "mixed", 0, 1.0)]
+    assert all(not r.stage0_whole_views and r.stage0 == str(seed / "stage0") for r in others)
+    # the formats arms start from the default arm, whose tower is the default one, not the anyres arms'
+    assert others[1].init == str(seed / "default" / "stage2" / "final") != anyres[0].out

@@ -43,6 +43,8 @@ ABLATION_RUN = dict(stage2_steps=300, n_eval=500, blank_eval=False, quiet=True)
 # details the default canvases shrink: toy/scene.py) has its own data and stage 0 per seed, a shorter stage 2, fewer
 # scenes (200 steps draw 6,400) and 300 held-out questions, so that its three-arm claim fits ~15 minutes on 2 cores
 WORLD_RUN = {"default": {}, "tall": {"stage2_steps": 200, "n_train": 10000, "n_eval": 300}}
+# the anyres claim's tower: stage 0 also on the base view's and the padded whole's contents (a stage 0 of its own)
+WHOLE_VIEWS = {"stage0_whole_views": True}
 # the formats claim's arms: the formats stage alone, continued from the default arm's stage-2 model of the seed
 FROM_STAGE2 = {"stages": "formats", "init": "stage2"}
 # the higher_anyres claim's arms in the tall world; those with a larger grid continue from the default grid's
@@ -66,7 +68,10 @@ CLAIMS = {
         paper="LLaVA-1.6 (LLaVA-NeXT blog, January 2024)",
         claim="AnyRes (a base view plus crops at the tower's resolution) reads small details a padded, resized "
               "image loses",
-        arms={"anyres": {}, "pad": {"image_aspect_ratio": "pad"}}, metric="letter", also=("heldout", "shape")),
+        # both arms on a tower that also learned whole, shrunk views (as CLIP does), so that the pad arm's one view
+        # carries what is visible at its size
+        arms={"anyres": WHOLE_VIEWS, "pad": WHOLE_VIEWS | {"image_aspect_ratio": "pad"}}, metric="letter",
+        also=("heldout", "color", "count", "position", "shape")),
     "stage1": Claim(
         paper="LLaVA-1.5 (Improved Baselines with Visual Instruction Tuning, 2023)",
         claim="aligning the projector alone on captions before tuning projector and LLM together gives a better model",
@@ -128,8 +133,8 @@ def toy_run(out: Path, changes: dict, seed: int, scale: float) -> ToyRun:
     if "init" in changes:
         base["init"] = str(seed_dir / "default" / changes["init"] / "final")
     key = "-".join(f"{k}={v}" for k, v in sorted(changes.items()) if k != "world").replace(",", "+") or "default"
-    return ToyRun(out=str(seed_dir / key), seed=seed, data=str(seed_dir / "data"), stage0=str(seed_dir / "stage0"),
-                  **base)
+    stage0 = seed_dir / ("stage0-whole" if base.get("stage0_whole_views") else "stage0")  # two towers, one seed
+    return ToyRun(out=str(seed_dir / key), seed=seed, data=str(seed_dir / "data"), stage0=str(stage0), **base)
 
 
 def run_one(run: ToyRun, threads: int) -> dict:

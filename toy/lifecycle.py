@@ -35,7 +35,7 @@ from PIL import Image
 from toy import world
 from toy.scene import TALL_SIZES
 from anyres import process_image, process_images, process_video
-from toy.stage0 import GRID_PINPOINTS, VIEWS, stage0_text, stage0_vision
+from toy.stage0 import GRID_PINPOINTS, stage0_text, stage0_vision
 from data import image_files_of, load_image, load_video, render_prompt, stop_token_ids, tokenize
 
 
@@ -57,6 +57,10 @@ class ToyRun:
     stage0_images: int = 16  # scenes per stage-0 step
     stage0_position_std: float = 0.1
     stage0_warmup_ratio: float = 0.1
+    # also teach the contents of the squashed base view and the padded whole, as CLIP learns whole images (the anyres
+    # claim's tower); off by default: it made colour binding near perfect but lost position at 2 seeds of 5
+    # (docs/toy-results.md)
+    stage0_whole_views: bool = False
     # 0: the "pretrained LLM" is the random initialisation, saved and loaded like any base LLM (pretraining it on
     # the toy's text alone slowed its learning to look: docs/toy-results.md)
     stage0_text_steps: int = 0
@@ -172,7 +176,7 @@ def stage_configs(trainer, run: ToyRun, data: Path, stage0: Path) -> list:
 # the ToyRun fields stage 0 depends on
 STAGE0_FIELDS = ("seed", "vision_width", "vision_layers", "text_width", "text_heads", "text_layers",
                  "stage0_vision_steps", "stage0_images", "stage0_position_std", "stage0_warmup_ratio",
-                 "stage0_text_steps")
+                 "stage0_whole_views", "stage0_text_steps")
 
 
 def world_config(run: ToyRun) -> world.ToyConfig:
@@ -198,7 +202,7 @@ def prepare(run: ToyRun, trainer, log) -> tuple[Path, Path]:
             cfg, run.n_train, run.n_eval, run.seed)):
         world.write_formats(data, cfg, n_train=run.n_train, n_eval=run.n_eval, seed=run.seed)
     stage0 = Path(run.stage0 or Path(run.out) / "stage0")
-    made_with = {k: getattr(run, k) for k in STAGE0_FIELDS} | {"data": wanted, "views": list(VIEWS)}
+    made_with = {k: getattr(run, k) for k in STAGE0_FIELDS} | {"data": wanted}
     stamp = stage0 / "made_with.json"
     if stale(stamp, made_with):
         from tokenizers import Tokenizer

@@ -140,7 +140,7 @@ def stage0_vision(run, data: Path, folder: Path, lr_factor):
     for step in range(run.stage0_vision_steps):
         for g in optimizer.param_groups:
             g["lr"] = 2e-3 * lr_factor(step, run.stage0_vision_steps, warmup_ratio=run.stage0_warmup_ratio)
-        pixels, contents, columns = [], [], []
+        pixels, contents, columns, taught = [], [], [], []
         for i in rng.choice(len(labels["image"]), run.stage0_images, replace=False):
             image = load_image(data / str(labels["image"][i]))
             size = image.size
@@ -150,14 +150,17 @@ def stage0_vision(run, data: Path, folder: Path, lr_factor):
             processed = process_image(image, anyres)  # [base, crops...]
             views = {"base": processed.pixels[:1], "crops": processed.pixels[1:],
                      "pad": process_image(image, pad).pixels}
-            for view in VIEWS:
+            for view in VIEWS if run.stage0_whole_views else ("crops", "base"):
                 target, col = view_targets(cell_overlaps(size, view, processed.grid), content, where, len(classes))
                 pixels.append(views[view]), contents.append(target.flatten(0, 1)), columns.append(col.flatten())
+                # the base view's contents only with whole views: before, it learned the column alone
+                taught.append(torch.full(col.flatten().shape, run.stage0_whole_views or view == "crops"))
         features = tower(torch.cat(pixels)).flatten(0, 1)  # (views * 9, D)
         # cosines at a fixed scale of 16, about CLIP's initial 1/0.07
         logits = 16.0 * F.normalize(features, dim=-1) @ F.normalize(classes, dim=-1).T  # (views * 9, K)
-        targets = torch.cat(contents)
-        loss = F.cross_entropy(logits, targets) + F.cross_entropy(column(features), torch.cat(columns))
+        taught = torch.cat(taught)
+        targets = torch.cat(contents)[taught]
+        loss = F.cross_entropy(logits[taught], targets) + F.cross_entropy(column(features), torch.cat(columns))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
