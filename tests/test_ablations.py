@@ -188,3 +188,21 @@ def test_anyres_arms_share_a_tower_that_learned_whole_views_and_the_other_claims
     assert all(not r.stage0_whole_views and r.stage0 == str(seed / "stage0") for r in others)
     # the formats arms start from the default arm, whose tower is the default one, not the anyres arms'
     assert others[1].init == str(seed / "default" / "stage2" / "final") != anyres[0].out
+
+
+def test_anyres_verdict_also_says_whether_the_pad_arm_still_sees_the_coarse_things():
+    def scores(letter, color, count, position):
+        return {"per_type": {"letter": letter, "color": color, "count": count, "position": position}}
+
+    claim = ablations.CLAIMS["anyres"]
+    anyres = [scores(0.87, 0.81, 1.0, 0.76), scores(1.0, 0.74, 1.0, 0.35)]
+    # chance: colour 1/4, count and position 1/3; twice chance is 0.5 and 0.67
+    seeing = {"anyres": anyres, "pad": [scores(0.21, 0.70, 0.78, 0.72), scores(0.18, 0.50, 0.69, 0.76)]}
+    line = ablations.verdict(claim, seeing)
+    assert "agrees with the paper (every seed); pad still answers the coarse questions" in line, line
+    assert "(lowest color 0.50 against 0.25, count 0.69 against 0.33, position 0.72 against 0.33)" in line, line
+    blind = {"anyres": anyres, "pad": [scores(0.17, 0.25, 0.78, 0.72), scores(0.17, 0.70, 0.78, 0.72)]}
+    assert "pad does not answer the coarse questions" in ablations.verdict(claim, blind)
+    # the other claims say nothing of it
+    assert "coarse" not in ablations.verdict(ablations.CLAIMS["stage1"], {
+        "stage 1 first": [{"heldout": 0.7, "per_type": {}}], "no stage 1": [{"heldout": 0.5, "per_type": {}}]})

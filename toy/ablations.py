@@ -32,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from toy import world
 from toy.lifecycle import ToyRun
 
 # One ablation arm-seed: the default life cycle with 300 of its 750 stage-2 steps, scored on 500 held-out questions.
@@ -61,6 +62,9 @@ class Claim:
     metric: str  # the score the verdict compares: "heldout", a question type, "compare", "motion" or "formats"
     also: tuple = ()  # more scores shown in the table and plot
     keeps: float = 0.0  # > 0: the claim is that the first arm keeps this share of the third's gain over the second
+    # question types the other arms should still answer, at least twice chance at every seed (a low-resolution view
+    # loses the details, not the coarse things)
+    coarse: tuple = ()
 
 
 CLAIMS = {
@@ -71,7 +75,7 @@ CLAIMS = {
         # both arms on a tower that also learned whole, shrunk views (as CLIP does), so that the pad arm's one view
         # carries what is visible at its size
         arms={"anyres": WHOLE_VIEWS, "pad": WHOLE_VIEWS | {"image_aspect_ratio": "pad"}}, metric="letter",
-        also=("heldout", "color", "count", "position", "shape")),
+        also=("heldout", "color", "count", "position", "shape"), coarse=("color", "count", "position")),
     "stage1": Claim(
         paper="LLaVA-1.5 (Improved Baselines with Visual Instruction Tuning, 2023)",
         claim="aligning the projector alone on captions before tuning projector and LLM together gives a better model",
@@ -232,7 +236,19 @@ def verdict(claim: Claim, results: dict) -> str:
     every_seed = all(a > b for o in others for a, b in zip(values[first], values[o]))
     how = ("agrees with the paper" + (" (every seed)" if every_seed else " (on the mean, not at every seed)")
            if agrees else "does not agree with the paper")
-    return f"{compared}: the miniature {how}"
+    return f"{compared}: the miniature {how}" + "".join(coarse_line(claim, results, o) for o in others)
+
+
+def coarse_line(claim: Claim, results: dict, arm: str) -> str:
+    """For a claim with `coarse` types: whether `arm` answers each at twice chance or more at every seed."""
+    if not claim.coarse:
+        return ""
+    chance = world.chance(world.ToyConfig())
+    lows = {t: min(score(r, t) for r in results[arm]) for t in claim.coarse}
+    sees = all(low >= 2 * chance[t] for t, low in lows.items())
+    return (f"; {arm} {'still answers' if sees else 'does not answer'} the coarse questions at twice chance or more "
+            f"at every seed (lowest " + ", ".join(f"{t} {low:.2f} against {chance[t]:.2f}" for t, low in lows.items())
+            + ")")
 
 
 def table(claim: Claim, results: dict) -> str:
