@@ -159,6 +159,11 @@ def test_formats_verdict_reads_the_mean_of_the_two_placements():
                     "(every seed)")
     line = ablations.verdict(claim, results(0.8, 0.85, 0.6))  # one single-placement arm does better on the mean
     assert line.endswith("the miniature does not agree with the paper"), line
+    # as measured: every arm at chance (0.5), where "mixed" is ahead by noise; that is no agreement
+    line = ablations.verdict(claim, results(0.513, 0.509, 0.507))
+    assert line.endswith("every arm is at chance (0.50): the miniature learned nothing to compare, so it can neither "
+                         "agree nor disagree with the paper"), line
+    assert "agrees" in ablations.verdict(claim, results(0.6, 0.52, 0.51))  # one arm clear of chance is a result
 
 
 def test_higher_anyres_verdict_is_the_share_of_the_larger_grids_gain_kept():

@@ -65,6 +65,8 @@ class Claim:
     # question types the other arms should still answer, at least twice chance at every seed (a low-resolution view
     # loses the details, not the coarse things)
     coarse: tuple = ()
+    # the metric's chance level where it is known: arms that all stay within 0.05 of it learned nothing to compare
+    chance: float | None = None
 
 
 CLAIMS = {
@@ -111,7 +113,7 @@ CLAIMS = {
         arms={"mixed": FROM_STAGE2 | {"image_placement": "mixed"},
               "front": FROM_STAGE2 | {"image_placement": "front"},
               "interleaved": FROM_STAGE2 | {"image_placement": "interleaved"}},
-        metric="formats", also=("front", "interleaved", "heldout")),
+        metric="formats", also=("front", "interleaved", "heldout"), chance=0.5),
 }
 
 
@@ -224,6 +226,9 @@ def verdict(claim: Claim, results: dict) -> str:
     values = {arm: [score(r, claim.metric) for r in results[arm]] for arm in claim.arms}
     mean = {arm: statistics.mean(v) for arm, v in values.items()}
     compared = f"{claim.metric}: {first} {mean[first]:.3f} vs " + ", ".join(f"{o} {mean[o]:.3f}" for o in others)
+    if claim.chance is not None and all(abs(m - claim.chance) <= 0.05 for m in mean.values()):
+        return (f"{compared}: every arm is at chance ({claim.chance:.2f}): the miniature learned nothing to compare, "
+                f"so it can neither agree nor disagree with the paper")
     if claim.keeps:
         low, high = others
         gain, kept = mean[high] - mean[low], mean[first] - mean[low]
