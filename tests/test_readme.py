@@ -126,7 +126,7 @@ def test_entry_point_help_knows_its_flags(entry):
 
 def test_the_toy_example_shows_its_picture_and_that_scenes_own_answer():
     # the README's example asks about eval_000000 of the default (seed 0) world: its picture is that scene drawn 4x,
-    # and the answer it prints is the scene's right one (the model's, measured: docs/toy-results.md)
+    # and the answer it calls right is the scene's (the model's own answer beside it is measured: docs/toy-results.md)
     import numpy as np
     from PIL import Image
 
@@ -137,5 +137,5 @@ def test_the_toy_example_shows_its_picture_and_that_scenes_own_answer():
     assert shown.size == (4 * image.width, 4 * image.height)
     assert np.array_equal(np.asarray(shown), np.asarray(image.convert("RGB").resize(shown.size, Image.NEAREST)))
     text = (ROOT / "README.md").read_text()
-    question, answer = re.search(r'eval_000000\.png "([^"]+)".*?the default model answers `(\w+)`', text, re.S).groups()
+    question, answer = re.search(r'eval_000000\.png "([^"]+)".*?the right answer is `(\w+)`', text, re.S).groups()
     assert record["conversations"][0]["value"].endswith(question) and answer == record["answer"] == "red"
