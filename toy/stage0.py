@@ -1,8 +1,9 @@
 """Stage 0 of the toy: the stand-ins for the pretrained CLIP tower and LLM that real LLaVA starts from.
 
     stage0_vision   a tiny CLIP-style tower (48 px views, 16 px patches = one scene cell each) learns what every patch
-                    of every view it will be shown holds: each AnyRes crop, the squashed base view, and the whole scene
-                    padded to a square (LLaVA-1.5's "pad"), as CLIP learns from whole images at its resolution
+                    of each AnyRes crop holds and where its objects lie; with ToyRun.stage0_whole_views also the
+                    contents of the squashed base view and of the whole scene padded to a square (LLaVA-1.5's "pad"),
+                    as CLIP learns from whole images at its resolution
     stage0_text     a tiny Llama-style decoder (by default left at its random initialisation)
 
 A view's targets come from where the scene's 16x16 cells land in it (`cell_overlaps`): (views, 9 patches, rows, cols)
@@ -112,7 +113,8 @@ def stage0_vision(run, data: Path, folder: Path, lr_factor):
     """Train the tower as the stand-in for a pretrained CLIP, then save it as a CLIP vision-model folder.
 
     Everything the toy does that LLaVA does not is here (real LLaVA starts from a CLIP or SigLIP that already sees):
-    - views: every scene as the crops AnyRes cuts, the squashed base view and the padded whole (VIEWS);
+    - views: every scene as the crops AnyRes cuts and the squashed base view (its columns only); with
+      run.stage0_whole_views also the base view's contents and the scene padded to a square (VIEWS);
     - a content head, CLIP-style: a patch's feature must point, by cosine, at the embedding of what it shows
       (nothing, one of the 12 colour-shape objects, one of the 6 letters, or an even mix of several in a shrunk
       view), each embedding built from fixed word vectors (class_embeddings), so that the shape weighs as much as
@@ -170,7 +172,7 @@ def stage0_vision(run, data: Path, folder: Path, lr_factor):
 
 
 def class_embeddings(n_colors: int, n_shapes: int, n_letters: int, width: int) -> torch.Tensor:
-    """(K, D) fixed targets of the content head, indexed as patch_targets numbers the classes: like CLIP's text
+    """(K, D) fixed targets of the content head, indexed as scene_targets numbers the classes: like CLIP's text
     embedding of "a red circle", each is built from words, here one fixed random direction per word (orthonormal),
     an object the sum of its colour's and its shape's. The rows of label 0 ("none") with another label are unused,
     zero. Learned freely instead, the table let colour drown the shape in the features (docs/toy-results.md)."""
