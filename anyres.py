@@ -219,14 +219,15 @@ def tiles_with_anyres(cfg, num_images: int) -> bool:
 # Pixels
 
 
+def fitted_size(size, canvas) -> tuple[int, int]:
+    """(w, h) of an image of `size` (W, H) resized to fit the (w, h) canvas keeping its aspect ratio."""
+    (W, H), (w, h) = size, canvas
+    return (w, min(math.ceil(H * w / W), h)) if w / W < h / H else (min(math.ceil(W * h / H), w), h)
+
+
 def resize_and_pad(image: Image.Image, canvas) -> Image.Image:
     """Fit `image` inside the (w, h) canvas keeping its aspect ratio; centre it on black (odd pixel right/bottom)."""
-    W, H = image.size
-    w, h = canvas
-    if w / W < h / H:
-        new_w, new_h = w, min(math.ceil(H * w / W), h)
-    else:
-        new_w, new_h = min(math.ceil(W * h / H), w), h
+    (w, h), (new_w, new_h) = canvas, fitted_size(image.size, canvas)
     out = Image.new("RGB", (w, h), (0, 0, 0))
     out.paste(image.resize((new_w, new_h), Image.BICUBIC), ((w - new_w) // 2, (h - new_h) // 2))
     return out

@@ -26,6 +26,7 @@ POSITIONS = ["left", "middle", "right"]  # thirds of the image width
 # the "tall" world: half of the scenes at twice the default heights (12 and 18 rows of cells), one crop wide
 TALL_SIZES = ((48, 96), (48, 144), (48, 192), (48, 288))
 
+
 @dataclass
 class ToyConfig:
     cell: int = 16  # px per cell = the ViT patch

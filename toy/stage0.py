@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from anyres import process_image
+from anyres import fitted_size, process_image
 from data import IGNORE_INDEX, load_image, render_conversation, tokenize
 from toy import world
 from export import padded_vocab_size, save_pretrained
@@ -55,7 +55,7 @@ def view_geometry(size, view: str, grid, C: int):
     W, H = size
     if view == "crops":
         w, h = grid[0] * C, grid[1] * C
-        new_w, new_h = (w, min(-(-H * w // W), h)) if w / W < h / H else (min(-(-W * h // H), w), h)
+        new_w, new_h = fitted_size(size, (w, h))
         return (w, h), (new_w / W, new_h / H), ((w - new_w) // 2, (h - new_h) // 2)
     if view == "base":
         return (C, C), (C / W, C / H), (0, 0)
