@@ -44,7 +44,10 @@ def setup(kind: str = "") -> tuple[int, int, torch.device]:
 
 
 def finish():
+    """Ends the process group after a run that succeeded on every rank. The barrier first: a rank that tears down
+    its gloo connections while another still completes the last collective on them can abort at exit."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

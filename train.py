@@ -567,8 +567,7 @@ def main(argv=None):
         raise SystemExit(f"error: out of GPU memory at --micro-batch-size {cfg.micro_batch_size}: lower it (the global "
                          f"batch stays {cfg.global_batch_size}, through more accumulation steps), add "
                          f"--gradient-checkpointing, or shard across GPUs with --fsdp") from None
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    distributed.finish()
 
 
 if __name__ == "__main__":
