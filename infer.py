@@ -31,6 +31,7 @@ from chat_template import default_template, eos_token_ids, load_tokenizer
 from convert import DEFAULT_MODEL, CheckpointError, load_pretrained
 from data import TEMPLATES, SampleError, load_image, load_video, place_visuals, render_prompt, stop_token_ids, tokenize
 from generate import generate, stream_answer
+from model import fuse_projections
 
 
 def parse_args(argv):
@@ -184,8 +185,10 @@ def load_model(args, device: str, dtype, kinds):
         sys.exit(f"error: {e}")
     if parallel:
         tensor_parallel.shard_tied_head(model)
-    elif args.quantize:
-        quantize.quantize_tied_head(model)
+    else:
+        if args.quantize:
+            quantize.quantize_tied_head(model)
+        fuse_projections(model)
     if kinds and model.vision_tower is None:
         sys.exit(f"error: {args.model} is a text-only model; it cannot take images or videos")
     if knobs := knobs_from_flags(args):

@@ -85,6 +85,23 @@ class Int8Linear(nn.Module):
         else:
             self.bias = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
 
+    @classmethod
+    def concat(cls, layers: list) -> "Int8Linear":
+        """One layer computing `layers`' outputs side by side (model.fuse_projections): per-output-channel scales
+        concatenate with the rows; fbgemm's packed matrices are unpacked, joined and packed again."""
+        first = layers[0]
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), first.bias is not None,
+                    first.dynamic)
+        fused.scales = torch.cat([layer.scales for layer in layers])
+        if first.dynamic:
+            rows = [torch.ops.quantized.linear_unpack(layer.packed)[0].int_repr() for layer in layers]
+            fused.packed, fused.weight = pack_for_fbgemm(torch.cat(rows), fused.scales), None
+        else:
+            fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), requires_grad=False)
+        return fused
+
     def forward(self, x):  # (..., in) -> (..., out)
         if self.packed is not None:  # int8-dynamic
             x2 = x.reshape(-1, self.in_features).float()  # (M, in)
@@ -189,6 +206,23 @@ class Int4Linear(nn.Module):
             self.weight = nn.Parameter(pack_int4(q), requires_grad=False)
         else:
             self.bias = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+
+    @classmethod
+    def concat(cls, layers: list) -> "Int4Linear | None":
+        """One layer computing `layers`' outputs side by side (model.fuse_projections), or None. Both packed layouts
+        lead with the outputs in blocks (CPU: 64 outputs, the last block shorter; CUDA: tiles of 8), so the packed
+        matrices join along their first dimension where every layer but the last fills whole blocks; the groups'
+        scales and zeros join along the outputs."""
+        first = layers[0]
+        block = 8 if first.weight.device.type == "cuda" else 64
+        if any(layer.out_features % block for layer in layers[:-1]):
+            return None
+        fused = cls(first.in_features, sum(layer.out_features for layer in layers), first.bias is not None)
+        fused.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        fused.scales_and_zeros = torch.cat([layer.scales_and_zeros for layer in layers], dim=1)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([layer.bias for layer in layers]), requires_grad=False)
+        return fused
 
     def forward(self, x):  # (..., in) -> (..., out)
         # the kernels take bf16 activations (the x86 ones are vectorised for bf16 only) and round the result to bf16

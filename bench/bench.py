@@ -55,7 +55,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import quantize  # noqa: E402
-from model import IMAGE_TOKEN  # noqa: E402
+from model import IMAGE_TOKEN, fuse_projections  # noqa: E402
 from roofline import copy_bandwidth, decode_bytes_per_token, order_one_weights  # noqa: E402
 
 IMAGE_TOKEN_ID = 151646  # the id llava-hf's Qwen checkpoints give <image>; any id inside the vocabulary works
@@ -130,7 +130,7 @@ def load_ours(folder: Path, dtype=torch.float32, quantize_mode=None):
 
     prepare = functools.partial(quantize.quantized_layers, mode=quantize_mode) if quantize_mode else None
     model = load_pretrained(str(folder), compat="transformers", dtype=dtype, prepare=prepare)[0]
-    return quantize.quantize_tied_head(model) if quantize_mode else model
+    return fuse_projections(quantize.quantize_tied_head(model) if quantize_mode else model)  # as infer.load_model
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:

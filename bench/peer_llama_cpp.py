@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import quantize  # noqa: E402
+from model import fuse_projections  # noqa: E402
 from roofline import copy_bandwidth, decode_bytes_per_token, order_one_weights  # noqa: E402
 
 VERSION = "0.3.36"  # llama-cpp-python's sdist, which vendors the llama.cpp source it binds
@@ -175,7 +176,7 @@ def load_ours(folder: Path, mode: str):
     quantized = mode not in ("fp32", "bf16")
     prepare = (lambda m: quantize.quantized_layers(m, mode)) if quantized else None
     model = load_pretrained(str(folder), dtype=dtype, prepare=prepare)[0]
-    return quantize.quantize_tied_head(model) if quantized else model
+    return fuse_projections(quantize.quantize_tied_head(model) if quantized else model)
 
 
 def ours_decode(model, new: int = 64) -> float:

@@ -21,6 +21,7 @@ import quantize
 from anyres import process_image
 from chat_template import load_tokenizer
 from convert import load_pretrained
+from model import fuse_projections
 from data import render_prompt, tokenize
 from tools.convert_gguf import convert, gguf_path
 
@@ -540,3 +541,39 @@ def test_cli_compile_on_cpu_is_one_line(smollm2, mode):
         infer.main(["Hi", "--model", str(smollm2[0]), "--device", "cpu", "--compile"]
                    + (["--quantize", mode] if mode else []))
     assert str(e.value).startswith("error: --compile is for CUDA: on a CPU the compiled decode step measured no faster")
+
+
+@pytest.mark.parametrize("mode", [None, "int8", pytest.param("int8-dynamic", marks=needs_fbgemm), "int4"])
+def test_fused_projections_give_the_same_logits(tiny, mode):
+    # model.fuse_projections, as infer.py loads every model: q/k/v and gate/up each one product, in each mode
+    folder = tiny("onevision_qwen2")  # q/k/v biases, grouped-query attention (k and v narrower than q)
+
+    def load():
+        model, _ = load_pretrained(str(folder), prepare=(lambda m: quantize.quantized_layers(m, mode)) if mode else None)
+        return quantize.quantize_tied_head(model) if mode else model
+
+    plain, fused = load(), fuse_projections(load())
+    names = [n.split(".")[-1] for n, _ in fused.language_model.named_modules()]
+    # int4 on CPU joins whole blocks of 64 outputs: k_proj's 32 leave q/k/v apart (test below), gate/up's 128 join
+    joined_qkv = 0 if mode == "int4" else 2
+    assert names.count("qkv_proj") == joined_qkv and names.count("q_proj") == 2 - joined_qkv
+    assert names.count("gate_up_proj") == 2 and "gate_proj" not in names and "up_proj" not in names
+    image = process_image(photo(70, 30, seed=7), plain.cfg)
+    prompt = tokenize(load_tokenizer(folder, str(folder)), render_prompt("qwen_1_5", [("user", "<image>\nWhat?")]),
+                      [image.num_tokens])
+    with torch.no_grad():
+        reference, logits = plain(torch.tensor([prompt]), [image]), fused(torch.tensor([prompt]), [image])
+    assert (logits - reference).abs().max() <= 1e-5 * reference.abs().max()
+    one_by_one = list(generation.generate(plain, prompt, [image], max_new_tokens=8))
+    assert list(generation.generate(fused, prompt, [image], max_new_tokens=8)) == one_by_one
+
+
+def test_int4_layers_join_along_whole_blocks_of_outputs():
+    # the CPU packing lays outputs out in blocks of 64: layers join where every one but the last fills whole blocks
+    torch.manual_seed(0)
+    parts = [quantize.Int4Linear.from_float(torch.randn(n, 64), torch.randn(n), dtype=torch.bfloat16)
+             for n in (128, 64, 48)]
+    fused = quantize.Int4Linear.concat(parts)
+    x = torch.randn(3, 64).to(torch.bfloat16)
+    assert fused.out_features == 240 and torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert quantize.Int4Linear.concat([parts[2], parts[0]]) is None  # 48 outputs, not a whole block, come first
