@@ -168,15 +168,17 @@ def llama_bench(binaries: Path, gguf: Path, threads: int, repeats: int, prompt: 
     return statistics.median(json.loads(done.stdout)[0]["samples_ts"])
 
 
-def load_ours(folder: Path, mode: str):
-    """One of MODES, loaded as infer.py loads it (--dtype bfloat16 for bf16, --quantize for the others)."""
+def load_ours(folder: Path, mode: str, fuse: bool = True):
+    """One of MODES, loaded as infer.py loads it (--dtype bfloat16 for bf16, --quantize for the others); `fuse`
+    False leaves q/k/v and gate/up apart (bench/bench_fuse.py)."""
     from convert import load_pretrained
 
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     quantized = mode not in ("fp32", "bf16")
     prepare = (lambda m: quantize.quantized_layers(m, mode)) if quantized else None
     model = load_pretrained(str(folder), dtype=dtype, prepare=prepare)[0]
-    return fuse_projections(quantize.quantize_tied_head(model) if quantized else model)
+    model = quantize.quantize_tied_head(model) if quantized else model
+    return fuse_projections(model) if fuse else model
 
 
 def ours_decode(model, new: int = 64) -> float:
