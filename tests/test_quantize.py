@@ -549,7 +549,8 @@ def test_fused_projections_give_the_same_logits(tiny, mode):
     folder = tiny("onevision_qwen2")  # q/k/v biases, grouped-query attention (k and v narrower than q)
 
     def load():
-        model, _ = load_pretrained(str(folder), prepare=(lambda m: quantize.quantized_layers(m, mode)) if mode else None)
+        prepare = (lambda m: quantize.quantized_layers(m, mode)) if mode else None
+        model, _ = load_pretrained(str(folder), prepare=prepare)
         return quantize.quantize_tied_head(model) if mode else model
 
     plain, fused = load(), fuse_projections(load())
