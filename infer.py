@@ -205,7 +205,9 @@ def main(argv=None):
     device = distributed.rank_device(check_flags(args))
     dtype = compute_dtype(args, device)
     if args.chat or args.batch_file:
-        return chat.run(args, device, dtype, load_model)
+        status = chat.run(args, device, dtype, load_model)
+        distributed.finish()
+        return status
     prompt, images, frames, kinds = read_visuals(args)
 
     timings = {}
