@@ -10,7 +10,8 @@ from conftest import ROOT
 # model and its parts, the commands (infer, chat, serve, train, export), and what they directly need
 TOP_LEVEL = {
     "model.py", "connector.py", "anyres.py", "data.py", "chat_template.py", "generate.py",  # the model and its inputs
-    "infer.py", "chat.py", "serve.py",  # asking it: one answer, a conversation or a question file, an HTTP server
+    "infer.py", "chat.py", "serve.py", "batching.py",  # asking it: one answer, a conversation or a question file,
+    # an HTTP server and its continuous batching
     "train.py", "recipes.py", "checkpoint.py", "lora.py", "distributed.py",  # training it
     "convert.py", "export.py", "quantize.py", "tensor_parallel.py",  # reading, writing, shrinking and splitting it
 }

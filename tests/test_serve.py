@@ -167,6 +167,10 @@ def test_stop_strings_cut_the_answer_and_a_seeded_sample_is_infer_py_sample(serv
     sampled = reference(qwen, tmp_path, "Caption it.", None, 12, capsys, "--temperature", "0.9", "--seed", "5")
     got = ask(server, "Caption it.", max_tokens=12, temperature=0.9, seed=5)
     assert got["ids"] == sampled["output_token_ids"] and got["ids"] != ref["output_token_ids"][:12]
+    # without a seed each sampled request draws its own (OpenAI's behaviour): two 12-token samples of a random
+    # model's near-uniform next-token distribution differ
+    unseeded = [ask(server, "Caption it.", max_tokens=12, temperature=1.0, ignore_eos=True)["ids"] for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
 
 
 def test_sixteen_concurrent_clients_get_their_single_run_answers(server, qwen, tmp_path, capsys):
@@ -219,7 +223,6 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_goes_on(server, q
     cases = [  # (body, param, words in the message)
         (b"{not json", "body", "not valid JSON"),
         ([1, 2], "body", "JSON object"),
-        ({**good, "model": "gpt-4o"}, "model", "not served here"),
         ({**good, "n": 2}, "n", "n = 1"),
         ({**good, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({**good, "max_tokens": 0}, "max_tokens", "[1, "),
@@ -228,6 +231,10 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_goes_on(server, q
         ({**good, "temperature": -1}, "temperature", "[0, 2]"),
         ({**good, "top_p": "high"}, "top_p", "a number"),
         ({**good, "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        ({**good, "stop": "x" * 257}, "stop", "1-256 characters"),  # its hold-back check costs length squared
+        ({**good, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
+        ({**good, "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+        (b"[" * 100_000 + b"]" * 100_000, "body", "not valid JSON"),  # deeper than the parser recurses
         ({"max_tokens": 4}, "messages", "non-empty list"),
         ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages[0].role", "role"),
         (user(text, {"type": "video", "video": "x"}), "messages[0].content[1]", "image_url"),
@@ -238,16 +245,27 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_goes_on(server, q
         (user(text, image("/etc/hostname")), where, "outside --image-dir"),
         (user(text, image("../served_images/../x.png")), where, "outside --image-dir"),
         (user(text, image("nope.png")), where, "missing image"),
+        (user(text, image("in\0side.png")), where, "NUL"),
+        # the request's pixel budget, read from the second image's header before it is decoded
+        (user(text, image(data_url(photo(100, 100, seed=1))), image(b64(tiny_png_header(8200, 8192)))),
+         "messages[0].content[2].image_url", "67,108,864 pixels in all"),
+        # 3,000 images of 1 x 1: refused by their token count before any is processed
+        (user(text, *[image(data_url(photo(1, 1, seed=1)))] * 3000), "messages", "images alone are"),
         (user({"type": "text", "text": " ".join(map(str, range(20000)))}), "messages", "reads at most 32768"),
         ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]}, "messages",
          "last message"),
         (user({"type": "text", "text": "<image> and <image>?"}), "messages[0].content", "placeholders"),
     ]
+    json_type = {"content-type": "application/json"}
+    statuses = [({**good, "model": "gpt-4o"}, {}, 404, "model", "not served here"),  # OpenAI's and vLLM's status
+                (json.dumps(good).encode(), {"content-type": "text/plain"}, 415, "body", "application/json"),
+                (b" " * (65 << 20), json_type, 413, "body", "larger than 64 MB")]
     assert len(cases) >= 20
-    for body, param, words in cases:
+    for body, headers, status, param, words in [(body, json_type, 400, param, words) for body, param, words in cases
+                                                ] + statuses:
         kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
-        r = httpx.post(f"{server}/v1/chat/completions", timeout=60, **kwargs)
-        assert r.status_code == 400, (param, r.text)
+        r = httpx.post(f"{server}/v1/chat/completions", timeout=60, headers=headers, **kwargs)
+        assert r.status_code == status, (param, r.text[:500])
         error = r.json()["error"]
         assert error["param"] == param and words in error["message"] and error["type"] == "invalid_request_error"
     ok = ask(server, "What is it?", image=None, max_tokens=4)
@@ -281,6 +299,15 @@ def test_a_dropped_stream_frees_its_row(server, qwen, tmp_path, capsys):
     assert ask(server, "Hi", max_tokens=5)["ids"] == ref["output_token_ids"]
 
 
+def test_a_dropped_request_frees_its_row_while_tokens_flow(server):
+    """Not streamed: the client gives up while the answer is still coming, one token after another; the server
+    notices within about a second, though it is never idle long enough to time out waiting."""
+    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 30000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=2))
+    assert wait_health(server, running=0, queued=0, timeout=10)["running"] == 0
+
+
 def test_a_full_queue_answers_503(qwen):
     with running_server(qwen, "--max-batch", "1", "--max-queue", "1") as url:
         long = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 20000, "stream": True,
@@ -289,6 +316,11 @@ def test_a_full_queue_answers_503(qwen):
             lines = r.iter_lines()  # held: a dropped iterator closes the response
             next(lines)
             assert wait_health(url, running=1)["running"] == 1  # the one row is taken
+            # a waiting request whose client gives up leaves the queue's count, and its place goes to the next one
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}]},
+                           timeout=httpx.Timeout(30, read=2))
+            assert wait_health(url, queued=0, timeout=5)["queued"] == 0  # its handler checks its client each second
             waiting = {}
             thread = threading.Thread(target=lambda: waiting.update(ask(url, "Hi", max_tokens=3)))
             thread.start()
