@@ -40,7 +40,7 @@ from chat_template import load_tokenizer  # noqa: E402
 from export import save_pretrained  # noqa: E402
 from generate import decode_step  # noqa: E402
 from model import Llava, TextConfig, init_fresh  # noqa: E402
-from serve import BatchCache  # noqa: E402
+from batching import BatchCache  # noqa: E402
 from test_serve import running_server  # noqa: E402 (the tests' server in a subprocess)
 
 QWEN2_05B = TextConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -99,14 +99,14 @@ def one(url: str, body: dict) -> tuple[float, float, int]:
 
 @torch.inference_mode()
 def decode_steps(folder: Path, sizes=(1, 4, 16), length: int = 100) -> dict[int, float]:
-    """Seconds of one batched decode step (serve.py's, on its BatchCache) for n rows of `length` positions, in this
+    """Seconds of one batched decode step (serve.py's, on batching.BatchCache) for n rows of `length` positions, in this
     process and without HTTP: the ceiling the load test can approach (min of 5 after a warm-up)."""
     model, _ = load_pretrained(str(folder))
     out = {}
     for n in sizes:
         cache = BatchCache(model.cfg.text, n, torch.float32, "cpu")
         cache.lengths = torch.full((n,), length)
-        cache.reserve(length + 1)
+        cache.reserve(length + 1, n)
         capacity = cache.k.shape[3]
         visible = torch.arange(capacity)[None] <= cache.lengths[:, None]
         times = []

@@ -1,6 +1,7 @@
 """The repository's shape, as a newcomer reads it: the concept files of a LLaVA model and its commands at the top,
 everything else in a named folder; no two modules import each other (through any import, `__main__` blocks and
-function-level imports included); every Python file short enough to read (<= 600 lines, <= 120 characters a line)."""
+function-level imports included), and every name imported from one is defined there; every Python file short
+enough to read (<= 600 lines, <= 120 characters a line)."""
 
 import ast
 import subprocess
@@ -75,6 +76,44 @@ def test_no_two_modules_import_each_other():
             visit(node, [], set(), done)
     assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
     assert "export" in graph["checkpoint"] and "convert" in graph["export"]  # the graph sees real imports
+
+
+def top_level_names(path) -> set[str]:
+    """What a module defines at its top level (guarded by an if or a try included): functions, classes, assignments
+    and imports."""
+    names, nodes = set(), list(ast.parse(path.read_text()).body)
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, (ast.If, ast.Try, ast.ExceptHandler)):
+            nodes += node.body + getattr(node, "orelse", []) + getattr(node, "handlers", [])
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def test_every_name_imported_from_a_repository_module_is_defined_there():
+    """A name moved out of a module breaks the scripts that import it (bench/, tools/ run no test of their own)."""
+    files = python_files()
+    paths = {module_name(f): ROOT / f for f in files}
+    missing = []
+    for f in files:
+        folder = f.rsplit("/", 1)[0] if "/" in f else None
+        for node in ast.walk(ast.parse((ROOT / f).read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module):
+                continue
+            module = next((m for m in (node.module, f"{folder}.{node.module}" if folder else None) if m in paths),
+                          None)
+            if module is None:
+                continue
+            defined = top_level_names(paths[module])
+            missing += [f"{f}:{node.lineno}: {a.name} from {module}" for a in node.names
+                        if a.name != "*" and a.name not in defined and f"{module}.{a.name}" not in paths]
+    assert not missing, missing
 
 
 def test_every_file_reads_in_one_sitting():
