@@ -105,8 +105,8 @@ def decode_steps(folder: Path, sizes=(1, 4, 16), length: int = 100) -> dict[int,
     out = {}
     for n in sizes:
         cache = BatchCache(model.cfg.text, n, torch.float32, "cpu")
-        cache.lengths = torch.full((n,), length)
         cache.reserve(length + 1, n)
+        cache.lengths = torch.full((n,), length)
         capacity = cache.k.shape[3]
         visible = torch.arange(capacity)[None] <= cache.lengths[:, None]
         times = []
