@@ -7,11 +7,13 @@ steps (as nano-vllm and vLLM's v1 scheduler do, without paging). serve.py feeds 
                            into a row of the batch cache -> one decode step for every running row
     batch cache            (layers, rows, kv_heads, capacity, hd): row i holds its sequence left-aligned, lengths[i]
                            positions; each row writes its next token at its own position, masked past its length
-    tokens --> text        decoded per step; stop ids, stop strings and max_tokens end a sequence, which leaves the
-                           batch at once (its row is refilled by the last row); seq.post(event) tells its handler
+    tokens --> text        the newest tokens decoded per step; stop ids, stop strings and max_tokens end a sequence,
+                           which leaves the batch at once (its row is refilled by the last row); seq.post(event) tells
+                           its handler
 """
 
 import collections
+import re
 import sys
 import threading
 import time
@@ -21,6 +23,8 @@ import torch
 
 from generate import decode_step, gemv_context, sample
 from model import KVCache
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # SentencePiece's byte fallback: <0xE2>
 
 
 @dataclass
@@ -35,10 +39,24 @@ class Sequence:
     stop: list[str] = field(default_factory=list)
     post: object = None  # post(event), any thread: ("delta", text) | ("done", finish, usage, ids) | ("error", msg)
     out: list[int] = field(default_factory=list)
+    text: str = ""  # the answer's text so far (Scheduler.new_text)
+    prefix: int = 0  # out[prefix:read] decodes to text's end; out[read:] is not in text yet
+    read: int = 0
     sent: str = ""  # text already posted
     cancelled: bool = False  # set by the handler when its client has gone
     token_ids: bool = False  # return the answer's ids too (vLLM's return_token_ids)
     ignore_eos: bool = False  # generate max_tokens whatever comes (vLLM's ignore_eos; benchmarks)
+
+
+def ends_in_byte(tokenizer, ids) -> bool:
+    """Whether the last of `ids` that decodes to anything is a byte-fallback token (<0xE2>); a special token after it
+    decodes to nothing, so the run may still go on past it."""
+    for t in reversed(ids):
+        if BYTE_TOKEN.fullmatch(tokenizer.id_to_token(t) or ""):
+            return True
+        if tokenizer.decode([t]):
+            return False
+    return False
 
 
 class BatchCache:
@@ -190,16 +208,16 @@ class Scheduler:
         """Add a token, post the new text; True when the sequence has finished."""
         seq.out.append(token)
         stop_ids = () if seq.ignore_eos else self.stop_ids
-        text = self.tokenizer.decode([t for t in seq.out if t not in stop_ids])
         finish = "stop" if token in stop_ids else "length" if len(seq.out) >= seq.max_new else None
+        seq.text += self.new_text(seq, seq.out[:-1] if token in stop_ids else seq.out, finish is not None)
+        text = seq.text
         cut = min((text.find(s) for s in seq.stop if s in text), default=-1)
         if cut >= 0:  # a stop string ends the answer, and is not part of it (OpenAI's rule)
             text, finish = text[:cut], "stop"
         if finish:
             text = text.strip()  # infer.py's answer
         else:  # hold back what may still change: a partial character, trailing spaces, a stop string's beginning
-            # (a byte-fallback tokenizer, SentencePiece's, decodes each byte of an unfinished character to a U+FFFD)
-            text = text.lstrip().rstrip("\ufffd").rstrip()
+            text = text.lstrip().rstrip()
             text = text[:len(text) - max((k for s in seq.stop for k in range(1, min(len(s), len(text) + 1))
                                           if text.endswith(s[:k])), default=0)]
         new = text[len(seq.sent):] if text.startswith(seq.sent) else ""
@@ -210,3 +228,16 @@ class Scheduler:
             seq.post(("done", finish, {"prompt_tokens": len(seq.ids), "completion_tokens": len(seq.out),
                                        "total_tokens": len(seq.ids) + len(seq.out)}, list(seq.out)))
         return finish is not None
+
+    def new_text(self, seq: Sequence, ids: list[int], final: bool) -> str:
+        """The text ids[seq.read:] add to the answer, decoding only the newest tokens (vLLM's incremental
+        detokenizer), so a long answer costs each step the same. Both decodes start at seq.prefix, a token before
+        the new ones: SentencePiece drops the leading space of a decode's first token. Until the answer is final,
+        text waits while it ends in U+FFFD (each byte of an unfinished character decodes so) or in a byte token
+        (SentencePiece's byte fallback decodes a run of them as one: a run that is not UTF-8 becomes all U+FFFD)."""
+        before = self.tokenizer.decode(ids[seq.prefix:seq.read])
+        after = self.tokenizer.decode(ids[seq.prefix:])
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd") or ends_in_byte(self.tokenizer, ids)):
+            return ""
+        seq.prefix, seq.read = seq.read, len(ids)
+        return after[len(before):]

@@ -1,6 +1,9 @@
 """Continuous batching (batching.py) below the server: a sequence's text as it streams, and the batch cache's rows.
 The scheduler's answers against infer.py's, alone and sixteen at a time, are tests/test_serve.py's."""
 
+import random
+
+import pytest
 import torch
 from tiny_checkpoints import make_tokenizer
 
@@ -19,6 +22,7 @@ def test_a_byte_fallback_tokenizer_streams_whole_characters():
     deltas = []
     seq = Sequence([1], [], max_new=len(ids), post=lambda event: deltas.append(event))
     scheduler = type("Bare", (), {"tokenizer": tokenizer, "stop_ids": set()})()  # accept() reads only these
+    scheduler.new_text = Scheduler.new_text.__get__(scheduler)
     finished = [Scheduler.accept(scheduler, seq, t) for t in ids]
     assert finished == [False] * (len(ids) - 1) + [True]
     text = "".join(event[1] for event in deltas if event[0] == "delta")
@@ -43,3 +47,25 @@ def test_the_batch_cache_grows_its_rows_with_the_running_sequences(tiny):
     for _ in range(4):
         cache.remove(0)
     assert cache.k.shape[1] == 0 and cache.k.shape[3] == 0
+
+
+# byte-level BPE (Qwen), SentencePiece with byte fallback (Vicuna)
+@pytest.mark.parametrize("name", ["onevision_qwen2", "llava15_llama"])
+def test_the_streamed_text_is_one_decode_of_the_whole_answer(name):
+    """The scheduler decodes only each answer's newest tokens; what it posts, joined, is the whole answer decoded at
+    once (infer.py's answer), and every post is a prefix of it, on random ids (byte tokens and broken characters
+    included)."""
+    tokenizer = make_tokenizer(name)
+    rng = random.Random(0)
+    scheduler = type("Bare", (), {"tokenizer": tokenizer, "stop_ids": set()})()
+    scheduler.new_text = Scheduler.new_text.__get__(scheduler)
+    for trial in range(300):
+        ids = [rng.randrange(tokenizer.get_vocab_size()) for _ in range(rng.randint(1, 40))]
+        deltas = []
+        seq = Sequence([1], [], max_new=len(ids), post=lambda event: deltas.append(event))
+        for t in ids:
+            Scheduler.accept(scheduler, seq, t)
+        posted = [event[1] for event in deltas if event[0] == "delta"]
+        whole = tokenizer.decode(ids).strip()
+        assert "".join(posted) == whole, (trial, ids)
+        assert all(whole.startswith("".join(posted[:i])) for i in range(len(posted)))
