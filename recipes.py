@@ -68,11 +68,25 @@ def fetch_recipe_data(recipe: dict, image_folder: str = "") -> dict:
                          f"`{hub_command(recipe['data_hub'], '--repo-type', 'dataset')}` where there is network") from e
     if image_folder or "data_images" not in recipe:
         return {"data": str(folder / recipe["data_json"]), "image_folder": image_folder or str(folder)}
+    unpacked = unpack_once(folder / recipe["data_images"], folder / "unpacked")
+    return {"data": str(folder / recipe["data_json"]), "image_folder": str(unpacked)}
+
+
+def unpack_once(archive: Path, unpacked: Path) -> Path:
+    """Unpack a zip into `unpacked` unless that is there. Every rank of a torchrun job calls this before the process
+    group exists, so the first to take the lock unpacks (into a temporary folder, renamed when whole) and the rest
+    wait for it, then find the folder."""
+    import fcntl
+    import shutil
     import zipfile
 
-    unpacked = folder / "unpacked"
-    if not unpacked.exists():
-        with zipfile.ZipFile(folder / recipe["data_images"]) as z:
-            z.extractall(unpacked.with_suffix(".tmp"))
-        os.replace(unpacked.with_suffix(".tmp"), unpacked)
-    return {"data": str(folder / recipe["data_json"]), "image_folder": str(unpacked)}
+    with open(unpacked.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not unpacked.exists():
+            tmp = unpacked.with_suffix(".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)  # what a killed unpacking left
+            print(f"unpacking {archive.name} into {unpacked} (once)", flush=True)
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+            os.replace(tmp, unpacked)
+    return unpacked
