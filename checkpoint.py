@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
@@ -68,7 +69,8 @@ def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, coun
         export_hf(cfg, model, tmp, tokenizer, template, rank)
     epoch, batch = divmod(step, steps_per_epoch)
     trainer_state = {"step": step,
-                     "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size},
+                     "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size,
+                              "steps_per_epoch": steps_per_epoch},
                      "counters": global_counters(counters), "config": dataclasses.asdict(cfg),
                      "world_size": world_size(), "rng": gather_rng(), "run": run}
     barrier()  # every rank's files are written (and fsynced by DCP)
@@ -129,24 +131,27 @@ def latest_checkpoint(cfg) -> Path | None:
     return found[-1] if found else None
 
 
-def resume_from(ckpt: Path, model, optimizer, cfg, rank: int) -> tuple[int, dict]:
+def resume_from(ckpt: Path, model, optimizer, cfg, rank: int, steps_per_epoch: int) -> tuple[int, dict]:
     """Load the model, AdamW state and this rank's RNG from `ckpt`, resharded onto this run's ranks and layout;
     returns (step, counters)."""
-    try:
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{ckpt / 'trainer_state.json'} is not valid JSON ({e}); "
-                              f"resume from an earlier checkpoint or start a new --output-dir") from None
-    check_same_data_order(cfg, state, ckpt)
+    state = read_trainer_state(ckpt)
+    check_same_run(cfg, state, ckpt, steps_per_epoch)
     reader = SafeReader(ckpt / "trainer")
     stored = reader.read_metadata().state_dict_metadata
     model_state, optim_state = get_state_dict(model, optimizer)  # destinations, laid out as this run shards them
+    check_same_parameters({k.removeprefix("model.") for k in stored if k.startswith("model.")}, model_state, ckpt)
     # a parameter that had no gradient yet (e.g. the tower before the first image) has no AdamW state,
     # and must not get one
     kept = {name: s for name, s in optim_state["state"].items() if f"optim.{name}.step" in stored}
     destination = {"model": model_state, "optim": kept}
-    with quiet_single_process():
-        dcp.load(destination, storage_reader=reader, no_dist=not dist.is_initialized())
+    try:
+        with quiet_single_process():
+            dcp.load(destination, storage_reader=reader, no_dist=not dist.is_initialized())
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException, with tracebacks
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise CheckpointError(f"{ckpt / 'trainer'} cannot be read into this run ({type(cause).__name__}: "
+                              f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); resume from "
+                              f"an earlier checkpoint, or start a new --output-dir") from None
     set_model_state_dict(model, destination["model"])
     set_optimizer_state_dict(model, optimizer,
                              {"state": destination["optim"], "param_groups": optim_state["param_groups"]},
@@ -160,15 +165,49 @@ def resume_from(ckpt: Path, model, optimizer, cfg, rank: int) -> tuple[int, dict
     return state["step"], counters
 
 
-def check_same_data_order(cfg, state: dict, ckpt: Path):
-    """The data order is a function of (seed, global batch, grouping): a resumed run must keep them."""
-    saved = state["config"]
-    for key in ("seed", "global_batch_size", "group_by_modality_length"):
-        if saved[key] != getattr(cfg, key):
-            flag = "--" + key.replace("_", "-")
-            raise CheckpointError(f"{ckpt} was trained with {flag} {saved[key]!r}, this run has {getattr(cfg, key)!r}: "
-                                  f"resume with the same value (the data order depends on it) "
-                                  f"or start a new --output-dir")
+def read_trainer_state(ckpt: Path) -> dict:
+    where = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(where.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{where} is not valid JSON ({e}); "
+                              f"resume from an earlier checkpoint or start a new --output-dir") from None
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("step"), int)):
+        raise CheckpointError(f"{where} is not what train.py writes (an object with \"step\" and \"config\"); "
+                              f"resume from an earlier checkpoint or start a new --output-dir")
+    return state
+
+
+# what a resumed run must keep: the data order is a function of (data, seed, global batch, grouping), and the
+# trained parameters of the stage and the LoRA settings
+SAME_RUN = ("stage", "seed", "global_batch_size", "group_by_modality_length", "lora_rank", "lora_alpha",
+            "lora_targets")
+
+
+def check_same_run(cfg, state: dict, ckpt: Path, steps_per_epoch: int):
+    """Refuse to resume another run's checkpoint: its folder's checkpoints and final/ are that run's."""
+    saved, why = state["config"], "or start a new --output-dir (this one holds that run's checkpoints and final/)"
+    for key in SAME_RUN:
+        if key in saved and saved[key] != getattr(cfg, key):
+            raise CheckpointError(f"{ckpt} was trained with --{key.replace('_', '-')} {saved[key]!r}, this run has "
+                                  f"{getattr(cfg, key)!r}: resume with the same value, {why}")
+    data = state.get("data") or {}
+    if Path(saved.get("data") or "").name != Path(cfg.data).name or data.get("steps_per_epoch", steps_per_epoch) != \
+            steps_per_epoch:
+        raise CheckpointError(f"{ckpt} was trained on --data {saved.get('data')!r} ({data.get('steps_per_epoch')} "
+                              f"steps an epoch), this run reads {cfg.data!r} ({steps_per_epoch}): resume on the same "
+                              f"data (its order depends on it), {why}")
+
+
+def check_same_parameters(stored: set[str], model_state: dict, ckpt: Path):
+    """The checkpoint's model entries are exactly this run's parameters (DCP loads only those the model has, so
+    a LoRA checkpoint resumed without --lora-rank would drop its adapters without a word)."""
+    extra, missing = sorted(stored - set(model_state)), sorted(set(model_state) - stored)
+    if extra or missing:
+        first = f"it holds {extra[0]!r}, which this run's model has not" if extra else \
+            f"it lacks {missing[0]!r}, which this run's model has"
+        raise CheckpointError(f"{ckpt}: {first} ({len(extra)} such, {len(missing)} missing): resume with the model, "
+                              f"stage and LoRA settings it was trained with, or start a new --output-dir")
 
 
 class SafeReader(FileSystemReader):
@@ -218,6 +257,10 @@ def check_metadata(metadata, folder: Path, where: Path):
         if Path(name).name != name or name in ("", ".", "..") or path.resolve().parent != inside or not path.is_file():
             raise CheckpointError(f"{where}: data file {name!r} is not a file inside {folder} "
                                   f"(it points outside, or is missing); not loading this checkpoint")
+        if not (isinstance(info.offset, int) and isinstance(info.length, int)
+                and 0 <= info.offset and info.offset + info.length <= path.stat().st_size):
+            raise CheckpointError(f"{path} is shorter than its metadata says (cut off in a copy?); resume from an "
+                                  f"earlier checkpoint or copy this one again")
 
 
 class Unpickler(pickle.Unpickler):

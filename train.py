@@ -475,7 +475,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     optimizer = torch.optim.AdamW(param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
     start, counters = 0, {"samples": 0, "bad": {}, "bad_ids": [], "truncated": 0}
     if cfg.resume and (ckpt := latest_checkpoint(cfg)):
-        start, counters = resume_from(ckpt, parallel_model, optimizer, cfg, rank)
+        start, counters = resume_from(ckpt, parallel_model, optimizer, cfg, rank, steps_per_epoch)
         if rank == 0:
             print(f"resumed from {ckpt} at step {start}", file=sys.stderr)
 

@@ -283,3 +283,40 @@ def test_a_rank_the_saved_run_did_not_have_gets_rng_streams_of_its_own():
     assert torch.equal(torch.rand(8), r0[0])  # rank 0 continues the saved stream itself
     restore_rng(saved, 1, seed=1, step=3)
     assert not torch.equal(torch.rand(8), r1[0])  # another seed, other streams
+
+
+def test_resuming_another_runs_checkpoint_is_refused_and_deletes_nothing(dataset, tiny, tmp_path):
+    """--resume into a folder of another stage, LoRA setting, data or model: one line, and that run's checkpoints
+    and final/ stay (resuming would have deleted them, keep_last, and replaced final/)."""
+    from convert import CheckpointError
+
+    train(config(dataset, tmp_path, max_steps=2, save_every=1, keep_last=5))
+    before = run_ids(tmp_path / "run")
+    fewer = tmp_path / "data.json"  # the same file name, 24 records of the 32
+    fewer.write_text(json.dumps(json.loads((dataset[0] / "data.json").read_text())[:24]))
+    for overrides, words in [(dict(stage="1.5"), "--stage '2', this run has '1.5'"),
+                             (dict(lora_rank=4), "--lora-rank 0, this run has 4"),
+                             (dict(data=str(fewer), image_folder=str(dataset[0] / "images")), "4 steps an epoch"),
+                             (dict(model=str(tiny("next_llama"))), "which this run's model has")]:
+        with pytest.raises(CheckpointError, match=words):
+            train(config(dataset, tmp_path, max_steps=4, save_every=1, keep_last=1, resume=True, **overrides))
+        assert run_ids(tmp_path / "run") == before and (tmp_path / "run" / "final").is_dir()
+
+
+def test_a_checkpoint_cut_short_or_damaged_is_one_line(dataset, tmp_path):
+    """A data file shorter than its metadata (a partial copy) is refused before loading; one whose bytes are
+    damaged fails inside DCP, whose CheckpointException (a BaseException holding every rank's traceback) becomes
+    one line."""
+    from convert import CheckpointError
+
+    train(config(dataset, tmp_path, max_steps=1, save_every=1))
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000001" / "trainer"
+    data = max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    whole = data.read_bytes()
+    data.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(CheckpointError, match="shorter than its metadata says"):
+        train(config(dataset, tmp_path, max_steps=2, save_every=1, resume=True))
+    data.write_bytes(whole[:64] + bytes(len(whole) - 128) + whole[-64:])
+    with pytest.raises(CheckpointError, match="cannot be read into this run") as e:
+        train(config(dataset, tmp_path, max_steps=2, save_every=1, resume=True))
+    assert "\n" not in str(e.value)
