@@ -68,6 +68,11 @@ class ProcessedImage:
 KNOB_CHOICES = {"pool": ("bilinear", "average"), "pool_position": ("after", "before"), "multi_image": ("pad", "anyres")}
 
 
+# the largest canvas side, in crops, a config may ask for (releases use 3, OneVision 6): a config from anywhere
+# cannot make the range syntax expand to billions of canvases, or a canvas of terabytes
+MAX_GRID_SIDE = 12
+
+
 @dataclass
 class HigherAnyRes:
     """The visual-token budget, one place for every knob ("LLaVA-NeXT: what else influences visual instruction
@@ -103,6 +108,8 @@ class HigherAnyRes:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"HigherAnyRes.{name} = {value!r}: expected a positive integer")
+        if self.max_grid is not None and self.max_grid > MAX_GRID_SIDE:
+            raise ValueError(f"HigherAnyRes.max_grid = {self.max_grid}: expected at most {MAX_GRID_SIDE} crops a side")
 
     def changed(self) -> dict:
         """The knobs that differ from the defaults (what a checkpoint's config records)."""
@@ -148,9 +155,20 @@ def parse_grid_pinpoints(value, crop_size: int) -> list[list[int]]:
         ranges = re.findall(r"\((\d+)x(\d+)\)", value)
         if ranges:
             (a0, b0), (a1, b1) = [tuple(map(int, r)) for r in (ranges[0], ranges[-1])]
+            check_canvas((a1 * crop_size, b1 * crop_size), crop_size)
             return [[i * crop_size, j * crop_size] for i in range(a0, a1 + 1) for j in range(b0, b1 + 1)]
         value = ast.literal_eval(value)
-    return [list(map(int, p)) for p in value]
+    pinpoints = [list(map(int, p)) for p in value]
+    for p in pinpoints:
+        check_canvas(p, crop_size)
+    return pinpoints
+
+
+def check_canvas(canvas, crop_size: int):
+    """A canvas holds at least one crop and at most MAX_GRID_SIDE a side."""
+    if len(canvas) != 2 or not all(crop_size <= side <= MAX_GRID_SIDE * crop_size for side in canvas):
+        raise ValueError(f"grid pinpoint {list(canvas)}: expected two sides of {crop_size} to "
+                         f"{MAX_GRID_SIDE * crop_size} px (1 to {MAX_GRID_SIDE} crops of {crop_size} px)")
 
 
 def candidate_resolutions(grid_pinpoints, compat: str) -> list[tuple[int, int]]:

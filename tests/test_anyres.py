@@ -1,11 +1,14 @@
 """AnyRes, as a specification: grid choice, token counts of the facts' worked examples, the two compat readings,
 and agreement with the original LLaVA code (pixels and token counts)."""
 
+import re
+
 import pytest
 import torch
 from conftest import photo
 
 from anyres import (
+    MAX_GRID_SIDE,
     HigherAnyRes,
     grid_shape,
     num_image_tokens,
@@ -42,6 +45,19 @@ def test_range_syntax_expands_i_outer_j_inner():
     assert len(grid) == 36
     assert grid[:3] == [[384, 384], [384, 768], [384, 1152]] and grid[6] == [768, 384] and grid[-1] == [2304, 2304]
     assert parse_grid_pinpoints("[[336, 672], [672, 336]]", 336) == [[336, 672], [672, 336]]
+
+
+def test_pinpoints_from_a_config_are_bounded_before_they_are_expanded():
+    """A config from anywhere: the range syntax is checked before it expands (100000 x 100000 would be 10^10
+    canvases), every canvas holds 1 to MAX_GRID_SIDE crops a side (smaller gives no crop, larger a canvas of
+    terabytes), and max_grid likewise."""
+    for value, words in [("(1x1),...,(100000x100000)", "[33600000, 33600000]"), ([[3360000, 3360000]], "3360000"),
+                         ([[100, 336]], "[100, 336]"), ("[[336, 672], [672]]", "[672]")]:
+        with pytest.raises(ValueError, match=re.escape(words) + ".*expected two sides of 336 to 4032 px"):
+            parse_grid_pinpoints(value, 336)
+    assert len(parse_grid_pinpoints(f"(1x1),...,({MAX_GRID_SIDE}x{MAX_GRID_SIDE})", 336)) == MAX_GRID_SIDE ** 2
+    with pytest.raises(ValueError, match="max_grid = 13: expected at most 12"):
+        HigherAnyRes(max_grid=13)
 
 
 def test_select_best_resolution_worked_example():
