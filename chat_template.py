@@ -241,6 +241,17 @@ def load_tokenizer(folder: Path, source: str):
                           f"tokenizer.json from the matching llava-hf repo into the folder.")
 
 
+def past_vocab(tokenizer, ids, vocab_size: int) -> str | None:
+    """Why a prompt's ids cannot reach the model, or None. The llava-hf tokenizer.json that the original-layout
+    presets borrow (load_tokenizer) adds <image> = 32000 and <pad> = 32001 past the original 32000-row embedding:
+    <image> is split out before encoding (data.encode), but a prompt that spells "<pad>" encodes to 32001."""
+    bad = next((i for i in ids if i >= vocab_size), None)
+    if bad is None:
+        return None
+    return (f"the prompt holds the token {tokenizer.id_to_token(bad)!r} (id {bad}), which the tokenizer knows but the "
+            f"model does not (its embedding has {vocab_size} rows); remove that text from the prompt")
+
+
 def eos_token_ids(folder: Path) -> set[int]:
     """eos ids named by config.json (or its text_config) and generation_config.json."""
     ids = set()
