@@ -206,3 +206,26 @@ def test_a_projector_file_with_part_of_the_projector_is_refused(parts, tmp_path)
     with pytest.raises(CheckpointError, match=r"half.bin: holds no projector.linear_2.bias, projector.linear_2."
                                               r"weight; expected a whole mlp2x_gelu projector"):
         load_parts(str(llm), str(tower), projector=str(tmp_path / "half.bin"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The chat template a folder names or ships
+
+
+@pytest.mark.parametrize("saved", ["vicuna_v2", ["vicuna_v1"]], ids=["unknown name", "not a string"])
+def test_a_saved_template_we_do_not_have_is_one_line(tiny, tmp_path, capsys, saved):
+    folder = edit_config(copy(tiny, tmp_path), lambda c: c.update(llava_template=saved))
+    load_refused(capsys, folder, "config.json", f'"llava_template" {saved!r} is not one of our templates',
+                 "vicuna_v1", "--template NAME")
+    infer.main(["Hi", "--model", str(folder), "--max-new-tokens", "1", "--template", "llava_v1", "--json"])
+    assert json.loads(capsys.readouterr().out)["output_token_ids"]  # --template still overrides it
+
+
+@pytest.mark.parametrize("text, words", [
+    (b"{{ messages[0]['content'] }}\xff\xfe", ["not UTF-8 text (byte 28)", "--template NAME"]),
+    (("{% if x %}" * 1000 + "{% endif %}" * 1000).encode(), ["nested too deeply to compile", "--template NAME"]),
+], ids=["not utf-8", "nested"])
+def test_an_unreadable_chat_template_jinja_is_one_line(tiny, tmp_path, capsys, text, words):
+    folder = copy(tiny, tmp_path)
+    (folder / "chat_template.jinja").write_bytes(text)
+    load_refused(capsys, folder, str(folder / "chat_template.jinja"), *words)
