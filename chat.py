@@ -119,6 +119,8 @@ class Session:
         if need > limit:
             raise ValueError(f"the conversation would reach {need} positions, past the model's {limit}; "
                              f"/reset to start over")
+        if problem := past_vocab(self.tokenizer, new, model.cfg.text.vocab_size):  # before the turn joins the state
+            raise ValueError(problem)
         self.grow_cache(need)
         self.ids += new
         self.images += processed

@@ -69,6 +69,18 @@ def test_serve_answers_400_for_a_token_past_the_embedding(past_vocab_folder):
     assert max(seq.ids) < 320
 
 
+def test_a_chat_turn_with_a_token_past_the_embedding_leaves_the_conversation_as_it_was(past_vocab_folder):
+    import chat
+    from convert import load_pretrained
+
+    model, folder = load_pretrained(str(past_vocab_folder))
+    session = chat.Session(model, load_tokenizer(folder, str(folder)), "llava_v1", stop=set())
+    with pytest.raises(ValueError, match=r"'<spare>' \(id 320\)"):
+        list(session.ask("Say <spare> now", max_new_tokens=2))
+    assert session.ids == [] and session.cache is None
+    assert len(list(session.ask("Say hi", max_new_tokens=2))) == 2
+
+
 def test_the_model_refuses_an_id_past_its_embedding(tiny):
     from convert import load_pretrained
 
