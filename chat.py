@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from anyres import process_images
+from chat_template import past_vocab
 from data import TEMPLATES, SampleError, load_image, render_prompt, system_slot, tokenize
 from model import KVCache
 
@@ -118,6 +119,8 @@ class Session:
         if need > limit:
             raise ValueError(f"the conversation would reach {need} positions, past the model's {limit}; "
                              f"/reset to start over")
+        if problem := past_vocab(self.tokenizer, new, model.cfg.text.vocab_size):  # before the turn joins the state
+            raise ValueError(problem)
         self.grow_cache(need)
         self.ids += new
         self.images += processed
@@ -303,5 +306,7 @@ def question_prompt(model, tokenizer, template, question, image_folder):
     except (SampleError, ValueError) as e:
         sys.exit(f"error: question {question['question_id']}: {e}")
     processed = process_images(images, model.cfg) if images else []
-    prompt = render_prompt(template, [("user", text)])
-    return tokenize(tokenizer, prompt, [im.num_tokens for im in processed]), processed
+    ids = tokenize(tokenizer, render_prompt(template, [("user", text)]), [im.num_tokens for im in processed])
+    if problem := past_vocab(tokenizer, ids, model.cfg.text.vocab_size):
+        sys.exit(f"error: question {question['question_id']}: {problem}")
+    return ids, processed

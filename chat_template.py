@@ -124,7 +124,11 @@ def shipped_template(folder: Path | None) -> tuple[Path, str] | None:
         if not path.is_file():
             continue
         if name.endswith(".jinja"):
-            return path, path.read_text(encoding="utf-8")
+            try:
+                return path, path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{path}: not UTF-8 text (byte {e.start}); download it again, or pass "
+                                      f"--template NAME") from None
         text = read_json(path).get("chat_template")
         if isinstance(text, list):
             text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -159,6 +163,9 @@ def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
         except ImportError:
             raise CheckpointError(f"{path}: reading its chat template needs jinja2 (pip install jinja2), or pass "
                                   f"--template NAME") from None
+        except RecursionError:  # Jinja's parser recurses once per level of nesting
+            raise CheckpointError(f"{path}: its chat template is nested too deeply to compile; download it again, or "
+                                  f"pass --template NAME") from None
         if found:
             return one_of(found, preset, folder, tokenizer)
         if preset:  # the table holds the model card's format: a hub file edited since is reported, not fatal
@@ -207,7 +214,11 @@ TEMPLATE_KEY = "llava_template"  # ours, in config.json: the chat format (data.T
 def saved_template(folder: Path) -> str | None:
     """The chat format a checkpoint written by train.py was trained with (None for released checkpoints)."""
     path = Path(folder) / "config.json"
-    return read_json(path).get(TEMPLATE_KEY) if path.exists() else None
+    name = read_json(path).get(TEMPLATE_KEY) if path.exists() else None
+    if name is not None and not (isinstance(name, str) and name in TEMPLATES):  # else a crash at the first prompt
+        raise CheckpointError(f"{path}: \"{TEMPLATE_KEY}\" {name!r} is not one of our templates "
+                              f"({', '.join(sorted(TEMPLATES))}); fix it, or pass --template NAME")
+    return name
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -239,6 +250,17 @@ def load_tokenizer(folder: Path, source: str):
     raise CheckpointError(f"{folder} has no tokenizer.json{hint}. Convert it once with `pip install transformers "
                           f"sentencepiece` and `AutoTokenizer.from_pretrained(path).save_pretrained(path)`, or copy "
                           f"tokenizer.json from the matching llava-hf repo into the folder.")
+
+
+def past_vocab(tokenizer, ids, vocab_size: int) -> str | None:
+    """Why a prompt's ids cannot reach the model, or None. The llava-hf tokenizer.json that the original-layout
+    presets borrow (load_tokenizer) adds <image> = 32000 and <pad> = 32001 past the original 32000-row embedding:
+    <image> is split out before encoding (data.encode), but a prompt that spells "<pad>" encodes to 32001."""
+    bad = next((i for i in ids if i >= vocab_size), None)
+    if bad is None:
+        return None
+    return (f"the prompt holds the token {tokenizer.id_to_token(bad)!r} (id {bad}), which the tokenizer knows but the "
+            f"model does not (its embedding has {vocab_size} rows); remove that text from the prompt")
 
 
 def eos_token_ids(folder: Path) -> set[int]:

@@ -15,6 +15,7 @@ device and assigns tensors one at a time from memory-mapped shards, so a 7B mode
 
 import json
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -169,7 +170,7 @@ def text_config(raw: dict, where: str) -> TextConfig:
     family = "qwen2" if "qwen" in names else "mistral" if "mistral" in names else "llama"
     c = {**HF_DEFAULTS[family], **{k: v for k, v in raw.items() if v is not None}}
     positive_ints(c, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                      "max_position_embeddings"), where)
+                      "max_position_embeddings", *(k for k in ("head_dim", "num_key_value_heads") if k in c)), where)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         raise CheckpointError(f"{where}: rope scaling {rope} is not supported (no released LLaVA model uses it)")
@@ -213,11 +214,16 @@ def vision_config(raw: dict, select_feature: str, where: str) -> tuple[VisionCon
                         layer_norm_eps=c["layer_norm_eps"], select_feature=select_feature), c["num_hidden_layers"]
 
 
-def layers_for_feature(feature_layer: int, total: int, where: str) -> int:
+def layers_for_feature(raw: dict, key: str, default: int, total: int, where: str) -> int:
     """hidden_states[k] (index 0 = the embeddings) is the output of layer k, or of layer total + 1 + k if k < 0."""
-    if not isinstance(feature_layer, int):
-        raise CheckpointError(f"{where}: vision_feature_layer {feature_layer!r}: only a single layer is supported")
-    return feature_layer if feature_layer >= 0 else total + 1 + feature_layer
+    feature_layer = raw.get(key, default)
+    if type(feature_layer) is not int:
+        raise CheckpointError(f"{where}: {key} {feature_layer!r}: only a single layer is supported")
+    layers = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
+    if not 0 <= layers <= total:  # else a tower of "-15 layers": an empty one, silently
+        raise CheckpointError(f"{where}: {key} {feature_layer}: the vision tower has {total} layers, so expected "
+                              f"{-total - 1} to {total}; compare it with the released config.json")
+    return layers
 
 
 def llava_config(raw: dict, where: str, compat: str = "original", tower_config=None) -> LlavaConfig:
@@ -234,7 +240,7 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
         tower = raw.get("vision_config") or HF_DEFAULT_TOWER[model_type]
         vision, total = vision_config(tower, "patch" if strategy == "default" else "full", where)
         default_layer = -1 if model_type == "llava_onevision" else -2
-        vision.num_layers = layers_for_feature(raw.get("vision_feature_layer", default_layer), total, where)
+        vision.num_layers = layers_for_feature(raw, "vision_feature_layer", default_layer, total, where)
         text_raw = raw.get("text_config") or {"model_type": "qwen2" if model_type == "llava_onevision" else "llama"}
         # the original LLaVA-1.5 pads to a square of the mean colour; transformers' own processor centre-crops
         aspect = {"llava": "pad", "llava_next": "anyres",
@@ -258,7 +264,7 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
         # mm_vision_select_layer
         vision.num_layers = total - 1
     else:
-        vision.num_layers = layers_for_feature(raw.get("mm_vision_select_layer", -2), total, where)
+        vision.num_layers = layers_for_feature(raw, "mm_vision_select_layer", -2, total, where)
         vision.select_feature = "patch" if raw.get("mm_vision_select_feature", "patch") == "patch" else "full"
     merge = raw.get("mm_patch_merge_type", "flat")
     if merge not in ("flat", "spatial_unpad"):
@@ -286,7 +292,6 @@ def higher_anyres(raw: dict, where: str) -> HigherAnyRes:
         return HigherAnyRes(**knobs)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: higher_anyres: {e}") from None
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,6 +351,8 @@ def checkpoint_files(folder: Path) -> list[Path]:
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise CheckpointError(f"{folder / index}: no \"weight_map\" object of key -> shard file; "
                                       f"download it again")
+            if bad := next((f for f in weight_map.values() if Path(f).name != f), None):  # "../x", "/etc/x"
+                raise CheckpointError(f"{folder / index}: shard {bad!r} is not a file name in {folder}; download again")
             files = [folder / f for f in dict.fromkeys(weight_map.values())]
             if missing := [f.name for f in files if not f.is_file()]:
                 raise CheckpointError(f"{folder / index} names the shard {missing[0]}, which is not in {folder}"
@@ -373,9 +380,21 @@ def read_tensors(path: Path):
     else:
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:  # a pickle with code in it, or a truncated download
-            raise CheckpointError(f"{path}: not a plain tensor checkpoint ({e}); re-download it") from e
+        except pickle.UnpicklingError as e:  # torch's own message advises weights_only=False: never here
+            named = re.search(r"GLOBAL (\S+)", str(e))  # the class or function refused: GLOBAL argparse.Namespace
+            first = named.group(1) if named else first_line(str(e).partition("WeightsUnpickler error:")[2] or e)
+            raise CheckpointError(f"{path}: holds Python objects other than tensors (first: {first}); "
+                                  f"this program loads weights only: convert it to safetensors") from None
+        except Exception as e:  # a truncated download, or not a torch file at all
+            raise CheckpointError(f"{path}: not a plain tensor checkpoint ({first_line(e)}); re-download it") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dict of name -> tensor; download it")
         yield from state.items()
+
+
+def first_line(e) -> str:
+    """An exception's first non-empty line, without the ANSI escapes torch puts in its messages."""
+    return next((line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(e)).splitlines() if line.strip()), "")
 
 
 def tower_tensors(folder: Path):
@@ -519,6 +538,8 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     tower_raw = read_json(tower_folder / "config.json") if tower_folder else None
     try:
         cfg = llava_config(raw, str(config_path), compat, tower_raw)
+        with torch.device("meta"):
+            model = Llava(cfg)  # values no parser checks reach here: an unknown mm_projector_type
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, SyntaxError) as e:  # a field missing or malformed
@@ -527,9 +548,6 @@ def load_pretrained(source: str, *, revision=None, dtype=torch.float32, device="
     files = checkpoint_files(folder)
     if not files:
         raise CheckpointError(f"{folder}: no model.safetensors / pytorch_model.bin (or their index) found")
-
-    with torch.device("meta"):
-        model = Llava(cfg)
     if prepare is not None:
         prepare(model)
     pending = set()
@@ -564,11 +582,16 @@ def load_parts(llm: str, tower: str, projector_type: str = "mlp2x_gelu", project
         llm_tensors = ((k, t) for k, t in read_tensors(f) if k.startswith(("model.", "lm_head.")))
         load_weights(model, llm_tensors, torch.float32, device, str(f))
     load_weights(model, tower_tensors(tower_folder), torch.float32, device, str(tower_folder))
-    if projector:
+    if projector:  # a stage-1 projector, whole: a typo'd path must not train a fresh one instead
         path = Path(projector)
+        if not path.exists():
+            raise CheckpointError(f"projector {projector}: no such file or folder; pass stage 1's mm_projector.bin")
         files = [path] if path.is_file() else checkpoint_files(path)
         projector_tensors = ((k, t) for f in files for k, t in read_tensors(f) if "projector" in internal_key(k))
-        load_weights(model, projector_tensors, torch.float32, device, projector)
+        pending = load_weights(model, projector_tensors, torch.float32, device, projector)
+        if unread := sorted(n for n in pending if n.startswith("projector.")):
+            raise CheckpointError(f"projector {projector}: holds no {', '.join(unread)}; expected a whole "
+                                  f"{projector_type} projector from stage 1 (mm_projector.bin or a checkpoint folder)")
     missing = [n for n, p in model.named_parameters()
                if p.is_meta and not n.startswith(("projector.", "image_newline"))]
     if missing:

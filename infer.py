@@ -27,7 +27,7 @@ import distributed
 import quantize
 import tensor_parallel
 from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
-from chat_template import default_template, eos_token_ids, load_tokenizer
+from chat_template import default_template, eos_token_ids, load_tokenizer, past_vocab
 from convert import DEFAULT_MODEL, CheckpointError, load_pretrained
 from data import TEMPLATES, SampleError, load_image, load_video, place_visuals, render_prompt, stop_token_ids, tokenize
 from generate import generate, stream_answer
@@ -221,6 +221,8 @@ def main(argv=None):
     processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
     input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed],
                          model.cfg.compat)
+    if problem := past_vocab(tokenizer, input_ids, model.cfg.text.vocab_size):
+        sys.exit(f"error: {problem}")
     timings["preprocess_s"] = time.perf_counter() - t0
     print(f"{args.model}: template {template}, {len(input_ids)} prompt tokens "
           f"({sum(im.num_tokens for im in processed)} for {len(images)} image{'s' * (len(images) != 1)}"

@@ -37,6 +37,7 @@ from pathlib import Path
 import infer
 from anyres import num_image_tokens, process_images
 from batching import Scheduler, Sequence
+from chat_template import past_vocab
 from data import TEMPLATES, SampleError, load_image, place_visuals, render_prompt, stop_token_ids, system_slot, tokenize
 
 DEFAULT_MAX_TOKENS = 256  # infer.py's --max-new-tokens
@@ -204,6 +205,8 @@ def prepare(body, server) -> tuple[Sequence, bool, bool]:
     processed = process_images(images, cfg) if images else []
     ids = tokenize(server.tokenizer, render(server.template, turns), [im.num_tokens for im in processed], cfg.compat)
     n = len(ids)
+    problem = past_vocab(server.tokenizer, ids, cfg.text.vocab_size)
+    check(problem is None, str(problem), "messages")
     check(n < window, f"the prompt is {n} tokens ({visual} of them for {len(images)} images) but this model "
           f"reads at most {window}; send fewer or smaller images or less text", "messages")
     max_new = params["max_tokens"]
