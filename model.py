@@ -395,8 +395,9 @@ class Llava(nn.Module):
         """Token embeddings (B, T, D) with the image features written over the IMAGE_TOKEN positions."""
         is_image = input_ids == IMAGE_TOKEN
         rows = self.language_model.embed_tokens.weight.shape[0]
-        if input_ids.numel() and (top := int(input_ids.max())) >= rows:  # else an IndexError, or on CUDA a device
-            # assert that ends the process: a borrowed tokenizer.json can know ids past the embedding (chat_template)
+        # a borrowed tokenizer.json can know ids past the embedding (chat_template.past_vocab, which the commands
+        # check first); checked here off the GPU only, where it costs no wait for the device
+        if input_ids.device.type == "cpu" and input_ids.numel() and (top := int(input_ids.max())) >= rows:
             raise ValueError(f"token id {top} is past the model's {rows} embedding rows (vocab_size)")
         x = self.language_model.embed_tokens(input_ids.clamp(min=0))
         if images:
