@@ -12,6 +12,7 @@ template's quirks (a missing system sentence, `<\\s>` for `</s>`) never reach a 
 
 import re
 import sys
+import time
 from pathlib import Path
 
 from convert import CheckpointError, Preset, find_preset, hub_command, read_json
@@ -48,10 +49,33 @@ def jinja_renderer(source: str, bos: str = "", eos: str = ""):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
+    if tuple(int(x) for x in re.findall(r"\d+", jinja2.__version__)[:3]) < (3, 1, 6):
+        raise TemplateUnsafe(f"jinja2 {jinja2.__version__}'s sandbox has known escapes (fixed in 3.1.6)")
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
     env.globals["raise_exception"] = raise_exception
     template = env.from_string(source)
-    return lambda messages: template.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    end = time.monotonic() + RENDER_SECONDS  # for every render of this template together
+
+    def stop_at_the_deadline(frame, event, arg):  # the sandbox bounds range(), not loops inside loops
+        if time.monotonic() > end:
+            raise TemplateUnsafe(f"it ran past {RENDER_SECONDS:g} s rendering short prompts")
+        return stop_at_the_deadline
+
+    def render(messages):
+        before = sys.gettrace()
+        sys.settrace(stop_at_the_deadline)
+        try:
+            return template.render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+        finally:
+            sys.settrace(before)
+    return render
+
+
+RENDER_SECONDS = 5.0  # the released templates render the probes in milliseconds
+
+
+class TemplateUnsafe(Exception):
+    """A shipped chat template this program will not render: an old jinja2, or one that runs too long."""
 
 
 def _normalise(text: str, stops) -> str:
@@ -98,6 +122,8 @@ def matching_templates(source: str, bos: str = "", eos: str = "") -> list[str]:
                                         for i, (role, text) in enumerate(turns)])
             try:
                 theirs = render(_probe_messages(system, images, turns, parts))
+            except TemplateUnsafe:
+                raise
             except Exception:  # a template that cannot take this shape of message (a Jinja or Python error)
                 return False
             if _normalise(theirs, t.stop) != _normalise(ours, t.stop):
@@ -166,6 +192,9 @@ def default_template(source: str, tokenizer, folder: Path | None = None) -> str:
         except RecursionError:  # Jinja's parser recurses once per level of nesting
             raise CheckpointError(f"{path}: its chat template is nested too deeply to compile; download it again, or "
                                   f"pass --template NAME") from None
+        except TemplateUnsafe as e:
+            raise CheckpointError(f"{path}: its chat template is not rendered: {e}; pass --template NAME, or "
+                                  f"pip install -U jinja2") from None
         if found:
             return one_of(found, preset, folder, tokenizer)
         if preset:  # the table holds the model card's format: a hub file edited since is reported, not fatal

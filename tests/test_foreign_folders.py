@@ -241,3 +241,25 @@ def test_an_unreadable_chat_template_jinja_is_one_line(tiny, tmp_path, capsys, t
     folder = copy(tiny, tmp_path)
     (folder / "chat_template.jinja").write_bytes(text)
     load_refused(capsys, folder, str(folder / "chat_template.jinja"), *words)
+
+
+def test_a_chat_template_that_runs_too_long_or_an_unsafe_jinja_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """A shipped template is rendered at load (to learn its format): loops inside loops, which the sandbox's range()
+    bound lets through (10^10 steps), stop at the deadline; a jinja2 with known sandbox escapes renders nothing."""
+    import time
+
+    import jinja2
+
+    import chat_template
+
+    folder = copy(tiny, tmp_path)
+    (folder / "chat_template.jinja").write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                                                "{% endfor %}{{ messages[0]['content'] }}")
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
+    start = time.monotonic()
+    load_refused(capsys, folder, str(folder / "chat_template.jinja"), "ran past 0.5 s", "--template NAME")
+    assert time.monotonic() - start < 30
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    monkeypatch.setattr(jinja2, "__version__", "3.1.4")
+    load_refused(capsys, folder, str(folder / "chat_template.jinja"), "known escapes (fixed in 3.1.6)",
+                 "pip install -U jinja2")
