@@ -380,7 +380,7 @@ def read_tensors(path: Path):
     else:
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except pickle.UnpicklingError as e:  # torch's own message advises weights_only=False: never here
+        except pickle.UnpicklingError as e:  # torch's own message advises turning weights_only off: never here
             named = re.search(r"GLOBAL (\S+)", str(e))  # the class or function refused: GLOBAL argparse.Namespace
             first = named.group(1) if named else first_line(str(e).partition("WeightsUnpickler error:")[2] or e)
             raise CheckpointError(f"{path}: holds Python objects other than tensors (first: {first}); "
