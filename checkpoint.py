@@ -14,6 +14,8 @@ atomic on POSIX), so a SIGKILL at any moment leaves the newest finished checkpoi
 from it: bit-identically with the same process count and layout; with another count or layout within ~1e-4 (the
 gradients are reduced in another order), and ranks the saved run did not have get RNG streams of their own.
 A run refuses an output folder that holds another run's checkpoints or final/ unless --resume or --overwrite.
+SIGTERM (a scheduler's preemption or time limit; torchrun passes it to every rank) saves a checkpoint at the end of
+the step in flight and stops the run (`Preemption`).
 The llava-hf export is streamed: FSDP2 shards are gathered one tensor at a time, so no rank
 holds more than one full tensor plus one output shard. The output folder must be shared by all nodes.
 """
@@ -25,7 +27,9 @@ import os
 import pickle
 import random
 import shutil
+import signal
 import sys
+import threading
 import uuid
 import warnings
 from pathlib import Path
@@ -43,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import lora
 from convert import CheckpointError
-from distributed import barrier, gather_object, world_size
+from distributed import barrier, device_sum, gather_object, world_size
 from export import parse_size, publish, save_pretrained
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,6 +120,31 @@ def write_json(path: Path, value):
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+class Preemption:
+    """Notes SIGTERM while it is installed; `asked(device)` is True on every rank once any rank got it (an
+    all-reduce a step when several run), so they save together and stop at the same step."""
+
+    def __init__(self):
+        self.got, self.before = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to that thread only
+            self.before = signal.signal(signal.SIGTERM, self.note)
+        return self
+
+    def note(self, signum, frame):
+        self.got = True
+
+    def asked(self, device) -> bool:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            return bool(device_sum(float(self.got), device).item())
+        return self.got
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            signal.signal(signal.SIGTERM, self.before)
 
 
 # ----------------------------------------------------------------------------------------------------------------

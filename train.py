@@ -42,7 +42,8 @@ import distributed
 import lora
 from anyres import add_knob_flags, knobs_from_flags, parse_grid_pinpoints
 from chat_template import default_template, load_tokenizer
-from checkpoint import check_output_dir, latest_checkpoint, publish_final, resume_from, save_checkpoint
+from checkpoint import (Preemption, check_output_dir, latest_checkpoint, publish_final, resume_from,
+                        save_checkpoint)
 from convert import CheckpointError, load_parts, load_pretrained
 from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 from distributed import device_sum
@@ -484,19 +485,25 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
     loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
     log = StepLog(cfg, start, total, device, world, rank)
     done = start
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        batches = [next(loader) for _ in range(accumulation)]
-        count_bad_samples(batches, counters, cfg, device, rank)
-        factor = lr_factor(step, total, cfg.warmup_ratio)
-        loss, grad_norm = optimizer_step(parallel_model, model, optimizer, batches, cfg, factor, device, world)
-        log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
-        done = step + 1
-        if done % cfg.save_every == 0 or done == total:
-            save_checkpoint(cfg, parallel_model, optimizer, done, steps_per_epoch, counters, tokenizer, chat_template,
-                            rank, run)
-        if cfg.stop_after and done - start >= cfg.stop_after:
-            break
+    with Preemption() as preemption:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            batches = [next(loader) for _ in range(accumulation)]
+            count_bad_samples(batches, counters, cfg, device, rank)
+            factor = lr_factor(step, total, cfg.warmup_ratio)
+            loss, grad_norm = optimizer_step(parallel_model, model, optimizer, batches, cfg, factor, device, world)
+            log.step(step, model, batches, loss, grad_norm, cfg.lr * factor, counters, t0)
+            done, stop = step + 1, preemption.asked(device)
+            if done % cfg.save_every == 0 or done == total or stop:
+                save_checkpoint(cfg, parallel_model, optimizer, done, steps_per_epoch, counters, tokenizer,
+                                chat_template, rank, run)
+            if stop:  # every rank is here: the process group ends as after a finished run
+                log.close()
+                distributed.finish()
+                raise SystemExit(f"stopped by SIGTERM after step {done} of {total}, its checkpoint saved in "
+                                 f"{cfg.output_dir}; continue with the same command and --resume")
+            if cfg.stop_after and done - start >= cfg.stop_after:
+                break
     log.close()
     if done == total:  # also when a run killed after its last checkpoint is resumed
         publish_final(cfg, parallel_model, tokenizer, chat_template, rank)

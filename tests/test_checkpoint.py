@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -320,3 +321,45 @@ def test_a_checkpoint_cut_short_or_damaged_is_one_line(dataset, tmp_path):
     with pytest.raises(CheckpointError, match="cannot be read into this run") as e:
         train(config(dataset, tmp_path, max_steps=2, save_every=1, resume=True))
     assert "\n" not in str(e.value)
+
+
+def preempt(dataset, tmp_path, launcher: list[str], threads: int) -> tuple[int, str]:
+    """A run of STEPS steps, sent SIGTERM once two steps are logged; -> (steps logged, the run's stderr)."""
+    root, model = dataset
+    args = ["--model", str(model), "--data", str(root / "data.json"), "--image-folder", str(root / "images"),
+            "--output-dir", str(tmp_path / "run"), "--global-batch-size", "8", "--micro-batch-size", "2",
+            "--lr", "1e-3", "--max-steps", str(STEPS), "--save-every", "100", "--quiet", "--template", "qwen_1_5",
+            "--max-len", "512", "--device", "cpu"]
+    run = subprocess.Popen([sys.executable, *launcher, "train.py", *args], cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and run.poll() is None:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=300)
+    step = metrics.read_text().count("\n")
+    assert 2 <= step < STEPS and run.returncode != 0, err[-3000:]
+    assert (f"stopped by SIGTERM after step {step} of {STEPS}, its checkpoint saved in {tmp_path / 'run'}; continue "
+            f"with the same command and --resume") in err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [f"step-{step:07d}"]
+    return step, err
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_resume_ends_bit_identical(dataset, reference, tmp_path):
+    """A scheduler's preemption (SIGTERM) mid-run: the step in flight ends, its checkpoint is saved (none was due:
+    --save-every 100), the run stops with one line, and --resume ends as the run that never stopped."""
+    preempt(dataset, tmp_path, [], torch.get_num_threads())
+    train(config(dataset, tmp_path, max_steps=STEPS, save_every=100, resume=True))
+    a, b = weights(reference / "final"), weights(tmp_path / "run" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(reference) == losses(tmp_path / "run")
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(dataset, reference, tmp_path):
+    """torchrun passes SIGTERM to both ranks; they agree on the step (an all-reduce), save it together, and a
+    resume in one process ends as the run that never stopped, within the reduction order's rounding."""
+    port = str(29500 + (os.getpid() + 7) % 1000)
+    preempt(dataset, tmp_path, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port], 1)
+    train(config(dataset, tmp_path, max_steps=STEPS, save_every=100, resume=True))
+    assert same_losses(losses(reference), losses(tmp_path / "run"), 1e-4)
