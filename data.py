@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anyres import process_images, process_video
+from anyres import MAX_IMAGE_PIXELS, ImageTooLarge, process_images, process_video
 from model import IMAGE_TOKEN
 
 
@@ -320,13 +320,14 @@ def conversation_of(record) -> list[tuple[str, str]]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise SampleError("malformed turn", f"{key}[{i}] is a {type(turn).__name__}, expected an object")
-        role = roles.get(turn.get("from", turn.get("role")))
-        text = turn.get("value", turn.get("content"))
-        if role is None:
-            raise SampleError("malformed turn", f'{key}[{i}] has no "from" of human / gpt (or "role" user / assistant)')
+        who, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(who, str) or who not in roles:
+            raise SampleError("malformed turn", f'{key}[{i}] "from" {who!r}: expected "human" or "gpt" (or a "role")')
         if not isinstance(text, str):
             raise SampleError("malformed turn", f'{key}[{i}] has no "value" (or "content") string')
-        messages.append((role, text))
+        if not text.isascii() and (bad := re.search("[\ud800-\udfff]", text)):  # the tokenizer takes no lone half
+            raise SampleError("text is not valid Unicode", f"{key}[{i}]: a lone surrogate {bad[0]!r} at {bad.start()}")
+        messages.append((roles[who], text))
     if messages[0][0] != "user":
         raise SampleError("first turn not human", "a conversation must start with the human's turn")
     if any(a[0] == b[0] for a, b in zip(messages, messages[1:])):
@@ -363,9 +364,6 @@ def place_images(messages, placement: str = "interleaved", key=0):
     moved = [(role, text.replace("<image>", "").strip() if "<image>" in text else text) for role, text in messages]
     moved[0] = (moved[0][0], "<image>\n" * count + moved[0][1])
     return moved
-
-
-MAX_IMAGE_PIXELS = 1 << 27  # 134M pixels (16384 x 8192; 400 MB once decoded): larger ones are refused unread
 
 
 def place_visuals(prompt: str, num_images: int, video: bool) -> tuple[str, list[str]]:
@@ -509,8 +507,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.video_folder = Path(video_folder) if video_folder else self.image_folder
         self.tokenizer, self.template, self.model_cfg, self.max_len = tokenizer, template, model_cfg, max_len
         self.num_frames, self.image_placement = num_frames, image_placement
-        if image_placement not in PLACEMENTS:
-            raise ValueError(f"image_placement {image_placement!r}: expected one of {PLACEMENTS}")
+        if image_placement not in PLACEMENTS or num_frames < 1:
+            raise ValueError(f"image_placement {image_placement!r} not in {PLACEMENTS}, or num_frames {num_frames} < 1")
 
     def __len__(self):
         return len(self.records)
@@ -555,6 +553,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 raise SampleError("no answer tokens", "nothing left to learn (after truncation?)")
         except SampleError as e:
             return {"id": sample_id, "error": e.kind, "detail": str(e)}
+        except ImageTooLarge as e:  # within load_image's limit as read, not once padded to a square or resized
+            return {"id": sample_id, "error": "image too large", "detail": f"image too large: {video or files}: {e}"}
+        except Exception as e:  # what no check foresaw: still one bad sample, not the end of the run (a systematic
+            kind = f"unexpected error: {type(e).__name__}"  # failure is stopped by the trainer's bad-fraction rule)
+            return {"id": sample_id, "error": kind, "detail": f"{kind}: {e}"}
         return {"id": sample_id, "input_ids": ids, "labels": labels, "images": images, "note": note}
 
 
