@@ -234,7 +234,7 @@ class SampleError(Exception):
         self.kind = kind
 
 
-def load_records(path) -> list[dict]:
+def load_records(path, within=()) -> list[dict]:
     """A LLaVA JSON list, a JSONL file, or a mixture spec {"datasets": [{"json_path", "sampling_strategy"}]} whose
     strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%").
 
@@ -243,19 +243,19 @@ def load_records(path) -> list[dict]:
     with missing or malformed fields are bad samples, counted and reported by id when drawn."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark, as Windows tools write, is skipped
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file; "
-                         f"--data takes a LLaVA JSON / JSONL file or a mixture spec") from None
+        raise SystemExit(f"error: {path}: no such file; --data takes LLaVA JSON / JSONL or a mixture spec") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path}: cannot be read as a UTF-8 text file ({type(e).__name__}); --data takes a "
                          f"LLaVA JSON / JSONL file or a mixture spec") from None
     if path.suffix == ".jsonl":
-        records = [parse_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        # "\n" only: splitlines also splits at U+2028, U+2029, U+0085, raw in json.dumps(ensure_ascii=False) strings
+        records = [parse_json(line, path, number) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     else:
         data = parse_json(text, path)
         if isinstance(data, dict) and "datasets" in data:
-            records = load_mixture(data, path)
+            records = load_mixture(data, path, within)
         elif isinstance(data, list):
             records = data
         else:
@@ -278,13 +278,18 @@ def parse_json(text: str, path, line: int = 0):
                          f"regenerate the file") from None
 
 
-def load_mixture(spec: dict, path: Path) -> list[dict]:
-    """The records a mixture spec draws from each of its files."""
-    records = []
+def load_mixture(spec: dict, path: Path, within=()) -> list[dict]:
+    """The records a mixture spec draws from each of its files (`within`: the specs that include this one)."""
+    records, within = [], (*within, path)
     for i, entry in enumerate(spec["datasets"] if isinstance(spec["datasets"], list) else [None]):
         if not isinstance(entry, dict) or not isinstance(entry.get("json_path"), str):
             raise SystemExit(f"error: {path}: datasets[{i}] needs a \"json_path\" naming a LLaVA JSON / JSONL file")
-        part = load_records(path.parent / entry["json_path"])
+        file, where = path.parent / entry["json_path"], f"{path}: datasets[{i}] json_path {entry['json_path']!r}"
+        if not file.exists():
+            raise SystemExit(f"error: {where}: {file} does not exist; a json_path is relative to the spec's folder")
+        if (again := next((p for p in within if p.resolve() == file.resolve()), None)):
+            raise SystemExit(f"error: {where} includes {again} again (a cycle); remove that entry")
+        part = load_records(file, within)
         rule = entry.get("sampling_strategy", "all")
         strategy, _, amount = str(rule).partition(":")
         try:
@@ -295,13 +300,8 @@ def load_mixture(spec: dict, path: Path) -> list[dict]:
         if strategy not in ("all", "first", "end", "random") or not 0 <= n <= len(part):
             raise SystemExit(f"error: {path}: datasets[{i}] sampling_strategy {rule!r}: expected \"all\", \"first:N\", "
                              f"\"end:N\" or \"random:N\" with 0 <= N <= {len(part)} (or N%)")
-        if strategy in ("all", "first"):
-            part = part[:n]
-        elif strategy == "end":
-            part = part[len(part) - n:]
-        else:
-            part = random.Random(0).sample(part, n)
-        records += part
+        records += (part[:n] if strategy in ("all", "first") else part[len(part) - n:] if strategy == "end"
+                    else random.Random(0).sample(part, n))
     return records
 
 

@@ -103,3 +103,52 @@ def test_broken_records_mid_run_are_counted_and_the_run_finishes(dataset, tmp_pa
     assert summary.startswith("skipped 2 unusable samples: {") and summary.endswith("first ids: ['img5', 'img20']")
     assert "'text is not valid Unicode': 1" in summary and "'malformed turn': 1" in summary
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data files: lines, encodings, mixtures
+
+
+def test_jsonl_splits_on_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) writes U+2028, U+2029 and U+0085 raw inside strings; str.splitlines breaks on
+    all three, a JSON Lines file only on "\\n" (a "\\r" before it is whitespace)."""
+    text = "a\u2028b\u2029c\x85d"
+    rows = [{"id": 1, "conversations": [{"from": "human", "value": text}]}, {"id": 2, "conversations": []}]
+    path = tmp_path / "data.jsonl"
+    path.write_bytes("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows).encode() + b"\n\n")
+    assert "\u2028".encode() in path.read_bytes()
+    assert load_records(path) == rows
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_a_byte_order_mark_is_accepted(tmp_path, suffix):
+    rows = [{"id": "bom", "conversations": CHAT}]
+    body = json.dumps(rows) if suffix == ".json" else json.dumps(rows[0])
+    (tmp_path / f"data{suffix}").write_bytes(b"\xef\xbb\xbf" + body.encode())
+    assert load_records(tmp_path / f"data{suffix}") == rows
+
+
+def spec(*paths) -> str:
+    return json.dumps({"datasets": [{"json_path": p} for p in paths]})
+
+
+def test_a_mixture_that_includes_itself_is_a_cycle(tmp_path, capsys):
+    (tmp_path / "part.json").write_text(json.dumps([{"id": "a"}]))
+    (tmp_path / "self.json").write_text(spec("part.json", "self.json"))
+    refused(capsys, lambda: load_records(tmp_path / "self.json"),
+            f"{tmp_path / 'self.json'}: datasets[1] json_path 'self.json' includes {tmp_path / 'self.json'} again",
+            "(a cycle)")
+    (tmp_path / "a.json").write_text(spec("part.json", "sub/b.json"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.json").write_text(spec("../a.json"))
+    refused(capsys, lambda: load_records(tmp_path / "a.json"),
+            f"{tmp_path / 'sub' / 'b.json'}: datasets[0] json_path '../a.json' includes {tmp_path / 'a.json'} again",
+            "(a cycle); remove that entry")
+    (tmp_path / "twice.json").write_text(spec("part.json", "part.json"))  # the same file twice is no cycle
+    assert load_records(tmp_path / "twice.json") == [{"id": "a"}, {"id": "a"}]
+
+
+def test_a_mixture_names_the_entry_of_a_missing_file(tmp_path, capsys):
+    (tmp_path / "mix.json").write_text(spec("gone.jsonl"))
+    refused(capsys, lambda: load_records(tmp_path / "mix.json"),
+            f"{tmp_path / 'mix.json'}: datasets[0] json_path 'gone.jsonl'", f"{tmp_path / 'gone.jsonl'} does not exist",
+            "relative to the spec's folder")
