@@ -105,6 +105,47 @@ def test_broken_records_mid_run_are_counted_and_the_run_finishes(dataset, tmp_pa
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Flags that would fail late: refused first, with the flag and what it takes
+
+FLAGS = [  # (arguments, words)
+    (["--save-every", "0"], ["--save-every 0", "expected an integer >= 1"]),
+    (["--micro-batch-size", "0"], ["--micro-batch-size 0", ">= 1"]),
+    (["--global-batch-size", "0"], ["--global-batch-size 0", ">= 1"]),
+    (["--max-bad-fraction", "1.5"], ["--max-bad-fraction 1.5", "0 <= f <= 1"]),
+    (["--max-bad-fraction", "-0.1"], ["--max-bad-fraction -0.1", "0 <= f <= 1"]),
+    (["--max-bad-fraction", "nan"], ["--max-bad-fraction nan", "0 <= f <= 1"]),
+    (["--frames", "0"], ["--frames 0", "expected an integer >= 1"]),
+    (["--image-placement", "sideways"], ["--image-placement sideways", "interleaved, front, mixed"]),
+    (["--lora-rank", "-2"], ["--lora-rank -2", ">= 1", "0: no LoRA"]),
+    (["--lora-rank", "4", "--lora-dropout", "1"], ["--lora-dropout 1.0", "0 <= p < 1"]),
+    (["--lora-dropout", "-0.5"], ["--lora-dropout -0.5", "0 <= p < 1"]),
+    (["--keep-last", "-1"], ["--keep-last -1", ">= 0", "0 keeps every checkpoint"]),
+    (["--stage", "3"], ["--stage 3", "1, 1.5, 2"]),
+]
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("a model or data file was read before the flags were checked")
+    monkeypatch.setattr(train, "build_model", loaded)
+    monkeypatch.setattr(train, "load_records", loaded)
+
+
+@pytest.mark.parametrize("args, words", FLAGS, ids=[" ".join(a) for a, _ in FLAGS])
+def test_flags_that_would_fail_late_are_refused_first(nothing_loads, tmp_path, capsys, args, words):
+    argv = ["--model", "tiny", "--data", "d.json", "--output-dir", str(tmp_path / "run"), "--device", "cpu", *args]
+    refused(capsys, lambda: train.main(argv), *words)
+
+
+def test_keep_last_0_keeps_every_checkpoint(dataset, tmp_path):  # noqa: F811
+    train.TrainConfig(keep_last=0)  # accepted
+    train.train(config(dataset, tmp_path, max_steps=3, save_every=1, keep_last=0))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert kept == ["step-0000001", "step-0000002", "step-0000003"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data files: lines, encodings, mixtures
 
 
