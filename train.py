@@ -381,6 +381,14 @@ def step_flops(model, batches) -> int:
     return flops
 
 
+def step_of(line: str) -> float:
+    """A metrics.jsonl line's step; infinity (a resume drops it) for one cut short by a kill, as tools/plot.py skips."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class StepLog:
     """metrics.jsonl (one line per step, cut back to the resumed step) and the progress bar, on rank 0."""
 
@@ -391,7 +399,7 @@ class StepLog:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep = ([l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start]
+        keep = ([l for l in self.path.read_text().splitlines() if step_of(l) <= start]
                 if self.path.exists() and start else [])
         self.path.write_text("".join(l + "\n" for l in keep))
         if not cfg.quiet:

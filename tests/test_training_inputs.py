@@ -193,3 +193,15 @@ def test_a_mixture_names_the_entry_of_a_missing_file(tmp_path, capsys):
     refused(capsys, lambda: load_records(tmp_path / "mix.json"),
             f"{tmp_path / 'mix.json'}: datasets[0] json_path 'gone.jsonl'", f"{tmp_path / 'gone.jsonl'} does not exist",
             "relative to the spec's folder")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume: metrics.jsonl cut short by a kill mid-append
+
+
+def test_a_resume_drops_a_metrics_line_cut_short(tmp_path):
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
+    cfg = train.TrainConfig(output_dir=str(tmp_path), quiet=True)
+    train.StepLog(cfg, 2, 10, torch.device("cpu"), 1, 0).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"
