@@ -233,7 +233,9 @@ def resize_and_pad(image: Image.Image, canvas) -> Image.Image:
     return out
 
 
-MAX_IMAGE_PIXELS = 1 << 27  # 134M pixels (16384 x 8192; 400 MB once decoded): larger ones are refused unread
+# 134M pixels (16384 x 8192; 400 MB decoded): data.load_image refuses a larger image from its header, unread, and
+# an image is not padded to a square or resized past it either
+MAX_IMAGE_PIXELS = 1 << 27
 
 
 class ImageTooLarge(ValueError):

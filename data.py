@@ -326,7 +326,7 @@ def conversation_of(record) -> list[tuple[str, str]]:
         if not isinstance(text, str):
             raise SampleError("malformed turn", f'{key}[{i}] has no "value" (or "content") string')
         if not text.isascii() and (bad := re.search("[\ud800-\udfff]", text)):  # the tokenizer takes no lone half
-            raise SampleError("text is not valid Unicode", f"{key}[{i}]: a lone surrogate {bad[0]!r} at {bad.start()}")
+            raise SampleError("text is not valid Unicode", f"{key}[{i}]: lone surrogate {bad[0]!r} at {bad.start()}")
         messages.append((roles[who], text))
     if messages[0][0] != "user":
         raise SampleError("first turn not human", "a conversation must start with the human's turn")
