@@ -251,11 +251,28 @@ def resize_and_pad(image: Image.Image, canvas) -> Image.Image:
     return out
 
 
+# 134M pixels (16384 x 8192; 400 MB decoded): data.load_image refuses a larger image from its header, unread, and
+# an image is not padded to a square or resized past it either
+MAX_IMAGE_PIXELS = 1 << 27
+
+
+class ImageTooLarge(ValueError):
+    """An image within MAX_IMAGE_PIXELS whose padded square or tower resize is not: a 1 x 100000 strip is 10^10
+    pixels padded, 336 x 33.6M resized by CLIP. Refused before anything is allocated."""
+
+
+def check_pixels(size, what: str):
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(f"{what} would be {size[0]} x {size[1]} pixels, more than the {MAX_IMAGE_PIXELS:,} "
+                            f"this program allocates")
+
+
 def expand_to_square(image: Image.Image, background) -> Image.Image:
     """LLaVA-1.5 "pad": paste the image in the middle of a square of the tower's mean colour."""
     W, H = image.size
     if W == H:
         return image
+    check_pixels((max(W, H),) * 2, f"the {W} x {H} image padded to a square")
     out = Image.new(image.mode, (max(W, H),) * 2, background)
     out.paste(image, (0, (W - H) // 2) if W > H else ((H - W) // 2, 0))
     return out
@@ -268,6 +285,7 @@ def tower_resize(image: Image.Image, vision) -> Image.Image:
         return image.resize((C, C), Image.BICUBIC)
     if (W, H) != (C, C):
         new_w, new_h = (C, int(C * H / W)) if W <= H else (int(C * W / H), C)
+        check_pixels((new_w, new_h), f"the {W} x {H} image resized for the tower ({C} px short side)")
         image = image.resize((new_w, new_h), Image.BICUBIC)
         left, top = (new_w - C) // 2, (new_h - C) // 2
         image = image.crop((left, top, left + C, top + C))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from anyres import process_images, process_video
+from anyres import MAX_IMAGE_PIXELS, ImageTooLarge, process_images, process_video
 from model import IMAGE_TOKEN
 
 
@@ -234,7 +234,7 @@ class SampleError(Exception):
         self.kind = kind
 
 
-def load_records(path) -> list[dict]:
+def load_records(path, within=()) -> list[dict]:
     """A LLaVA JSON list, a JSONL file, or a mixture spec {"datasets": [{"json_path", "sampling_strategy"}]} whose
     strategies are "all", "first:N", "end:N", "random:N" or N as a percentage ("first:10%").
 
@@ -243,19 +243,19 @@ def load_records(path) -> list[dict]:
     with missing or malformed fields are bad samples, counted and reported by id when drawn."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark, as Windows tools write, is skipped
     except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no such file; "
-                         f"--data takes a LLaVA JSON / JSONL file or a mixture spec") from None
+        raise SystemExit(f"error: {path}: no such file; --data takes LLaVA JSON / JSONL or a mixture spec") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: {path}: cannot be read as a UTF-8 text file ({type(e).__name__}); --data takes a "
                          f"LLaVA JSON / JSONL file or a mixture spec") from None
     if path.suffix == ".jsonl":
-        records = [parse_json(line, path, number) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+        # "\n" only: splitlines also splits at U+2028, U+2029, U+0085, raw in json.dumps(ensure_ascii=False) strings
+        records = [parse_json(line, path, number) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     else:
         data = parse_json(text, path)
         if isinstance(data, dict) and "datasets" in data:
-            records = load_mixture(data, path)
+            records = load_mixture(data, path, within)
         elif isinstance(data, list):
             records = data
         else:
@@ -278,13 +278,18 @@ def parse_json(text: str, path, line: int = 0):
                          f"regenerate the file") from None
 
 
-def load_mixture(spec: dict, path: Path) -> list[dict]:
-    """The records a mixture spec draws from each of its files."""
-    records = []
+def load_mixture(spec: dict, path: Path, within=()) -> list[dict]:
+    """The records a mixture spec draws from each of its files (`within`: the specs that include this one)."""
+    records, within = [], (*within, path)
     for i, entry in enumerate(spec["datasets"] if isinstance(spec["datasets"], list) else [None]):
         if not isinstance(entry, dict) or not isinstance(entry.get("json_path"), str):
             raise SystemExit(f"error: {path}: datasets[{i}] needs a \"json_path\" naming a LLaVA JSON / JSONL file")
-        part = load_records(path.parent / entry["json_path"])
+        file, where = path.parent / entry["json_path"], f"{path}: datasets[{i}] json_path {entry['json_path']!r}"
+        if not file.exists():
+            raise SystemExit(f"error: {where}: {file} does not exist; a json_path is relative to the spec's folder")
+        if (again := next((p for p in within if p.resolve() == file.resolve()), None)):
+            raise SystemExit(f"error: {where} includes {again} again (a cycle); remove that entry")
+        part = load_records(file, within)
         rule = entry.get("sampling_strategy", "all")
         strategy, _, amount = str(rule).partition(":")
         try:
@@ -295,13 +300,8 @@ def load_mixture(spec: dict, path: Path) -> list[dict]:
         if strategy not in ("all", "first", "end", "random") or not 0 <= n <= len(part):
             raise SystemExit(f"error: {path}: datasets[{i}] sampling_strategy {rule!r}: expected \"all\", \"first:N\", "
                              f"\"end:N\" or \"random:N\" with 0 <= N <= {len(part)} (or N%)")
-        if strategy in ("all", "first"):
-            part = part[:n]
-        elif strategy == "end":
-            part = part[len(part) - n:]
-        else:
-            part = random.Random(0).sample(part, n)
-        records += part
+        records += (part[:n] if strategy in ("all", "first") else part[len(part) - n:] if strategy == "end"
+                    else random.Random(0).sample(part, n))
     return records
 
 
@@ -320,13 +320,14 @@ def conversation_of(record) -> list[tuple[str, str]]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise SampleError("malformed turn", f"{key}[{i}] is a {type(turn).__name__}, expected an object")
-        role = roles.get(turn.get("from", turn.get("role")))
-        text = turn.get("value", turn.get("content"))
-        if role is None:
-            raise SampleError("malformed turn", f'{key}[{i}] has no "from" of human / gpt (or "role" user / assistant)')
+        who, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(who, str) or who not in roles:
+            raise SampleError("malformed turn", f'{key}[{i}] "from" {who!r}: expected "human" or "gpt" (or a "role")')
         if not isinstance(text, str):
             raise SampleError("malformed turn", f'{key}[{i}] has no "value" (or "content") string')
-        messages.append((role, text))
+        if not text.isascii() and (bad := re.search("[\ud800-\udfff]", text)):  # the tokenizer takes no lone half
+            raise SampleError("text is not valid Unicode", f"{key}[{i}]: lone surrogate {bad[0]!r} at {bad.start()}")
+        messages.append((roles[who], text))
     if messages[0][0] != "user":
         raise SampleError("first turn not human", "a conversation must start with the human's turn")
     if any(a[0] == b[0] for a, b in zip(messages, messages[1:])):
@@ -363,9 +364,6 @@ def place_images(messages, placement: str = "interleaved", key=0):
     moved = [(role, text.replace("<image>", "").strip() if "<image>" in text else text) for role, text in messages]
     moved[0] = (moved[0][0], "<image>\n" * count + moved[0][1])
     return moved
-
-
-MAX_IMAGE_PIXELS = 1 << 27  # 134M pixels (16384 x 8192; 400 MB once decoded): larger ones are refused unread
 
 
 def place_visuals(prompt: str, num_images: int, video: bool) -> tuple[str, list[str]]:
@@ -509,8 +507,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.video_folder = Path(video_folder) if video_folder else self.image_folder
         self.tokenizer, self.template, self.model_cfg, self.max_len = tokenizer, template, model_cfg, max_len
         self.num_frames, self.image_placement = num_frames, image_placement
-        if image_placement not in PLACEMENTS:
-            raise ValueError(f"image_placement {image_placement!r}: expected one of {PLACEMENTS}")
+        if image_placement not in PLACEMENTS or num_frames < 1:
+            raise ValueError(f"image_placement {image_placement!r} not in {PLACEMENTS}, or num_frames {num_frames} < 1")
 
     def __len__(self):
         return len(self.records)
@@ -555,6 +553,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
                 raise SampleError("no answer tokens", "nothing left to learn (after truncation?)")
         except SampleError as e:
             return {"id": sample_id, "error": e.kind, "detail": str(e)}
+        except ImageTooLarge as e:  # within load_image's limit as read, not once padded to a square or resized
+            return {"id": sample_id, "error": "image too large", "detail": f"image too large: {video or files}: {e}"}
+        except Exception as e:  # what no check foresaw: still one bad sample, not the end of the run (a systematic
+            kind = f"unexpected error: {type(e).__name__}"  # failure is stopped by the trainer's bad-fraction rule)
+            return {"id": sample_id, "error": kind, "detail": f"{kind}: {e}"}
         return {"id": sample_id, "input_ids": ids, "labels": labels, "images": images, "note": note}
 
 

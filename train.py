@@ -45,7 +45,7 @@ from chat_template import default_template, load_tokenizer
 from checkpoint import (Preemption, check_output_dir, latest_checkpoint, publish_final, resume_from,
                         save_checkpoint)
 from convert import CheckpointError, load_parts, load_pretrained
-from data import IGNORE_INDEX, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
+from data import IGNORE_INDEX, PLACEMENTS, TEMPLATES, SupervisedDataset, collate, global_batches, load_records
 from distributed import device_sum
 from recipes import RECIPES, fetch_recipe_data
 
@@ -98,7 +98,7 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile each decoder block")
     fsdp: bool = flag(False, "FSDP2 (fully_shard per decoder / vision block, then the root) instead of DDP")
     save_every: int = flag(500, "steps between checkpoints (output_dir/checkpoints/step-N)")
-    keep_last: int = flag(2, "checkpoints kept; older ones are deleted")
+    keep_last: int = flag(2, "checkpoints kept; older ones are deleted (0: keep every one)")
     hf_checkpoints: bool = flag(False, "also write each checkpoint in the llava-hf layout (infer.py reads it); final/"
                                        " always is")
     max_shard_size: str = flag("5GB", "largest safetensors file of a llava-hf folder, e.g. 5GB, 200KB (more: "
@@ -126,6 +126,24 @@ class TrainConfig:
                              "is loaded")
     gpus: int = flag(0, "--plan: GPUs in all, across nodes (0: this machine's)")
     gpu_memory: str = flag("80GB", "--plan: memory of one GPU")
+
+    def __post_init__(self):
+        """Refuse, before anything is loaded, the values that would fail only later (after step 1, at a video)."""
+        checks = [
+            (self.stage in ("1", "1.5", "2"), f"--stage {self.stage}: expected one of 1, 1.5, 2"),
+            (self.global_batch_size >= 1, f"--global-batch-size {self.global_batch_size}: expected an integer >= 1"),
+            (self.micro_batch_size >= 1, f"--micro-batch-size {self.micro_batch_size}: expected an integer >= 1"),
+            (self.save_every >= 1, f"--save-every {self.save_every}: expected an integer >= 1 (steps apart)"),
+            (self.keep_last >= 0, f"--keep-last {self.keep_last}: expected an integer >= 0 (0 keeps every checkpoint)"),
+            (0 <= self.max_bad_fraction <= 1, f"--max-bad-fraction {self.max_bad_fraction}: expected 0 <= f <= 1"),
+            (self.frames >= 1, f"--frames {self.frames}: expected an integer >= 1 (frames sampled from each video)"),
+            (self.image_placement in PLACEMENTS,
+             f"--image-placement {self.image_placement}: expected one of {', '.join(PLACEMENTS)}"),
+            (self.lora_rank >= 0, f"--lora-rank {self.lora_rank}: expected an integer >= 1 (0: no LoRA)"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout {self.lora_dropout}: expected 0 <= p < 1")]
+        for ok, message in checks:
+            if not ok:
+                raise SystemExit(f"error: {message}; see python train.py --help")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,6 +382,14 @@ def step_flops(model, batches) -> int:
     return flops
 
 
+def step_of(line: str) -> float:
+    """A metrics.jsonl line's step; infinity (a resume drops it) for one cut short by a kill, as tools/plot.py skips."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class StepLog:
     """metrics.jsonl (one line per step, cut back to the resumed step) and the progress bar, on rank 0."""
 
@@ -374,7 +400,7 @@ class StepLog:
         if rank != 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        keep = ([l for l in self.path.read_text().splitlines() if json.loads(l)["step"] <= start]
+        keep = ([l for l in self.path.read_text().splitlines() if step_of(l) <= start]
                 if self.path.exists() and start else [])
         self.path.write_text("".join(l + "\n" for l in keep))
         if not cfg.quiet:
