@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import metrics  # noqa: E402
 from tools import memory_plan  # noqa: E402
 import train  # noqa: E402
 from anyres import ProcessedImage, num_image_tokens  # noqa: E402
@@ -155,7 +156,7 @@ def gpu(args):
     report_sdpa(model, cfg.max_len)
     ddp_model = train.parallelize(model, cfg, device, 1)
     optimizer = torch.optim.AdamW(train.param_groups(model, cfg), betas=(0.9, 0.999), eps=1e-8)
-    peak = train.peak_flops(device, cfg)
+    peak = metrics.peak_flops(device, cfg)
     rates = []
     for step in range(args.steps):
         group = data[step * args.accumulation: (step + 1) * args.accumulation]
@@ -165,7 +166,7 @@ def gpu(args):
         loss = float(loss)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        flops = train.step_flops(model, group)
+        flops = metrics.step_flops(model, group)
         tokens = sum(int(b["padding_mask"].sum()) for b in group)
         print(f"  step {step + 1}: {dt:.2f} s, loss {loss:.3f}, {tokens / dt:.0f} tokens/s"
               + (f", MFU {flops / dt / peak:.1%}" if peak else ""))

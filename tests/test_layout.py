@@ -13,7 +13,7 @@ TOP_LEVEL = {
     "model.py", "connector.py", "anyres.py", "data.py", "chat_template.py", "generate.py",  # the model and its inputs
     "infer.py", "chat.py", "serve.py", "batching.py",  # asking it: one answer, a conversation or a question file,
     # an HTTP server and its continuous batching
-    "train.py", "recipes.py", "checkpoint.py", "lora.py", "distributed.py",  # training it
+    "train.py", "recipes.py", "checkpoint.py", "metrics.py", "lora.py", "distributed.py",  # training it
     "convert.py", "export.py", "quantize.py", "tensor_parallel.py",  # reading, writing, shrinking and splitting it
 }
 FOLDERS = ("tools", "toy", "bench", "tests")

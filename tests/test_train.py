@@ -169,7 +169,8 @@ def test_mfu_counts_the_flops_torch_counts(dataset, kind):
 
     import lora
     from data import SupervisedDataset, collate, load_records
-    from train import set_trainable, step_flops
+    from metrics import step_flops
+    from train import set_trainable
 
     root, folder = dataset
     model, _ = load_pretrained(str(folder))

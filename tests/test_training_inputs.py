@@ -13,6 +13,7 @@ from test_hostile_inputs import CHAT, refused
 from test_train import config, dataset  # noqa: F401 (a fixture)
 
 import data
+import metrics
 import train
 from data import SupervisedDataset, load_records
 
@@ -203,5 +204,5 @@ def test_a_resume_drops_a_metrics_line_cut_short(tmp_path):
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')
     cfg = train.TrainConfig(output_dir=str(tmp_path), quiet=True)
-    train.StepLog(cfg, 2, 10, torch.device("cpu"), 1, 0).close()
+    metrics.StepLog(cfg, 2, 10, torch.device("cpu"), 1, 0).close()
     assert (tmp_path / "metrics.jsonl").read_text() == lines[0] + "\n" + lines[1] + "\n"
