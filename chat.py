@@ -303,9 +303,9 @@ def question_prompt(model, tokenizer, template, question, image_folder):
     try:
         images = [load_image(Path(image_folder) / name) for name in names]
         text, _ = place_visuals(question["text"], len(images), False)
+        processed = process_images(images, model.cfg) if images else []  # ImageTooLarge is a ValueError
     except (SampleError, ValueError) as e:
         sys.exit(f"error: question {question['question_id']}: {e}")
-    processed = process_images(images, model.cfg) if images else []
     ids = tokenize(tokenizer, render_prompt(template, [("user", text)]), [im.num_tokens for im in processed])
     if problem := past_vocab(tokenizer, ids, model.cfg.text.vocab_size):
         sys.exit(f"error: question {question['question_id']}: {problem}")

@@ -26,7 +26,7 @@ import chat
 import distributed
 import quantize
 import tensor_parallel
-from anyres import add_knob_flags, knobs_from_flags, process_images, process_video
+from anyres import ImageTooLarge, add_knob_flags, knobs_from_flags, process_images, process_video
 from chat_template import default_template, eos_token_ids, load_tokenizer, past_vocab
 from convert import DEFAULT_MODEL, CheckpointError, load_pretrained
 from data import TEMPLATES, SampleError, load_image, load_video, place_visuals, render_prompt, stop_token_ids, tokenize
@@ -217,7 +217,10 @@ def main(argv=None):
 
     t0 = time.perf_counter()
     # several images: each padded to a square (anyres.tiles_with_anyres)
-    stills = iter(process_images(images, model.cfg))
+    try:
+        stills = iter(process_images(images, model.cfg))
+    except ImageTooLarge as e:
+        sys.exit(f"error: {e}; crop or resize it first")
     processed = [process_video(frames, model.cfg) if kind == "video" else next(stills) for kind in kinds]
     input_ids = tokenize(tokenizer, render_prompt(template, [("user", prompt)]), [im.num_tokens for im in processed],
                          model.cfg.compat)

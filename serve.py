@@ -35,7 +35,7 @@ import uuid
 from pathlib import Path
 
 import infer
-from anyres import num_image_tokens, process_images
+from anyres import ImageTooLarge, num_image_tokens, process_images
 from batching import Scheduler, Sequence
 from chat_template import past_vocab
 from data import TEMPLATES, SampleError, load_image, place_visuals, render_prompt, stop_token_ids, system_slot, tokenize
@@ -202,7 +202,10 @@ def prepare(body, server) -> tuple[Sequence, bool, bool]:
     visual = sum(num_image_tokens(im.size, cfg, len(images)) for im in images)  # before any pixel is processed
     check(visual < window, f"the {len(images)} images alone are {visual} tokens but this model reads at most "
           f"{window}; send fewer or smaller images", "messages")
-    processed = process_images(images, cfg) if images else []
+    try:
+        processed = process_images(images, cfg) if images else []
+    except ImageTooLarge as e:  # a strip within the pixel budget whose padded square is not
+        raise BadRequest(f"messages: {e}; crop or resize it first", "messages") from None
     ids = tokenize(server.tokenizer, render(server.template, turns), [im.num_tokens for im in processed], cfg.compat)
     n = len(ids)
     problem = past_vocab(server.tokenizer, ids, cfg.text.vocab_size)

@@ -106,6 +106,15 @@ def test_infer_refuses(tiny, files, capsys, case, args, words):
     refused(capsys, lambda: infer.main(argv), *words)
 
 
+def test_a_strip_whose_padded_square_is_too_large(tiny, tmp_path, capsys):
+    """1 x 20000 pixels is small, padded to a square (LLaVA-1.5's "pad") 4 x 10^8: refused before it is allocated."""
+    from PIL import Image
+
+    Image.new("RGB", (1, 20000), "red").save(tmp_path / "strip.png")
+    refused(capsys, lambda: infer.main([str(tmp_path / "strip.png"), "Hi", "--model", str(tiny("llava15_llama"))]),
+            "1 x 20000 image padded to a square", "20000 x 20000 pixels", "crop or resize it first")
+
+
 def test_a_video_format_without_its_reader(tiny, files, capsys):
     try:
         import av  # noqa: F401

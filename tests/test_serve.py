@@ -249,6 +249,8 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_goes_on(server, q
         # the request's pixel budget, read from the second image's header before it is decoded
         (user(text, image(data_url(photo(100, 100, seed=1))), image(b64(tiny_png_header(8200, 8192)))),
          "messages[0].content[2].image_url", "67,108,864 pixels in all"),
+        # two images, each padded to a square (several images in a prompt): a 1 x 20000 strip would be 4 x 10^8 pixels
+        (user(text, *[image(data_url(photo(1, 20000, seed=1)))] * 2), "messages", "padded to a square"),
         # 3,000 images of 1 x 1: refused by their token count before any is processed
         (user(text, *[image(data_url(photo(1, 1, seed=1)))] * 3000), "messages", "images alone are"),
         (user({"type": "text", "text": " ".join(map(str, range(20000)))}), "messages", "reads at most 32768"),
