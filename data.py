@@ -478,14 +478,12 @@ def load_video(path, num_frames: int):
         except ImportError:
             raise SampleError("unreadable video", f"{path}: reading {path.suffix or 'this'} files needs PyAV "
                               f"(pip install av); without it give an animated GIF/WebP or a folder of frames") from None
+        with av.open(str(path)) as container:  # only the sampled frames are kept (a 10-minute clip is ~100 GB)
+            stream = container.streams.video[0]  # mkv, webm, fragmented mp4 state no length: count the packets
+            total = stream.frames or sum(1 for packet in container.demux(stream) if packet.size)
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            if stream.frames:  # the container states its length: keep only the sampled frames while decoding
-                keep = set(uniform_indices(stream.frames, num_frames))
-                frames = [f.to_image() for i, f in enumerate(container.decode(stream)) if i in keep]
-            else:
-                frames = [f.to_image() for f in container.decode(stream)]
-                frames = [frames[i] for i in uniform_indices(len(frames), num_frames)]
+            keep = set(uniform_indices(total, num_frames))
+            frames = [f.to_image() for i, f in enumerate(container.decode(container.streams.video[0])) if i in keep]
         if not frames:
             raise SampleError("unreadable video", f"{path}: no video frames")
         return [f.convert("RGB") for f in frames]

@@ -425,15 +425,18 @@ def test_m4_instruct_and_llava_video_records_load_unchanged(clips, tiny):
     assert two["error"] == "image count mismatch"
 
 
-def test_pyav_videos_keep_only_the_sampled_frames(tmp_path):
-    """With PyAV installed (optional), an mp4 gives the uniformly sampled frames of a full decode."""
+@pytest.mark.parametrize("name", ["clip.mp4", "clip.mkv"])  # mp4 states its frame count, Matroska does not
+def test_pyav_videos_keep_only_the_sampled_frames(tmp_path, monkeypatch, name):
+    """With PyAV installed (optional), a clip gives the uniformly sampled frames of a full decode, and only those
+    become images (a container that states no length is counted first: keeping every frame of a long clip would
+    hold ~100 GB)."""
     av = pytest.importorskip("av", reason="PyAV is optional; without it load_video says to install it")
     import numpy as np
     from conftest import photo
 
     from data import load_video
 
-    with av.open(str(tmp_path / "clip.mp4"), "w") as container:
+    with av.open(str(tmp_path / name), "w") as container:
         stream = container.add_stream("mpeg4", rate=10)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
         for i in range(20):
@@ -441,8 +444,30 @@ def test_pyav_videos_keep_only_the_sampled_frames(tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    with av.open(str(tmp_path / "clip.mp4")) as container:
+    with av.open(str(tmp_path / name)) as container:
+        assert container.streams.video[0].frames == (20 if name.endswith("mp4") else 0)
         every = [np.asarray(f.to_image().convert("RGB")) for f in container.decode(video=0)]
-    got = load_video(tmp_path / "clip.mp4", 5)
-    assert len(every) == 20 and len(got) == 5
+
+    made, real_open = [], av.open
+
+    class Counted:  # a container whose decoded frames count the images made of them
+        def __init__(self, *args, **kwargs):
+            self.inner = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.inner.close()
+
+        def __getattr__(self, key):
+            return getattr(self.inner, key)
+
+        def decode(self, *args):
+            for frame in self.inner.decode(*args):
+                yield type("Frame", (), {"to_image": lambda self, f=frame: made.append(1) or f.to_image()})()
+
+    monkeypatch.setattr(av, "open", Counted)
+    got = load_video(tmp_path / name, 5)
+    assert len(every) == 20 and len(got) == 5 and len(made) == 5
     assert all(np.array_equal(np.asarray(g), every[i]) for g, i in zip(got, [0, 4, 9, 14, 19]))
