@@ -65,12 +65,19 @@ def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, coun
         tmp.mkdir(parents=True)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)  # this rank's shards (DTensors under FSDP2)
-    # tensors only: DCP would store anything else as a pickle, and reading one back can run code
-    with quiet_single_process():
-        dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=tmp / "trainer",
-                 no_dist=not dist.is_initialized())
-    if cfg.hf_checkpoints:
-        export_hf(cfg, model, tmp, tokenizer, template, rank)
+    try:
+        # tensors only: DCP would store anything else as a pickle, and reading one back can run code
+        with quiet_single_process():
+            dcp.save({"model": model_state, "optim": optim_state["state"]}, checkpoint_id=tmp / "trainer",
+                     no_dist=not dist.is_initialized())
+        if cfg.hf_checkpoints:
+            export_hf(cfg, model, tmp, tokenizer, template, rank)
+    except (OSError, CheckpointException) as e:  # a full disk, a lost mount: the newest finished one stays whole
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        raise CheckpointError(f"writing checkpoint step {step} into {root} failed ({cause}); the newest finished "
+                              f"checkpoint is whole: free space (or fix the folder), then --resume") from None
     epoch, batch = divmod(step, steps_per_epoch)
     trainer_state = {"step": step,
                      "data": {"epoch": epoch, "batch_in_epoch": batch, "samples": step * cfg.global_batch_size,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +364,34 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(dataset, referenc
     preempt(dataset, tmp_path, ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port], 1)
     train(config(dataset, tmp_path, max_steps=STEPS, save_every=100, resume=True))
     assert same_losses(losses(reference), losses(tmp_path / "run"), 1e-4)
+
+
+def test_a_save_that_fails_for_lack_of_space_is_one_line_and_the_last_checkpoint_resumes(dataset, reference,
+                                                                                        tmp_path, monkeypatch):
+    """The disk fills during step 4's save: one line naming the step, no half-written folder left, step 2's
+    checkpoint whole, and --resume (space freed) ends as the run that never stopped."""
+    import errno
+
+    import checkpoint
+    from convert import CheckpointError
+
+    real_save = checkpoint.dcp.save
+
+    def full_at_step_4(state, checkpoint_id, **kwargs):
+        if "step-0000004" in str(checkpoint_id):
+            (Path(checkpoint_id) / "partial.distcp").parent.mkdir(parents=True, exist_ok=True)
+            (Path(checkpoint_id) / "partial.distcp").write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(state, checkpoint_id=checkpoint_id, **kwargs)
+
+    monkeypatch.setattr(checkpoint.dcp, "save", full_at_step_4)
+    with pytest.raises(CheckpointError, match=r"writing checkpoint step 4 into .* failed \(\[Errno 28\] No space "
+                                              r"left on device\); the newest finished checkpoint is whole") as e:
+        train(config(dataset, tmp_path, max_steps=STEPS, save_every=2, keep_last=5))
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-0000002"]
+    monkeypatch.setattr(checkpoint.dcp, "save", real_save)
+    train(config(dataset, tmp_path, max_steps=STEPS, save_every=2, keep_last=5, resume=True))
+    a, b = weights(reference / "final"), weights(tmp_path / "run" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert losses(reference) == losses(tmp_path / "run")
