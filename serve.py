@@ -220,6 +220,7 @@ def prepare(body, server) -> tuple[Sequence, bool, bool]:
                    ignore_eos=bool(body.get("ignore_eos")))
     options = body.get("stream_options") or {}
     check(isinstance(options, dict), "expected an object like {\"include_usage\": true}", "stream_options")
+    check(not options or body.get("stream"), "only allowed when stream is true (OpenAI's rule)", "stream_options")
     return seq, body.get("stream", False), bool(options.get("include_usage"))
 
 

@@ -234,6 +234,7 @@ def test_bad_requests_are_400s_naming_the_field_and_the_server_goes_on(server, q
         ({**good, "stop": "x" * 257}, "stop", "1-256 characters"),  # its hold-back check costs length squared
         ({**good, "presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({**good, "logit_bias": {"5": 10}}, "logit_bias", "not supported"),
+        ({**good, "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream is true"),
         (b"[" * 100_000 + b"]" * 100_000, "body", "not valid JSON"),  # deeper than the parser recurses
         ({"max_tokens": 4}, "messages", "non-empty list"),
         ({"messages": [{"role": "robot", "content": "Hi"}]}, "messages[0].role", "role"),
