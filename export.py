@@ -1,5 +1,6 @@
-"""The llava-hf folder that other tools read: transformers' AutoProcessor and AutoModelForImageTextToText, vLLM,
-SGLang and lmms-eval: the weights, streamed into shards (save_pretrained), and everything around them.
+"""The llava-hf folder that other tools read: transformers' AutoProcessor and AutoModelForImageTextToText, vLLM and
+lmms-eval: the weights, streamed into shards (save_pretrained), and everything around them. (SGLang's LLaVA models read
+the original layout: its LlavaLlama/Qwen/Mistral classes load mm_vision_tower and model.mm_projector.*.)
 
     tokenizer (tokenizers)   --with_media_tokens-->  a copy with <image> (and OneVision's <video>) as special tokens
     model (V, D) embeddings  --add_media_rows----->  (V', D), V' a multiple of 64 that holds those ids (convert.py)
@@ -483,7 +484,7 @@ def stored_dtype(folder: Path) -> torch.dtype:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Write a LLaVA checkpoint (a short name, hub repo id or folder in the "
                                 "original, llava-hf or transformers-5 layout) as a complete llava-hf folder that "
-                                "transformers, vLLM and SGLang load: weights, config.json, processor, tokenizer with "
+                                "transformers and vLLM load: weights, config.json, processor, tokenizer with "
                                 "<image>, chat template, generation config.")
     p.add_argument("source", help="short name (see README), hub repo id, or local folder")
     p.add_argument("dest", help="the folder to write (must not exist yet, or be empty)")

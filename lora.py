@@ -117,8 +117,9 @@ def base_model_name(source: str) -> str | None:
 
 def save_adapter(state: dict, folder, rank: int, alpha: float, dropout: float, targets, base_model: str = ""):
     """adapter_config.json + adapter_model.safetensors: the adapters and the projector (which LoRA training also
-    updates: peft's modules_to_save, stored under the module's plain path). `base_model` is what the run started
-    from (short name, repo id or folder); base_model_name says what is recorded for it."""
+    updates: peft's modules_to_save, stored under the module's plain path; vLLM's LoRA loader refuses any
+    modules_to_save, so vLLM serves the merged final/ instead). `base_model` is what the run started from (short
+    name, repo id or folder); base_model_name says what is recorded for it."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
