@@ -8,7 +8,8 @@ the original layout: its LlavaLlama/Qwen/Mistral classes load mm_vision_tower an
     state dict (ours)        --save_pretrained---->  model.safetensors or model-0000k-of-0000n.safetensors + index,
                                                      one tensor gathered at a time, then the files below
     LlavaConfig              --write_hf_metadata-->  config.json (image_token_index, ...), processor_config.json,
-                                                     preprocessor_config.json, tokenizer.json, tokenizer_config.json,
+                                                     preprocessor_config.json (video_preprocessor_config.json),
+                                                     tokenizer.json, tokenizer_config.json,
                                                      chat_template.jinja / .json, generation_config.json
 
 Our model never looks `<image>` up (prompts hold IMAGE_TOKEN runs), but transformers and vLLM expand one `<image>`
@@ -282,22 +283,26 @@ def image_processor_config(cfg: LlavaConfig) -> dict:
 
 
 def processor_config(cfg: LlavaConfig) -> dict:
-    """processor_config.json as transformers 5 writes it: the processor's arguments, the image processor nested."""
+    """processor_config.json as the released llava-hf folders hold it: the processor's own arguments, flat. (Not
+    transformers 5's layout with the image processor nested: transformers 4's ProcessorMixin.from_args_and_dict
+    passes that dict where the image processor object goes and raises, and vLLM builds on transformers 4 exist.)"""
     v, model_type = cfg.vision, hf_model_type(cfg)
     strategy = "default" if v.select_feature == "patch" else "full"
     out = dict(processor_class=PROCESSORS[model_type][0], image_token="<image>",
                vision_feature_select_strategy=strategy)
     if model_type == "llava_onevision":
         out |= dict(video_token="<video>", num_image_tokens=v.side * v.side, vision_aspect_ratio=cfg.image_aspect_ratio)
-        image = image_processor_config(cfg)
-        out["video_processor"] = dict(video_processor_type="LlavaOnevisionVideoProcessor", do_convert_rgb=True,
-                                      do_resize=True, size={"height": v.image_size, "width": v.image_size}, resample=3,
-                                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                                      image_mean=image["image_mean"], image_std=image["image_std"])
     else:  # the count the processor expands <image> to is (C/p)^2 + CLS - (1 if the CLS is dropped)
         out |= dict(patch_size=v.patch_size, num_additional_image_tokens=int(v.kind == "clip"))
-    out["image_processor"] = {k: x for k, x in image_processor_config(cfg).items() if k != "processor_class"}
     return out
+
+
+def video_processor_config(cfg: LlavaConfig) -> dict:
+    """video_preprocessor_config.json (OneVision): frames squashed to C x C, normalised as the images are."""
+    image, C = image_processor_config(cfg), cfg.vision.image_size
+    return dict(video_processor_type="LlavaOnevisionVideoProcessor", processor_class=image["processor_class"],
+                do_convert_rgb=True, do_resize=True, size={"height": C, "width": C}, resample=3, do_rescale=True,
+                rescale_factor=1 / 255, do_normalize=True, image_mean=image["image_mean"], image_std=image["image_std"])
 
 
 def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype) -> dict:
@@ -366,7 +371,9 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     dump("generation_config.json", generation)
     if cfg.vision is not None:
         dump("processor_config.json", processor_config(cfg))
-        dump("preprocessor_config.json", image_processor_config(cfg))  # read by older transformers and vLLM builds
+        dump("preprocessor_config.json", image_processor_config(cfg))
+        if hf_model_type(cfg) == "llava_onevision":
+            dump("video_preprocessor_config.json", video_processor_config(cfg))
 
 
 def copy_chat_template(source: Path, folder: Path):

@@ -71,6 +71,10 @@ def test_onevision_export_matches_its_source(tiny, tmp_path):
     processor = json.loads((out / "processor_config.json").read_text())
     assert (processor["processor_class"], processor["num_image_tokens"], processor["video_token"]) == (
         "LlavaOnevisionProcessor", 81, "<video>")
+    assert not any(isinstance(v, dict) for v in processor.values())  # flat, as released (transformers 4 reads it)
+    video = json.loads((out / "video_preprocessor_config.json").read_text())  # transformers' VIDEO_PROCESSOR_NAME
+    image = json.loads((out / "preprocessor_config.json").read_text())
+    assert video["video_processor_type"] == "LlavaOnevisionVideoProcessor" and video["size"] == image["size"]
     assert transformers.GenerationConfig.from_pretrained(str(out)).eos_token_id == 317  # <|im_end|>
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
     source_tokenizer = tc.load_tokenizer(tiny("onevision_qwen2"))
@@ -467,6 +471,6 @@ def test_the_export_carries_every_key_of_the_released_folder(preset):
         diverges = {k: v for (p, f, k), v in DIVERGES.items() if (p, f) == (preset, file)}
         problems += differences(spec, ours[file], file, diverges)
     assert not problems, "\n".join(problems)
-    # the processor_config.json nests the same image processor (transformers 5 reads it from there first)
-    nested = ours["processor"]["image_processor"]
-    assert nested == {k: v for k, v in ours["preprocessor"].items() if k != "processor_class"}
+    # flat, as released: transformers 4's ProcessorMixin.from_args_and_dict would pass a nested image processor's
+    # dict where the image processor object goes, and raise
+    assert not any(isinstance(v, dict) for v in ours["processor"].values()), ours["processor"]
