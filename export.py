@@ -183,8 +183,8 @@ def jinja_template(template: str, bos: str | None = None) -> str:
     Messages are {"role": "system" | "user" | "assistant", "content": str or [{"type": "image" | "video" | "text"}]};
     images and videos go in front of the text, one `<image>\\n` (`<video>\\n`) each, the format the released models
     were trained with. A system message replaces the template's default sentence (or, for a template without one,
-    goes in front of the first user message). `bos` is written first when the tokenizer adds it and the template
-    does not already spell it, because apply_chat_template's tokenisation adds no special tokens."""
+    goes in front of the first user message). `bos` is written first if given; the export gives none, as the released
+    llava-hf templates spell none (the tokenizer adds it)."""
     t = TEMPLATES[template]
     user_head, user_tail = t.user.split("{}")
     head, tail = t.assistant.split("{}")
@@ -347,8 +347,9 @@ def write_hf_metadata(folder, cfg: LlavaConfig, tokenizer=None, template: str | 
     specials = special_tokens(tokenizer, template)
     dump("config.json", {**hf_full_config(cfg, ids, specials, tokenizer, dtype), TEMPLATE_KEY: template})
     tokenizer.save(str(folder / "tokenizer.json"))
-    chat = jinja_template(template, specials.get("bos_token") if not TEMPLATES[template].system.startswith(
-        specials.get("bos_token") or "\0") else None)
+    # no BOS in the template, as in the released llava-hf templates: lmms-eval and the model cards render it as text
+    # and call processor(text=...), whose tokenizer adds the BOS (written in the template too, it came twice)
+    chat = jinja_template(template)
     processor_class = PROCESSORS[hf_model_type(cfg)][0] if cfg.vision is not None else None
     # PreTrainedTokenizerFast + added_tokens_decoder: a class name transformers 4.x knows too (5.x reads any)
     added = {str(i): dict(content=t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)

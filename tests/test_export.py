@@ -45,12 +45,14 @@ def test_export_loads_in_transformers_with_the_sources_ids_and_logits(tiny, tmp_
     processor = transformers.AutoProcessor.from_pretrained(str(out), backend="pil")
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    assert text == "<s>" + render_prompt("vicuna_v1", [("user", "<image>\nWhat is shown?")])
+    assert text == render_prompt("vicuna_v1", [("user", "<image>\nWhat is shown?")])  # no BOS, as released
 
     image = photo(*size, seed=3)
     ours = processor(images=image, text=text, return_tensors="pt")
     theirs = tc.load_full_processor(tiny(name))(images=image, text=text, return_tensors="pt")
     assert ours["input_ids"].tolist() == theirs["input_ids"].tolist()
+    # rendered as text, then processor(text=...) as lmms-eval and the model cards do: one BOS, which the tokenizer adds
+    assert ours["input_ids"][0].tolist().count(1) == 1 and ours["input_ids"][0, 0] == 1
     assert (ours["input_ids"] == tc.IMAGE_TOKEN_ID[name]).sum() > 1  # <image> expanded to the feature count
     assert torch.equal(ours["pixel_values"], theirs["pixel_values"])
     reference = tc.load_reference(tiny(name))
