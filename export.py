@@ -314,8 +314,8 @@ def hf_full_config(cfg: LlavaConfig, ids: dict, specials: dict, tokenizer, dtype
             text[f"{name}_token_id"] = tokenizer.token_to_id(specials[f"{name}_token"])
     if "pad_token_id" in text and cfg.vision is not None:
         out["pad_token_id"] = text["pad_token_id"]  # where the LLaVA-1.5 llava-hf folders keep it
-    if dtype is not None:
-        out["dtype"] = str(dtype).removeprefix("torch.")
+    if dtype is not None:  # transformers 5 reads "dtype"; 4.x before 4.56, and SGLang, read "torch_dtype"
+        out["dtype"] = out["torch_dtype"] = str(dtype).removeprefix("torch.")
     if cfg.vision is None:
         return out
     if cfg.vision.kind == "siglip":

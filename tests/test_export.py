@@ -70,6 +70,7 @@ def test_onevision_export_matches_its_source(tiny, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert ((config["image_token_index"], config["video_token_index"], config["vision_aspect_ratio"])
             == (318, 319, "anyres_max_9"))
+    assert config["dtype"] == config["torch_dtype"] == "float32"  # transformers 5 / 4 and SGLang read one each
     processor = json.loads((out / "processor_config.json").read_text())
     assert (processor["processor_class"], processor["num_image_tokens"], processor["video_token"]) == (
         "LlavaOnevisionProcessor", 81, "<video>")
