@@ -179,16 +179,14 @@ def text_config(raw: dict, where: str) -> TextConfig:
         vocab_size=c["vocab_size"],
         hidden_size=c["hidden_size"],
         intermediate_size=c["intermediate_size"],
-        num_layers=c["num_hidden_layers"],
-        num_heads=heads,
+        num_layers=c["num_hidden_layers"], num_heads=heads,
         num_kv_heads=c.get("num_key_value_heads") or heads,
         head_dim=c.get("head_dim") or c["hidden_size"] // heads,
         rope_theta=float(rope.get("rope_theta", c["rope_theta"])),
         rms_norm_eps=c["rms_norm_eps"],
         qkv_bias=family == "qwen2" or bool(c.get("attention_bias", False)),
         tie_word_embeddings=bool(c["tie_word_embeddings"]),
-        max_position_embeddings=c["max_position_embeddings"],
-        family=family,
+        max_position_embeddings=c["max_position_embeddings"], family=family,
     )
 
 
@@ -237,11 +235,13 @@ def llava_config(raw: dict, where: str, compat: str = "original", tower_config=N
         if raw.get("projector_hidden_act", "gelu") != "gelu" or not raw.get("multimodal_projector_bias", True):
             raise CheckpointError(f"{where}: only the gelu projector with biases (mlp2x_gelu) is supported")
         strategy = raw.get("vision_feature_select_strategy", "full" if model_type == "llava_onevision" else "default")
-        tower = raw.get("vision_config") or HF_DEFAULT_TOWER[model_type]
+        tower = ({"model_type": HF_DEFAULT_TOWER[model_type]["model_type"], **raw["vision_config"]}  # as transformers
+                 if raw.get("vision_config") else HF_DEFAULT_TOWER[model_type])
         vision, total = vision_config(tower, "patch" if strategy == "default" else "full", where)
         default_layer = -1 if model_type == "llava_onevision" else -2
         vision.num_layers = layers_for_feature(raw, "vision_feature_layer", default_layer, total, where)
-        text_raw = raw.get("text_config") or {"model_type": "qwen2" if model_type == "llava_onevision" else "llama"}
+        default_text = "qwen2" if model_type == "llava_onevision" else "llama"  # transformers' for a config lacking it
+        text_raw = {"model_type": default_text, **(raw.get("text_config") or {})}
         # the original LLaVA-1.5 pads to a square of the mean colour; transformers' own processor centre-crops
         aspect = {"llava": "pad", "llava_next": "anyres",
                   "llava_onevision": raw.get("vision_aspect_ratio", "anyres_max_9")}[model_type]

@@ -263,3 +263,20 @@ def test_a_chat_template_that_runs_too_long_or_an_unsafe_jinja_is_one_line(tiny,
     monkeypatch.setattr(jinja2, "__version__", "3.1.4")
     load_refused(capsys, folder, str(folder / "chat_template.jinja"), "known escapes (fixed in 3.1.6)",
                  "pip install -U jinja2")
+
+
+def test_onevision_nested_configs_without_model_type_read_as_transformers_reads_them(tiny, tmp_path):
+    """transformers' LlavaOnevisionConfig gives a nested text_config / vision_config without "model_type" qwen2 and
+    siglip_vision_model (LlavaNext's: llama and clip_vision_model): the folder loads as the one that spells them."""
+    from convert import load_pretrained
+
+    whole, _ = load_pretrained(str(tiny("onevision_qwen2")))
+    folder = edit_config(copy(tiny, tmp_path, "onevision_qwen2"),
+                         lambda c: (c["text_config"].pop("model_type"), c["vision_config"].pop("model_type")))
+    bare, _ = load_pretrained(str(folder))
+    assert (bare.cfg.text, bare.cfg.vision) == (whole.cfg.text, whole.cfg.vision)
+    assert (bare.cfg.text.family, bare.cfg.vision.kind) == ("qwen2", "siglip")
+    import transformers  # the oracle reads the same folder so
+
+    theirs = transformers.AutoConfig.from_pretrained(str(folder))
+    assert (theirs.text_config.model_type, theirs.vision_config.model_type) == ("qwen2", "siglip_vision_model")
