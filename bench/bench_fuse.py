@@ -17,16 +17,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
-from peer_llama_cpp import MODES, llama_folder, load_ours, ours_decode  # noqa: E402
+from peer_llama_cpp import decode_flags, llama_folder, load_ours, ours_decode  # noqa: E402
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["llama-0.45b", "small"], default="llama-0.45b")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--threads", type=int, default=2)
+    decode_flags(p)
     p.add_argument("--rounds", type=int, default=6)
-    p.add_argument("--cache-dir", default=str(Path("/tmp/llava-bench/llama.cpp")))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = llama_folder(Path(args.cache_dir), args.model == "small")

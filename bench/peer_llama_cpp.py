@@ -252,14 +252,19 @@ def table(rows: list, title: str) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["llama-0.45b", "smollm2", "small"], default="llama-0.45b")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=3)
+def decode_flags(p: argparse.ArgumentParser, models=("llama-0.45b", "small")):
+    """The flags of every CPU-decode benchmark here (this one, bench_fuse.py, profile_decode.py)."""
+    p.add_argument("--model", choices=list(models), default="llama-0.45b")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "llava-bench", "llama.cpp"))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "llava-bench", "llama.cpp"),
+                   help="where the llama.cpp build and the benchmark weights are kept")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    decode_flags(p, models=("llama-0.45b", "smollm2", "small"))
+    p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     bandwidth = copy_bandwidth()

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's modules
 import generate as generation  # noqa: E402
 import quantize  # noqa: E402
-from peer_llama_cpp import MODES, llama_folder, load_ours  # noqa: E402
+from peer_llama_cpp import decode_flags, llama_folder, load_ours  # noqa: E402
 from model import RMSNorm  # noqa: E402
 
 LAYERS = (torch.nn.Linear, quantize.Int8Linear, quantize.Int4Linear)
@@ -89,12 +89,9 @@ def profile_mode(model, n: int) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["llama-0.45b", "small"], default="llama-0.45b")
-    p.add_argument("--modes", default=",".join(MODES))
-    p.add_argument("--threads", type=int, default=2)
+    decode_flags(p)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3, help="profiles per mode; the median of each figure is printed")
-    p.add_argument("--cache-dir", default=str(Path("/tmp/llava-bench/llama.cpp")))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     folder = llama_folder(Path(args.cache_dir), args.model == "small")
