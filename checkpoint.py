@@ -75,8 +75,7 @@ def save_checkpoint(cfg, model, optimizer, step: int, steps_per_epoch: int, coun
     except (OSError, CheckpointException) as e:  # a full disk, a lost mount: the newest finished one stays whole
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        raise CheckpointError(f"writing checkpoint step {step} into {root} failed ({cause}); the newest finished "
+        raise CheckpointError(f"writing checkpoint step {step} into {root} failed ({cause(e)}); the newest finished "
                               f"checkpoint is whole: free space (or fix the folder), then --resume") from None
     epoch, batch = divmod(step, steps_per_epoch)
     trainer_state = {"step": step,
@@ -127,6 +126,11 @@ def write_json(path: Path, value):
 
 def unwrap(model):
     return model.module if hasattr(model, "module") else model
+
+
+def cause(e: BaseException) -> BaseException:
+    """What failed inside DCP: a CheckpointException carries each rank's exception (and its traceback)."""
+    return next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
 
 
 class Preemption:
@@ -184,9 +188,9 @@ def resume_from(ckpt: Path, model, optimizer, cfg, rank: int, steps_per_epoch: i
         with quiet_single_process():
             dcp.load(destination, storage_reader=reader, no_dist=not dist.is_initialized())
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException, with tracebacks
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
-        raise CheckpointError(f"{ckpt / 'trainer'} cannot be read into this run ({type(cause).__name__}: "
-                              f"{str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}); resume from "
+        why = cause(e)
+        raise CheckpointError(f"{ckpt / 'trainer'} cannot be read into this run ({type(why).__name__}: "
+                              f"{str(why).strip().splitlines()[-1] if str(why).strip() else ''}); resume from "
                               f"an earlier checkpoint, or start a new --output-dir") from None
     set_model_state_dict(model, destination["model"])
     set_optimizer_state_dict(model, optimizer,
@@ -228,8 +232,8 @@ def check_same_run(cfg, state: dict, ckpt: Path, steps_per_epoch: int):
             raise CheckpointError(f"{ckpt} was trained with --{key.replace('_', '-')} {saved[key]!r}, this run has "
                                   f"{getattr(cfg, key)!r}: resume with the same value, {why}")
     data = state.get("data") or {}
-    if Path(saved.get("data") or "").name != Path(cfg.data).name or data.get("steps_per_epoch", steps_per_epoch) != \
-            steps_per_epoch:
+    same_file = Path(saved.get("data") or "").name == Path(cfg.data).name
+    if not same_file or data.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
         raise CheckpointError(f"{ckpt} was trained on --data {saved.get('data')!r} ({data.get('steps_per_epoch')} "
                               f"steps an epoch), this run reads {cfg.data!r} ({steps_per_epoch}): resume on the same "
                               f"data (its order depends on it), {why}")
