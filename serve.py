@@ -143,7 +143,7 @@ def header_size(source) -> tuple[int, int]:
 def conversation(messages, image_dir) -> tuple[list[tuple[str, str]], list]:
     """OpenAI messages -> ([(role, text with one <image> per image)], PIL images in prompt order)."""
     check(isinstance(messages, list) and messages, "expected a non-empty list of messages", "messages")
-    turns, images, sizes = [], [], []  # sizes: of every image so far, in the request's pixel budget
+    turns, images, pixels_left = [], [], MAX_REQUEST_PIXELS  # what the request's images may still hold
     for i, m in enumerate(messages):
         param = f"messages[{i}]"
         check(isinstance(m, dict) and m.get("role") in ("system", "developer", "user", "assistant"),
@@ -160,9 +160,8 @@ def conversation(messages, image_dir) -> tuple[list[tuple[str, str]], list]:
                 check(m["role"] == "user", "images go in user messages", where)
                 url = part.get("image_url")
                 url = url.get("url") if isinstance(url, dict) else url
-                found.append(read_image(url, image_dir, f"{where}.image_url",
-                                        MAX_REQUEST_PIXELS - sum(w * h for w, h in sizes)))
-                sizes.append(found[-1].size)
+                found.append(read_image(url, image_dir, f"{where}.image_url", pixels_left))
+                pixels_left -= found[-1].width * found[-1].height
             else:
                 raise BadRequest(f"{where}: expected {{\"type\": \"text\", \"text\": ...}} or {{\"type\": "
                                  f"\"image_url\", \"image_url\": {{\"url\": ...}}}}", where)
