@@ -209,15 +209,13 @@ class Scheduler:
         seq.out.append(token)
         stop_ids = () if seq.ignore_eos else self.stop_ids
         finish = "stop" if token in stop_ids else "length" if len(seq.out) >= seq.max_new else None
-        seq.text += self.new_text(seq, seq.out[:-1] if token in stop_ids else seq.out, finish is not None)
+        seq.text += self.new_text(seq, len(seq.out) - (token in stop_ids), finish is not None)
         text = seq.text
         cut = min((text.find(s) for s in seq.stop if s in text), default=-1)
         if cut >= 0:  # a stop string ends the answer, and is not part of it (OpenAI's rule)
             text, finish = text[:cut], "stop"
-        if finish:
-            text = text.strip()  # infer.py's answer
-        else:  # hold back what may still change: a partial character, trailing spaces, a stop string's beginning
-            text = text.lstrip().rstrip()
+        text = text.strip()  # infer.py's answer; while it goes on, trailing spaces wait for what follows them
+        if not finish:  # and so does a stop string's beginning
             text = text[:len(text) - max((k for s in seq.stop for k in range(1, min(len(s), len(text) + 1))
                                           if text.endswith(s[:k])), default=0)]
         new = text[len(seq.sent):] if text.startswith(seq.sent) else ""
@@ -229,15 +227,15 @@ class Scheduler:
                                        "total_tokens": len(seq.ids) + len(seq.out)}, list(seq.out)))
         return finish is not None
 
-    def new_text(self, seq: Sequence, ids: list[int], final: bool) -> str:
-        """The text ids[seq.read:] add to the answer, decoding only the newest tokens (vLLM's incremental
+    def new_text(self, seq: Sequence, end: int, final: bool) -> str:
+        """The text seq.out[seq.read:end] adds to the answer, decoding only the newest tokens (vLLM's incremental
         detokenizer), so a long answer costs each step the same. Both decodes start at seq.prefix, a token before
         the new ones: SentencePiece drops the leading space of a decode's first token. Until the answer is final,
         text waits while it ends in U+FFFD (each byte of an unfinished character decodes so) or in a byte token
         (SentencePiece's byte fallback decodes a run of them as one: a run that is not UTF-8 becomes all U+FFFD)."""
-        before = self.tokenizer.decode(ids[seq.prefix:seq.read])
-        after = self.tokenizer.decode(ids[seq.prefix:])
-        if not final and (len(after) <= len(before) or after.endswith("\ufffd") or ends_in_byte(self.tokenizer, ids)):
+        tail = seq.out[seq.prefix:end]
+        before, after = self.tokenizer.decode(tail[:seq.read - seq.prefix]), self.tokenizer.decode(tail)
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd") or ends_in_byte(self.tokenizer, tail)):
             return ""
-        seq.prefix, seq.read = seq.read, len(ids)
+        seq.prefix, seq.read = seq.read, end
         return after[len(before):]
