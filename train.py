@@ -407,7 +407,7 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
               or tokenizer.token_to_id("<unk>") or 0)
     loader = batch_loader(dataset, lengths, cfg, start, total, steps_per_epoch, rank, world, pad_id)
     log = StepLog(cfg, start, total, device, world, rank)
-    done = start
+    done, stop = start, False
     with Preemption() as preemption:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -420,14 +420,13 @@ def train(cfg: TrainConfig, model=None, tokenizer=None):
             if done % cfg.save_every == 0 or done == total or stop:
                 save_checkpoint(cfg, parallel_model, optimizer, done, steps_per_epoch, counters, tokenizer,
                                 chat_template, rank, run)
-            if stop:  # every rank is here: the process group ends as after a finished run
-                log.close()
-                distributed.finish()
-                raise SystemExit(f"stopped by SIGTERM after step {done} of {total}, its checkpoint saved in "
-                                 f"{cfg.output_dir}; continue with the same command and --resume")
-            if cfg.stop_after and done - start >= cfg.stop_after:
+            if stop or (cfg.stop_after and done - start >= cfg.stop_after):
                 break
     log.close()
+    if stop:  # every rank is here: the process group ends as after a finished run
+        distributed.finish()
+        raise SystemExit(f"stopped by SIGTERM after step {done} of {total}, its checkpoint saved in "
+                         f"{cfg.output_dir}; continue with the same command and --resume")
     if done == total:  # also when a run killed after its last checkpoint is resumed
         publish_final(cfg, parallel_model, tokenizer, chat_template, rank)
     if rank == 0 and counters["bad"]:
